@@ -1,0 +1,1 @@
+"""Subcommands of ``nexus-sidecar``: one module each, exposing ``register(subparsers)``."""
