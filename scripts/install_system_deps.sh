@@ -11,3 +11,5 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+# buf (lints proto/ in tests/client/test_proto_stubs.py), installed into the repo's ignored cache.
+[ -x "$(dirname "$0")/../.cache/buf/node_modules/.bin/buf" ] || npm install --no-save --prefix "$(dirname "$0")/../.cache/buf" @bufbuild/buf

@@ -1,0 +1,154 @@
+"""Packing helpers between torch tensors and the ``nexus.v1.Tensor`` wire message.
+
+Tensors travel as packed little-endian bytes in C order with an explicit dtype and shape
+(never as repeated scalars). Decoding validates the byte length against the shape before any
+reinterpretation, so a truncated or mislabelled payload is an error that names the field,
+never a silently wrong tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from nexus_client.v1 import sidecar_pb2 as pb
+
+__all__ = [
+    "WIRE_DTYPES",
+    "WireError",
+    "positions_checksum",
+    "tensor_from_proto",
+    "tensor_to_proto",
+]
+
+# Wire dtype -> (torch dtype, little-endian numpy dtype). Explicit "<" so decoding is correct
+# on a big-endian host too.
+WIRE_DTYPES: dict[int, tuple[torch.dtype, np.dtype]] = {
+    pb.D_TYPE_FLOAT16: (torch.float16, np.dtype("<f2")),
+    pb.D_TYPE_FLOAT32: (torch.float32, np.dtype("<f4")),
+    pb.D_TYPE_INT32: (torch.int32, np.dtype("<i4")),
+    pb.D_TYPE_INT64: (torch.int64, np.dtype("<i8")),
+    pb.D_TYPE_UINT8: (torch.uint8, np.dtype("u1")),
+    pb.D_TYPE_BOOL: (torch.bool, np.dtype("?")),
+}
+_TORCH_TO_WIRE: dict[torch.dtype, int] = {t: w for w, (t, _) in WIRE_DTYPES.items()}
+
+# A shape with more elements than this is rejected before any allocation (2^40 elements is
+# far beyond any summary and keeps prod(shape) * itemsize inside int64).
+_MAX_ELEMENTS = 1 << 40
+
+
+class WireError(ValueError):
+    """A wire tensor could not be encoded or decoded; ``field`` names the offending field."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def _dtype_name(wire_dtype: int) -> str:
+    try:
+        return pb.DType.Name(wire_dtype)
+    except ValueError:
+        return str(wire_dtype)
+
+
+def tensor_to_proto(
+    t: torch.Tensor, dtype: int | torch.dtype | None = None, *, field: str = "tensor"
+) -> pb.Tensor:
+    """Pack ``t`` into a ``nexus.v1.Tensor``.
+
+    ``dtype`` (a wire ``DType`` value or a torch dtype) converts the tensor first, e.g. fp32
+    attention sent as fp16; by default the tensor's own dtype is used and must be one of the
+    wire dtypes. The tensor is moved to CPU and made contiguous (C order).
+    """
+    if dtype is None:
+        target = t.dtype
+    elif isinstance(dtype, torch.dtype):
+        target = dtype
+    else:
+        if dtype not in WIRE_DTYPES:
+            raise WireError(field, f"unknown wire dtype {_dtype_name(dtype)}")
+        target = WIRE_DTYPES[dtype][0]
+    if target not in _TORCH_TO_WIRE:
+        allowed = ", ".join(str(d) for d in _TORCH_TO_WIRE)
+        raise WireError(field, f"dtype {target} cannot travel on the wire (allowed: {allowed})")
+    wire = _TORCH_TO_WIRE[target]
+    np_dtype = WIRE_DTYPES[wire][1]
+    arr = t.detach().to(device="cpu", dtype=target).contiguous().numpy()
+    # astype to the explicit little-endian dtype is a no-op on little-endian hosts.
+    data = arr.astype(np_dtype, copy=False).tobytes(order="C")
+    return pb.Tensor(dtype=wire, shape=list(t.shape), data=data)
+
+
+def tensor_from_proto(msg: pb.Tensor, *, field: str) -> torch.Tensor:
+    """Decode a ``nexus.v1.Tensor`` into a CPU torch tensor.
+
+    Raises ``WireError(field, reason)`` for an unknown dtype, a negative dimension, or a data
+    length that is not ``prod(shape) * itemsize``. The result owns its memory (writable).
+    """
+    if msg.dtype not in WIRE_DTYPES:
+        raise WireError(field, f"unknown or unspecified dtype {_dtype_name(msg.dtype)}")
+    np_dtype = WIRE_DTYPES[msg.dtype][1]
+    shape = tuple(int(d) for d in msg.shape)
+    if any(d < 0 for d in shape):
+        raise WireError(field, f"negative dimension in shape {list(shape)}")
+    numel = math.prod(shape)
+    if numel > _MAX_ELEMENTS:
+        raise WireError(field, f"shape {list(shape)} has {numel} elements, more than {_MAX_ELEMENTS}")
+    expected = numel * np_dtype.itemsize
+    if len(msg.data) != expected:
+        raise WireError(
+            field,
+            f"data has {len(msg.data)} bytes but shape {list(shape)} of "
+            f"{_dtype_name(msg.dtype)} needs {expected}",
+        )
+    arr = np.frombuffer(msg.data, dtype=np_dtype, count=numel)
+    # numpy would accept any non-zero byte as a bool whose torch view is not 0/1; reject it
+    # instead of coercing.
+    if msg.dtype == pb.D_TYPE_BOOL and numel and int(arr.view(np.uint8).max()) > 1:
+        raise WireError(field, "bool data must be bytes 0 or 1")
+    # frombuffer views the immutable protobuf bytes: copy once into native byte order so the
+    # tensor is writable and owns its memory.
+    out = arr.astype(np_dtype.newbyteorder("="), copy=True)
+    return torch.from_numpy(out).reshape(shape)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """(h * c) mod 2^32 for h in [0, 2^32), in int64 without overflow.
+
+    A direct int64 product could reach 2^64 and overflow; split ``c`` into 16-bit halves so
+    every partial product stays below 2^48.
+    """
+    lo = h * (c & 0xFFFF)
+    hi = ((h * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _MASK32
+
+
+def positions_checksum(pos: torch.Tensor) -> int:
+    """Order-independent uint32 checksum of a set of non-negative int positions.
+
+    Each position (taken mod 2^32) goes through the murmur3 32-bit finalizer after adding the
+    golden-ratio constant, and the mixed values are summed mod 2^32. The sum makes it
+    independent of order; the non-linear mix makes it sensitive to *which* positions are held
+    (a linear ``a * p + c`` per element would only check the count and the sum of positions,
+    so {1, 4} and {2, 3} would collide). Computed in int64 torch, no Python loop. An empty set
+    gives 0. Worker and sidecar must use this same function.
+    """
+    if pos.dtype.is_floating_point or pos.dtype == torch.bool or pos.is_complex():
+        raise WireError("positions", f"positions must be integers, got {pos.dtype}")
+    h = pos.detach().reshape(-1).to(torch.int64) & _MASK32
+    h = (h + 0x9E3779B9) & _MASK32
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    h = h ^ (h >> 16)
+    # Sum of up to 2^31 values < 2^32 stays below 2^63: no int64 overflow before the mod.
+    return int(h.sum().item()) & _MASK32
