@@ -1,0 +1,134 @@
+"""Typed, validated policy configuration (one per session)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+from nexus_sidecar.engine.errors import ConfigError
+
+Randomness = Literal["fixed", "per_call"]
+Granularity = Literal["token", "block"]
+
+# Slot indices are packed into the low bits of int64 selection keys (see selection.py).
+MAX_SLOTS = 1 << 21
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Every knob of a session's eviction policy.
+
+    The defaults are the ones chosen from the survival benchmark (README, "Choosing the knobs").
+    Fields split in two: *per-session* values (budget, slack, sinks, recent, seed, groups) may
+    differ between sessions of one batched call; the rest are *structural* and define
+    which sessions can share a batched engine call (see :meth:`batch_key`).
+    """
+
+    policy: str = "nexus"
+    budget: int = 256  # slots kept per group after an eviction
+    slack: int = 0  # evict only once the slot count exceeds budget + slack
+    sinks: int = 4  # first tokens, never evicted (attention sinks)
+    recent: int = 16  # last tokens, never evicted
+    groups: int = 1  # layer groups: 1 = one shared eviction set, L = one per layer
+    beta: float = 0.5  # walk damping: weight of second-hand (bridge) mass
+    iterations: int = 2  # walk iterations R
+    fanout: int = 8  # edges kept per token F
+    gamma: float = 0.9  # EMA factor of the memory signal
+    tau: float = 4.0  # reservoir sharpness: 0 = uniform, -> inf = top-K
+    randomness: Randomness = "fixed"  # u per token fixed by hash(seed, position) or redrawn per call
+    seed: int = 0
+    pool: int = 1  # span pooling window (odd), 1 = off
+    granularity: Granularity = "token"
+    block_size: int = 16
+
+    def validate(self) -> PolicyConfig:
+        """Raise :class:`ConfigError` naming the first bad field; return self when valid."""
+        from nexus_sidecar.engine.policies import POLICIES  # late: policies import config
+
+        if self.policy not in POLICIES:
+            from nexus_sidecar.engine.errors import UnknownPolicyError
+
+            raise UnknownPolicyError("policy", f"unknown policy {self.policy!r}; known: {sorted(POLICIES)}")
+        _int_range("budget", self.budget, 1, MAX_SLOTS // 2)
+        _int_range("slack", self.slack, 0, MAX_SLOTS // 2)
+        _int_range("sinks", self.sinks, 0, MAX_SLOTS)
+        _int_range("recent", self.recent, 0, MAX_SLOTS)
+        _int_range("groups", self.groups, 1, 1024)
+        _int_range("iterations", self.iterations, 0, 16)
+        _int_range("fanout", self.fanout, 1, 64)
+        _int_range("seed", self.seed, -(2**63), 2**63 - 1)
+        _int_range("pool", self.pool, 1, 63)
+        if self.pool % 2 == 0:
+            raise ConfigError("pool", f"must be odd (a centred window), got {self.pool}")
+        _int_range("block_size", self.block_size, 1, 4096)
+        _float_range("beta", self.beta, 0.0, 1.0, hi_open=True)
+        _float_range("gamma", self.gamma, 0.0, 1.0, hi_open=True)
+        if not isinstance(self.tau, (int, float)) or math.isnan(self.tau) or self.tau < 0:
+            raise ConfigError("tau", f"must be a number >= 0 (inf = top-K), got {self.tau!r}")
+        if self.randomness not in ("fixed", "per_call"):
+            raise ConfigError("randomness", f"must be 'fixed' or 'per_call', got {self.randomness!r}")
+        if self.granularity not in ("token", "block"):
+            raise ConfigError("granularity", f"must be 'token' or 'block', got {self.granularity!r}")
+        need = self.protected_capacity()
+        if self.budget < need:
+            raise ConfigError(
+                "budget",
+                f"{self.budget} is below the protected size {need} "
+                f"(sinks={self.sinks}, recent={self.recent}"
+                + (f", rounded up to whole blocks of {self.block_size}" if self.granularity == "block" else "")
+                + ")",
+            )
+        return self
+
+    def protected_capacity(self) -> int:
+        """Upper bound on slots that can never be evicted (sinks + recent, whole blocks in block mode)."""
+        if self.granularity == "token":
+            return self.sinks + self.recent
+        bs = self.block_size
+        sink_blocks = -(-self.sinks // bs)
+        recent_blocks = (-(-self.recent // bs) + 1) if self.recent else 0  # may straddle a boundary
+        return (sink_blocks + recent_blocks) * bs
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Sessions whose keys are equal can be advanced by one batched engine call."""
+        return (
+            self.policy, self.beta, self.iterations, self.fanout, self.gamma, self.tau,
+            self.randomness, self.pool, self.granularity, self.block_size,
+        )
+
+    def with_(self, **changes: Any) -> PolicyConfig:
+        """A validated copy with some fields changed."""
+        return replace(self, **changes).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-safe; inf tau is kept as float inf)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
+        """Build and validate from a dict; unknown keys are an error, not ignored."""
+        names = {f.name for f in fields(cls)}
+        extra = sorted(set(data) - names)
+        if extra:
+            raise ConfigError(extra[0], f"unknown config field; known: {sorted(names)}")
+        return cls(**data).validate()
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys), used inside the state blob."""
+        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=True)
+
+
+def _int_range(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"must be an integer, got {type(value).__name__} {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(name, f"must be in [{lo}, {hi}], got {value}")
+
+
+def _float_range(name: str, value: Any, lo: float, hi: float, *, hi_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(name, f"must be a number, got {value!r}")
+    if value < lo or value > hi or (hi_open and value == hi):
+        raise ConfigError(name, f"must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value}")

@@ -1,0 +1,78 @@
+"""What a policy is: a small dataclass with one scoring method, plus a registry line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from nexus_sidecar.engine.config import PolicyConfig
+
+
+@dataclass
+class ScoreContext:
+    """Everything a policy may look at for one batched call (all tensors [R, W], padded).
+
+    ``attn``/``last`` are the call's inputs aligned with slots; ``memory`` and ``age`` are the
+    per-slot state *before* this call (new slots: 0); ``cand`` marks evictable slots (valid and
+    not protected); ``walk`` runs the Nexus walk from a direct-mass distribution.
+    """
+
+    attn: torch.Tensor
+    last: torch.Tensor
+    memory: torch.Tensor
+    age: torch.Tensor
+    valid: torch.Tensor
+    cand: torch.Tensor
+    walk: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Scores:
+    """A policy's answer: selection weights (>= 0) and the memory to store for next call."""
+
+    weight: torch.Tensor
+    memory: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Base of all policies. ``sampled`` policies select by weighted reservoir keys with
+    sharpness ``tau``; the others keep a deterministic top-K of the weight (ties: the older
+    token goes first)."""
+
+    cfg: PolicyConfig
+    name: ClassVar[str] = ""
+    sampled: ClassVar[bool] = False
+    uses_edges: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    def tau(self) -> float:
+        """Reservoir sharpness used by sampled policies."""
+        return self.cfg.tau
+
+    def score(self, ctx: ScoreContext) -> Scores:  # pragma: no cover - abstract
+        """Return per-slot weights (and the memory to keep) for this call."""
+        raise NotImplementedError
+
+
+POLICIES: dict[str, type[Policy]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    """Class decorator: the registry line of a policy."""
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def normalize(x: torch.Tensor, over: torch.Tensor) -> torch.Tensor:
+    """``x / sum(x[over])`` per row (0 where the sum is 0).
+
+    The sum runs in float64 so that padding, which changes the reduction order, cannot change
+    the float32 result (batch invariance).
+    """
+    total = torch.where(over, x, torch.zeros_like(x)).to(torch.float64).sum(dim=1, keepdim=True)
+    out = x.to(torch.float64) / total.clamp(min=torch.finfo(torch.float64).tiny)
+    return torch.where(total > 0, out, torch.zeros_like(out)).to(x.dtype)

@@ -1,0 +1,50 @@
+"""What a caller hands the engine for one session, and what it gets back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepInput:
+    """One call for one session (k >= 1 new tokens since the last call).
+
+    Slots of the call = the retained positions of each group (ascending) followed by the k new
+    positions; ``attn``/``last`` columns are aligned with them, right-padded with zeros to the
+    longest group in per-layer mode.
+    """
+
+    new_positions: torch.Tensor  # int [k], ascending, after every retained position
+    attn: torch.Tensor  # float [G, n + k]: attention mass of the k new queries per slot (summed)
+    last: torch.Tensor  # float [G, n + k]: attention row of the newest query
+    edge_pos: torch.Tensor  # int [G, k, F]: each new token's top-F attended positions, -1 = none
+    edge_w: torch.Tensor  # float [G, k, F]: their attention weights
+
+
+@dataclass
+class StepOutput:
+    """Result of one call for one session. Tensors live on the engine's device unless moved."""
+
+    keep: torch.Tensor  # bool [G, n + k] aligned with the call's slots
+    slot_positions: torch.Tensor  # int64 [G, n + k] the call's slots (-1 on padding)
+    retained: list[int]  # slots kept per group after the call
+    retained_mass: torch.Tensor  # float32 [G] share of this call's attention on kept slots
+    evicted_age: torch.Tensor  # int32 [G, n + k] age (calls) of evicted tokens, 0 elsewhere
+
+    @property
+    def evicted(self) -> list[torch.Tensor]:
+        """Evicted positions per group (ascending)."""
+        mask = ~self.keep & (self.slot_positions >= 0)
+        return [self.slot_positions[g][mask[g]] for g in range(self.keep.shape[0])]
+
+    @property
+    def n_evicted(self) -> int:
+        """Total evictions over all groups in this call."""
+        return int((~self.keep & (self.slot_positions >= 0)).sum())
+
+    def cpu(self) -> StepOutput:
+        """A copy with every tensor on the host."""
+        return StepOutput(self.keep.cpu(), self.slot_positions.cpu(), self.retained,
+                          self.retained_mass.cpu(), self.evicted_age.cpu())
