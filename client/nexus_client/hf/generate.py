@@ -1,0 +1,218 @@
+"""Greedy generation with a KV-cache eviction policy enforced during prefill and decode.
+
+The loop, per forward pass: feed the new tokens with their true absolute ``position_ids``, capture
+the head-reduced attention (:mod:`nexus_client.hf.capture`), add it to the worker-side accumulator
+(:mod:`nexus_client.hf.accumulate`); then, when a policy call is due, send one summary to the
+backend and cut the evicted slots out of the ``DynamicCache`` (:mod:`nexus_client.hf.cache_surgery`).
+
+A call is due after every prefill chunk (so the budget holds while a long context streams in), and
+during decode every ``every_k`` tokens or as soon as the cache exceeds ``budget + slack``. With
+``slack < every_k`` the second rule fires first once the cache is full, so set ``slack`` to at least
+``every_k - 1`` for the calls to really be ``every_k`` apart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from nexus_client.hf.accumulate import AttentionAccumulator
+from nexus_client.hf.backends import PolicyBackend
+from nexus_client.hf.cache_surgery import apply_keep_mask, cache_lengths
+from nexus_client.hf.capture import AttentionRecorder, HeadReduce, attention_modules, capture_attention
+
+
+@dataclass
+class Eviction:
+    """Positions evicted by one policy call (one list per layer group)."""
+
+    step: int
+    phase: str  # "prefill" (step = chunk index) or "decode" (step = decode step index)
+    positions: list[list[int]]
+
+    @property
+    def count(self) -> int:
+        """Total number of evicted (group, position) pairs."""
+        return sum(len(p) for p in self.positions)
+
+
+@dataclass
+class GenerationResult:
+    """Output of :func:`generate`.
+
+    ``cache_sizes_over_time``: ``(decode_step, max cache length over layers)`` after every policy
+    call and every decode forward (prefill chunks use negative steps ``-n_chunks..-1``).
+    ``timings``: seconds; ``*_steps`` entries are per-decode-step lists.
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    cache_sizes_over_time: list[tuple[int, int]]
+    evictions: list[Eviction]
+    timings: dict[str, Any] = field(default_factory=dict)
+    policy_calls: int = 0
+
+    @property
+    def max_cache_after_call(self) -> int:
+        """Largest cache length observed right after a policy call."""
+        return max((s for s in self.timings.get("cache_after_call", [])), default=0)
+
+
+def _policy_int(config: Mapping[str, Any], key: str, default: int) -> int:
+    value = config.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"policy_config[{key!r}] must be an int, got {value!r}")
+    return value
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompt: str | list[int],
+    backend: PolicyBackend,
+    policy_config: Mapping[str, Any],
+    max_new_tokens: int = 64,
+    every_k: int = 1,
+    chunk_size: int = 512,
+    *,
+    head_reduce: HeadReduce = "mean",
+    obs_window: int | None = None,
+    stop_at_eos: bool = True,
+    progress: bool = False,
+) -> GenerationResult:
+    """Greedy-decode ``prompt`` with ``model`` while ``backend`` keeps the KV cache under budget.
+
+    ``policy_config`` holds the engine ``PolicyConfig`` fields (``budget``, ``slack``, ``groups``
+    (1 = shared, or the number of layers), ``fanout``, ...). ``prompt`` is text (tokenized with
+    special tokens) or token ids. Batch size is 1. Returns a :class:`GenerationResult`.
+    """
+    from transformers import DynamicCache
+
+    if max_new_tokens < 0 or every_k < 1 or chunk_size < 1:
+        raise ValueError(
+            f"need max_new_tokens >= 0, every_k >= 1, chunk_size >= 1; got {max_new_tokens}, {every_k}, {chunk_size}"
+        )
+    budget = _policy_int(policy_config, "budget", 256)
+    slack = _policy_int(policy_config, "slack", 0)
+    groups = _policy_int(policy_config, "groups", 1)
+    fanout = _policy_int(policy_config, "fanout", 8)
+    num_layers = len(attention_modules(model))
+    if groups not in (1, num_layers):
+        raise ValueError(f"policy_config['groups'] must be 1 or the model's {num_layers} layers, got {groups}")
+
+    ids = tokenizer(prompt, return_tensors="pt").input_ids[0] if isinstance(prompt, str) else torch.tensor(prompt)
+    if ids.numel() == 0:
+        raise ValueError("empty prompt")
+    device = next(model.parameters()).device
+    eos = getattr(tokenizer, "eos_token_id", None)
+
+    recorder = AttentionRecorder(num_layers, groups=groups, head_reduce=head_reduce, obs_window=obs_window)
+    acc = AttentionAccumulator(groups, fanout)
+    cache = DynamicCache(config=model.config)
+    slots = [torch.empty(0, dtype=torch.int64) for _ in range(groups)]  # positions in cache, per group
+    sizes: list[tuple[int, int]] = []
+    evictions: list[Eviction] = []
+    t: dict[str, Any] = {"prefill_s": 0.0, "policy_s": 0.0, "surgery_s": 0.0, "cache_after_call": []}
+    t.update(forward_steps=[], policy_steps=[], decode_steps=[])
+    calls = 0
+
+    def forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        recorder.start()
+        out = model(
+            input_ids=tokens[None].to(device),
+            position_ids=positions[None].to(device),
+            cache=cache,
+            use_cache=True,
+        )
+        cap = recorder.finish()
+        for g in range(groups):
+            slots[g] = torch.cat([slots[g], positions])
+        acc.add(cap, positions, slots)
+        return out.logits[0, -1]
+
+    def policy_call(step: int, phase: str) -> float:
+        nonlocal calls
+        t0 = time.perf_counter()
+        decision = backend.step(session, acc.build())
+        t1 = time.perf_counter()
+        acc.reset()
+        calls += 1
+        keep = decision.keep
+        if keep.dim() != 2 or keep.shape[0] != groups:
+            raise RuntimeError(f"backend returned keep of shape {tuple(keep.shape)}, expected [{groups}, N]")
+        evicted: list[list[int]] = []
+        for g in range(groups):
+            n = slots[g].numel()
+            row = keep[g]
+            if row.numel() < n or bool(row[n:].any()):
+                raise RuntimeError(f"group {g}: keep covers {row.numel()} slots, cache group holds {n}")
+            gone = slots[g][~row[:n]]
+            if not torch.equal(torch.sort(gone).values, torch.sort(decision.evicted[g].to(torch.int64)).values):
+                raise RuntimeError(f"group {g}: keep mask and evicted positions disagree")
+            evicted.append(gone.tolist())
+            slots[g] = slots[g][row[:n]]
+        apply_keep_mask(cache, keep if groups > 1 else keep[0])
+        t["surgery_s"] += time.perf_counter() - t1
+        t["policy_s"] += t1 - t0
+        if any(evicted):
+            evictions.append(Eviction(step=step, phase=phase, positions=evicted))
+        size = max(cache_lengths(cache))
+        t["cache_after_call"].append(size)
+        sizes.append((step, size))
+        return time.perf_counter() - t0
+
+    generated: list[int] = []
+    with capture_attention(model, recorder):
+        session = backend.open(policy_config)
+        try:
+            t0 = time.perf_counter()
+            chunks = list(torch.arange(ids.numel(), dtype=torch.int64).split(chunk_size))
+            for c, pos in enumerate(chunks):
+                logits = forward(ids[pos], pos)
+                policy_call(c - len(chunks), "prefill")
+            t["prefill_s"] = time.perf_counter() - t0
+            next_pos = ids.numel()
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=max_new_tokens, desc="decode", unit="tok", leave=False)
+            for step in range(max_new_tokens):
+                token = int(torch.argmax(logits))
+                generated.append(token)
+                if bar is not None:
+                    bar.update(1)
+                if (stop_at_eos and eos is not None and token == eos) or step == max_new_tokens - 1:
+                    break  # the last token needs no forward pass: nothing would read its logits
+                s0 = time.perf_counter()
+                logits = forward(torch.tensor([token]), torch.tensor([next_pos]))
+                next_pos += 1
+                s1 = time.perf_counter()
+                size = max(cache_lengths(cache))
+                sizes.append((step, size))
+                p = 0.0
+                if acc.pending >= every_k or size > budget + slack:
+                    p = policy_call(step, "decode")
+                t["forward_steps"].append(s1 - s0)
+                t["policy_steps"].append(p)
+                t["decode_steps"].append(time.perf_counter() - s0)
+            if bar is not None:
+                bar.close()
+        finally:
+            backend.close(session)
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    return GenerationResult(
+        text=text,
+        token_ids=generated,
+        prompt_tokens=int(ids.numel()),
+        cache_sizes_over_time=sizes,
+        evictions=evictions,
+        timings=t,
+        policy_calls=calls,
+    )
