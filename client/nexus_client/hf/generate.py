@@ -90,7 +90,8 @@ def generate(
 
     ``policy_config`` holds the engine ``PolicyConfig`` fields (``budget``, ``slack``, ``groups``
     (1 = shared, or the number of layers), ``fanout``, ...). ``prompt`` is text (tokenized with
-    special tokens) or token ids. Batch size is 1. Returns a :class:`GenerationResult`.
+    special tokens) or token ids; ``tokenizer`` may be ``None`` when ``prompt`` is token ids (then
+    ``text`` is empty and decoding never stops at EOS). Batch size is 1.
     """
     from transformers import DynamicCache
 
@@ -106,7 +107,12 @@ def generate(
     if groups not in (1, num_layers):
         raise ValueError(f"policy_config['groups'] must be 1 or the model's {num_layers} layers, got {groups}")
 
-    ids = tokenizer(prompt, return_tensors="pt").input_ids[0] if isinstance(prompt, str) else torch.tensor(prompt)
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer")
+        ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
+    else:
+        ids = torch.tensor(prompt, dtype=torch.int64)
     if ids.numel() == 0:
         raise ValueError("empty prompt")
     device = next(model.parameters()).device
@@ -206,7 +212,7 @@ def generate(
                 bar.close()
         finally:
             backend.close(session)
-    text = tokenizer.decode(generated, skip_special_tokens=True)
+    text = tokenizer.decode(generated, skip_special_tokens=True) if tokenizer is not None else ""
     return GenerationResult(
         text=text,
         token_ids=generated,
