@@ -1,0 +1,25 @@
+"""Durable session-state stores: in-process memory (default) and Redis (standalone/Cluster)."""
+
+from nexus_sidecar.server.stores.base import (
+    InvalidId,
+    OnOp,
+    StateStore,
+    StoredState,
+    StoreError,
+    StoreUnavailable,
+    validate_id,
+)
+from nexus_sidecar.server.stores.memory import MemoryStore
+from nexus_sidecar.server.stores.redis_store import RedisStore
+
+__all__ = [
+    "InvalidId",
+    "MemoryStore",
+    "OnOp",
+    "RedisStore",
+    "StateStore",
+    "StoreError",
+    "StoreUnavailable",
+    "StoredState",
+    "validate_id",
+]

@@ -1,0 +1,155 @@
+"""The durable state store contract shared by the memory and Redis stores.
+
+A store keeps one opaque binary blob (a serialized session state) per ``(tenant, session)``
+together with the step number it was taken at. ``put`` is a compare-and-set on that step
+number, so a stale replica (one that still holds an older step) can never overwrite newer
+state written by the replica that took the session over.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "MAX_ID_LENGTH",
+    "MAX_STEP",
+    "InvalidId",
+    "OnOp",
+    "StateStore",
+    "StoreError",
+    "StoreUnavailable",
+    "StoredState",
+    "observe",
+    "validate_id",
+    "validate_step",
+]
+
+MAX_ID_LENGTH = 128
+# Steps travel as uint64 on the wire but are stored and compared as signed 64-bit values.
+MAX_STEP = (1 << 63) - 1
+
+# Observer of store operations: ``on_op(op, seconds, outcome)`` with op one of get/put/delete/
+# list/ping and outcome one of "ok", "miss" (get found nothing), "conflict" (CAS refused),
+# "unavailable" or "error". The server maps it to Prometheus; the store never imports it.
+OnOp = Callable[[str, float, str], None]
+
+
+class StoreError(Exception):
+    """A store operation failed (bad request to the store, protocol or script error)."""
+
+
+class StoreUnavailable(StoreError):
+    """The backing store cannot be reached (connection refused, timeout, cluster down)."""
+
+
+class InvalidId(StoreError, ValueError):
+    """A tenant or session id cannot be used as (part of) a store key."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    """One stored session state: the serialized blob and the step it was taken at."""
+
+    step: int
+    blob: bytes
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Async durable store of per-session state blobs, keyed by tenant and session id."""
+
+    async def get(self, tenant: str, session_id: str) -> StoredState | None:
+        """Return the stored state (refreshing its TTL), or None when nothing is stored."""
+        ...
+
+    async def put(self, tenant: str, session_id: str, step: int, blob: bytes) -> bool:
+        """Store ``blob`` at ``step`` iff nothing is stored or the stored step is < ``step``.
+
+        Returns False on a CAS conflict (stored step >= ``step``): the stored state is untouched.
+        """
+        ...
+
+    async def delete(self, tenant: str, session_id: str) -> None:
+        """Remove the session's state; deleting a missing session is not an error."""
+        ...
+
+    async def list(self, tenant: str) -> list[str]:
+        """Session ids with stored state for ``tenant`` (sorted)."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; the store is not used afterwards."""
+        ...
+
+
+# Whitespace (any Unicode space, including newlines) and the Redis Cluster hash-tag braces.
+_FORBIDDEN = re.compile(r"[\s{}]")
+
+
+def validate_id(field: str, value: str, *, allow_colon: bool = True) -> str:
+    """Check that ``value`` can be embedded in a store key; return it unchanged.
+
+    Rules: a non-empty ``str`` of at most 128 characters without whitespace or ``{``/``}``
+    (braces would break the Redis Cluster hash tag that keeps a session in one slot). With
+    ``allow_colon=False`` (tenants) ``:`` is refused too, so ``tenant:session`` is unambiguous.
+    Raises ``InvalidId(field, reason)`` naming the first offending character and its index.
+    """
+    if not isinstance(value, str):
+        raise InvalidId(field, f"must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidId(field, "must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidId(field, f"is {len(value)} characters long, the maximum is {MAX_ID_LENGTH}")
+    m = _FORBIDDEN.search(value)
+    if m is None and not allow_colon:
+        m = re.search(":", value)
+    if m is not None:
+        raise InvalidId(field, f"character {m.group()!r} at index {m.start()} is not allowed")
+    return value
+
+
+def validate_step(step: int) -> int:
+    """Check that ``step`` is an int in [0, 2^63 - 1]; return it."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise StoreError(f"step: must be an int, got {type(step).__name__}")
+    if not 0 <= step <= MAX_STEP:
+        raise StoreError(f"step: {step} is outside [0, {MAX_STEP}]")
+    return step
+
+
+@contextmanager
+def observe(on_op: OnOp | None, op: str) -> Iterator[list[str]]:
+    """Time one operation and report it to ``on_op``.
+
+    Yields a one-element list holding the outcome ("ok" by default) that the body may change to
+    "miss" or "conflict"; an exception sets "unavailable" or "error" and propagates.
+    """
+    outcome = ["ok"]
+    start = time.perf_counter()
+    try:
+        yield outcome
+    except StoreUnavailable:
+        outcome[0] = "unavailable"
+        raise
+    except BaseException:
+        outcome[0] = "error"
+        raise
+    finally:
+        if on_op is not None:
+            # Metrics are best effort: a failing observer must not fail the operation.
+            with suppress(Exception):
+                on_op(op, time.perf_counter() - start, outcome[0])

@@ -1,0 +1,35 @@
+-- Compare-and-set of one session's durable state on its step number. Atomic: Redis runs a
+-- script alone, and the single key keeps it inside one Cluster slot.
+--
+-- KEYS[1]  state hash key, fields "step" and "blob"
+-- ARGV[1]  incoming step: decimal digits, no leading zeros, 0 .. 2^63-1
+-- ARGV[2]  blob (binary-safe)
+-- ARGV[3]  sliding TTL in milliseconds, "0" = no expiry
+--
+-- Returns {1, step} when written, {0, stored_step} when refused (stored step >= incoming).
+-- A refused put still refreshes the TTL: the session is alive, only this writer is stale.
+
+-- Steps are compared as digit strings (length first, then bytes) rather than with tonumber:
+-- Lua numbers are doubles and would confuse steps above 2^53.
+local function step_lt(a, b)
+  if #a ~= #b then
+    return #a < #b
+  end
+  return a < b
+end
+
+local ttl = tonumber(ARGV[3])
+local stored = redis.call('HGET', KEYS[1], 'step')
+if stored and not step_lt(stored, ARGV[1]) then
+  if ttl > 0 then
+    redis.call('PEXPIRE', KEYS[1], ttl)
+  end
+  return {0, stored}
+end
+redis.call('HSET', KEYS[1], 'step', ARGV[1], 'blob', ARGV[2])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+else
+  redis.call('PERSIST', KEYS[1])
+end
+return {1, ARGV[1]}
