@@ -257,13 +257,14 @@ def test_redis_ttl_set_and_refreshed(redis_server: Any) -> None:
         key = store.key("t", "s")
         assert await store.put("t", "s", 1, b"x")
         assert 4000 < raw.pttl(key) <= 5000
-        time.sleep(0.3)
-        assert raw.pttl(key) <= 4800
+        # Margins of 500 ms either side keep this stable on a loaded 2-core CI box.
+        time.sleep(0.6)
+        assert raw.pttl(key) <= 4500
         assert await store.get("t", "s") is not None
-        assert raw.pttl(key) > 4800  # get re-armed it
-        time.sleep(0.3)
+        assert raw.pttl(key) > 4500  # get re-armed it
+        time.sleep(0.6)
         assert await store.put("t", "s", 1, b"stale") is False
-        assert raw.pttl(key) > 4800  # a refused put too
+        assert raw.pttl(key) > 4500  # a refused put too
         await store.close()
 
         # Without TTL a key persists, even if it had one before (PERSIST in the script).
