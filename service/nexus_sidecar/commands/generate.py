@@ -1,0 +1,95 @@
+"""``nexus-sidecar generate``: run a transformers causal LM with an eviction policy, in-process.
+
+Prints the generated text, a small table of the KV-cache size over time and the evictions made.
+transformers and the integration are imported inside :func:`run` so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``generate`` parser."""
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text with a HF causal LM under a KV-cache budget (in-process engine)",
+        description="Greedy generation with a KV-cache eviction policy enforced during prefill and decode.",
+    )
+    p.add_argument("--model", default="smollm2", help="'smollm2' (bundled GGUF, cached) or a local model dir")
+    p.add_argument("--policy", default="nexus", help="engine policy name (default: nexus)")
+    p.add_argument("--budget", type=int, default=256, help="KV-cache budget in tokens")
+    p.add_argument("--slack", type=int, default=0, help="evict only above budget + slack")
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--recent", type=int, default=16)
+    p.add_argument("--groups", choices=["shared", "layer"], default="shared", help="one eviction set or per layer")
+    p.add_argument("--head-reduce", choices=["mean", "max"], default="mean")
+    p.add_argument("--prompt-file", type=Path, help="prompt text file (default: read stdin)")
+    p.add_argument("--prompt", help="prompt text (instead of --prompt-file)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--every", type=int, default=1, help="call the policy every K decode steps")
+    p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk size (budget enforced per chunk)")
+    p.add_argument("--seed", type=int, default=0, help="policy seed (reservoir draws)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run)
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise SystemExit(f"generate: --prompt-file {args.prompt_file}: no such file")
+        return args.prompt_file.read_text()
+    if sys.stdin.isatty():
+        raise SystemExit("generate: give --prompt, --prompt-file, or pipe the prompt on stdin")
+    return sys.stdin.read()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, generate, print text + cache table + evictions."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
+    import torch
+    from nexus_client.hf import LocalBackend, generate, load_model
+
+    torch.manual_seed(args.seed)
+    prompt = _read_prompt(args)
+    loaded = load_model(args.model, device=args.device)
+    model, tok = loaded.model, loaded.tokenizer
+    if args.chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+    groups = 1 if args.groups == "shared" else model.config.num_hidden_layers
+    cfg = dict(policy=args.policy, budget=args.budget, slack=args.slack, sinks=args.sinks,
+               recent=args.recent, groups=groups, seed=args.seed)  # fmt: skip
+    res = generate(
+        model, tok, prompt, LocalBackend(device=args.device), cfg,
+        max_new_tokens=args.max_new_tokens, every_k=args.every, chunk_size=args.chunk_size,
+        head_reduce=args.head_reduce, progress=args.max_new_tokens >= 32,
+    )  # fmt: skip
+    print(res.text)
+    print()
+    print(f"prompt {res.prompt_tokens} tokens, generated {len(res.token_ids)}, policy calls {res.policy_calls}")
+    print(f"{'step':>6} {'cache':>6}")
+    sizes = res.cache_sizes_over_time
+    stride = max(1, len(sizes) // 12)  # a small table: about a dozen rows
+    for step, size in [*sizes[::stride], *([sizes[-1]] if sizes and (len(sizes) - 1) % stride else [])]:
+        print(f"{step:>6} {size:>6}")
+    total = sum(e.count for e in res.evictions)
+    print(f"evictions: {len(res.evictions)} calls evicted {total} (group, position) pairs")
+    for e in res.evictions[:8]:
+        shown = e.positions[0][:12]
+        more = "" if len(e.positions[0]) <= 12 else f" ... (+{len(e.positions[0]) - 12})"
+        print(f"  {e.phase:>7} step {e.step:>4}: {shown}{more}" + (" [group 0]" if groups > 1 else ""))
+    if len(res.evictions) > 8:
+        print(f"  ... {len(res.evictions) - 8} more calls")
+    dec = res.timings["decode_steps"]
+    if dec:
+        dec_sorted = sorted(dec)
+        print(f"prefill {res.timings['prefill_s']:.2f}s, decode step median {1000 * dec_sorted[len(dec) // 2]:.1f} ms")
+    return 0
