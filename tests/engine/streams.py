@@ -151,7 +151,8 @@ def check_call(stream: Stream, before: list[torch.Tensor], inp: StepInput, out: 
         assert out.evicted[g].tolist() == gone
         assert out.retained[g] == len(kept)
         # Budget: <= budget + slack always, <= budget after an eviction; nothing evicted under budget+slack.
-        assert len(kept) <= cfg.budget + cfg.slack
+        assert len(kept) <= cfg.budget + cfg.slack, (
+            f"group {g}: {len(kept)} slots {kept} after the call, budget {cfg.budget} + slack {cfg.slack}")
         if n > cfg.budget + cfg.slack:
             assert len(kept) <= cfg.budget, f"group {g}: {len(kept)} slots after evicting, budget {cfg.budget}"
             if cfg.granularity == "token":
