@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from nexus_sidecar.engine.config import PolicyConfig
 from nexus_sidecar.engine.errors import EngineError, InputError
+from nexus_sidecar.engine.hashing import uniforms
 from nexus_sidecar.engine.policies import Policy, make_policy
 from nexus_sidecar.engine.pool import SessionPool
 from nexus_sidecar.engine.state import GroupState, SessionState
-from nexus_sidecar.engine.step import ROW_ERRORS, RowInput, RowResult, run_step, validate_rows
+from nexus_sidecar.engine.step import ROW_ERRORS, RowInput, RowResult, hole_allowance, run_step, validate_rows
 from nexus_sidecar.engine.step_io import StepInput, StepOutput
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -31,12 +32,11 @@ class _Session:
     policy: Policy
     pool: SessionPool
     rows: list[int]
-    counts: list[int]  # host mirror of retained slots per group
+    counts: list[int]  # host mirror: live tokens per group
+    used: list[int]  # host mirror: arena columns in use per group
     calls: int = 0
     tokens_seen: int = 0
     tokens_evicted: int = 0
-    max_pos: int = -1
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class Engine:
@@ -61,12 +61,27 @@ class Engine:
             raise InputError("state.groups", f"{len(state.groups)} groups, config says {cfg.groups}")
         h = self._add(cfg, calls=state.calls)
         s = self._sessions[h]
-        g = state.groups
-        s.pool.load_rows(s.rows, [x.pos for x in g], [x.age for x in g], [x.memory for x in g],
-                         [x.edge_pos for x in g], [x.edge_w for x in g])
-        s.counts = [int(x.pos.numel()) for x in g]
+        pool, dev = s.pool, self.device
+        pool.ensure_width(max((g.pos.numel() for g in state.groups), default=0) + 1)
+        for r, grp in zip(s.rows, state.groups, strict=True):
+            n = grp.pos.numel()
+            pos = grp.pos.to(dev, torch.int64)
+            pool.slot["pos"][r, :n] = pos
+            pool.slot["alive"][r, :n] = True
+            pool.slot["birth"][r, :n] = state.calls - grp.age.to(dev, torch.int64)
+            pool.slot["memory"][r, :n] = grp.memory.to(dev, torch.float32)
+            pool.slot["u"][r, :n] = uniforms(torch.tensor([cfg.seed], device=dev), pool.params["group"][r : r + 1],
+                                             pos.unsqueeze(0), torch.zeros(1, dtype=torch.int64, device=dev))[0]
+            epos, ew = grp.edge_pos.to(dev, torch.int64), grp.edge_w.to(dev, torch.float32)
+            col = torch.searchsorted(pos, epos.reshape(-1).contiguous()).reshape(epos.shape).clamp(max=max(n - 1, 0))
+            has = (epos >= 0) & (ew > 0)
+            own = torch.arange(n, device=dev).unsqueeze(1).expand_as(col)
+            pool.edge["edge_idx"][r, :n] = torch.where(has, col, own)
+            pool.edge["edge_w"][r, :n] = torch.where(has, ew, 0.0)
+            pool.used[r] = pool.count[r] = n
+        s.counts = s.used = [int(g.pos.numel()) for g in state.groups]
+        s.used = list(s.counts)
         s.tokens_seen, s.tokens_evicted = state.tokens_seen, state.tokens_evicted
-        s.max_pos = max((int(x.pos[-1]) for x in g if x.pos.numel()), default=-1)
         return h
 
     def _add(self, cfg: PolicyConfig, calls: int) -> int:
@@ -79,7 +94,8 @@ class Engine:
                         seed=cfg.seed, call=calls)
         pool.params["group"][rows_t] = torch.arange(cfg.groups, device=self.device)
         h = next(self._handles)
-        self._sessions[h] = _Session(cfg, make_policy(cfg), pool, rows, [0] * cfg.groups, calls=calls)
+        self._sessions[h] = _Session(cfg, make_policy(cfg), pool, rows, [0] * cfg.groups, [0] * cfg.groups,
+                                     calls=calls)
         return h
 
     def close(self, handle: int) -> None:
@@ -90,6 +106,9 @@ class Engine:
 
     def __contains__(self, handle: int) -> bool:
         return handle in self._sessions
+
+    def __len__(self) -> int:
+        return len(self._sessions)
 
     def config(self, handle: int) -> PolicyConfig:
         """The session's policy configuration."""
@@ -103,26 +122,48 @@ class Engine:
         """Number of calls the session has completed."""
         return self._session(handle).calls
 
+    def stats(self, handle: int) -> tuple[int, int]:
+        """(tokens seen, slot evictions summed over groups) since the session opened."""
+        s = self._session(handle)
+        return s.tokens_seen, s.tokens_evicted
+
+    def _live(self, handle: int, field: str) -> list[torch.Tensor]:
+        s = self._session(handle)
+        r = torch.tensor(s.rows, device=self.device)
+        x, alive = s.pool.slot[field][r].cpu(), s.pool.slot["alive"][r].cpu()
+        return [x[g][alive[g]].clone() for g in range(len(s.rows))]
+
     def positions(self, handle: int) -> list[torch.Tensor]:
         """Retained positions per group (ascending), on the host."""
-        s = self._session(handle)
-        pos = s.pool.pos[torch.tensor(s.rows, device=self.device)].cpu()
-        return [pos[g, : s.counts[g]].clone() for g in range(len(s.rows))]
+        return self._live(handle, "pos")
 
     def memory(self, handle: int) -> list[torch.Tensor]:
         """The policy memory per retained slot and group (e.g. EMA of walk scores), on the host."""
-        s = self._session(handle)
-        mem = s.pool.memory[torch.tensor(s.rows, device=self.device)].cpu()
-        return [mem[g, : s.counts[g]].clone() for g in range(len(s.rows))]
+        return self._live(handle, "memory")
 
     def snapshot(self, handle: int) -> SessionState:
-        """A host copy of the session's full state (serialize with ``to_bytes``)."""
+        """A host copy of the session's full state (serialize with ``to_bytes``).
+
+        Edges are stored as target *positions* (-1 = none), so the snapshot does not depend on
+        the pool's arena layout: equal logical states give equal bytes.
+        """
         s = self._session(handle)
         r = torch.tensor(s.rows, device=self.device)
-        pos, age, mem = s.pool.pos[r].cpu(), s.pool.age[r].cpu(), s.pool.memory[r].cpu()
-        epos, ew = s.pool.edge_pos[r].cpu(), s.pool.edge_w[r].cpu()
-        groups = [GroupState(pos[g, :n].clone(), age[g, :n].clone(), mem[g, :n].clone(), epos[g, :n].clone(),
-                             ew[g, :n].clone()) for g, n in enumerate(s.counts)]
+        pool = s.pool
+        alive = pool.slot["alive"][r].cpu()
+        pos, birth = pool.slot["pos"][r].cpu(), pool.slot["birth"][r].cpu()
+        mem = pool.slot["memory"][r].cpu()
+        eidx, ew = pool.edge["edge_idx"][r].cpu(), pool.edge["edge_w"][r].cpu()
+        groups = []
+        for g in range(len(s.rows)):
+            a = alive[g]
+            tgt_alive = alive[g].gather(0, eidx[g].reshape(-1)).reshape(eidx[g].shape)
+            live_edge = tgt_alive & (ew[g] > 0)
+            epos = torch.where(live_edge, pos[g].gather(0, eidx[g].reshape(-1)).reshape(eidx[g].shape), -1)
+            groups.append(GroupState(
+                pos=pos[g][a].clone(), age=(s.calls - birth[g][a]).to(torch.int32), memory=mem[g][a].clone(),
+                edge_pos=epos[a].to(torch.int32), edge_w=torch.where(live_edge, ew[g], 0.0)[a].clone(),
+            ))
         return SessionState(s.cfg, s.calls, s.tokens_seen, s.tokens_evicted, groups)
 
     def _session(self, handle: int) -> _Session:
@@ -186,35 +227,41 @@ class Engine:
         pool, policy = sessions[0].pool, sessions[0].policy
         dev = self.device
         G = [s.cfg.groups for s in sessions]
-        widths = [max(s.counts) + inp.new_positions.shape[0] for s, (_, inp) in zip(sessions, items, strict=True)]
-        R, W = sum(G), max(widths)
-        K = max(inp.new_positions.shape[0] for _, inp in items)
-        F = pool.fanout
-        attn = torch.zeros(R, W, dtype=torch.float32, device=dev)
-        last = torch.zeros(R, W, dtype=torch.float32, device=dev)
+        ks = [inp.new_positions.shape[0] for _, inp in items]
+        widths = [max(s.counts) + k for s, k in zip(sessions, ks, strict=True)]
+        R, Wx, K, F = sum(G), max(widths), max(ks), pool.fanout
+        attn = torch.zeros(R, Wx, dtype=torch.float32, device=dev)
+        last = torch.zeros(R, Wx, dtype=torch.float32, device=dev)
         new_pos = torch.full((R, K), -1, dtype=torch.int64, device=dev)
-        n_new = torch.zeros(R, dtype=torch.int64)
         edge_pos = torch.full((R, K, F), -1, dtype=torch.int64, device=dev)
         edge_w = torch.zeros(R, K, F, dtype=torch.float32, device=dev)
         r0 = 0
-        for g, w, (_, inp) in zip(G, widths, items, strict=True):
-            k = inp.new_positions.shape[0]
+        for g, w, k, (_, inp) in zip(G, widths, ks, items, strict=True):
             attn[r0 : r0 + g, :w] = inp.attn
             last[r0 : r0 + g, :w] = inp.last
             new_pos[r0 : r0 + g, :k] = inp.new_positions
-            n_new[r0 : r0 + g] = k
             edge_pos[r0 : r0 + g, :k] = inp.edge_pos
             edge_w[r0 : r0 + g, :k] = inp.edge_w
             r0 += g
-        rows = torch.tensor([r for s in sessions for r in s.rows], device=dev)
-        inp_rows = RowInput(new_pos, n_new.to(dev), attn, last, edge_pos, edge_w)
-        state = pool.gather(rows, W)
-        codes = validate_rows(state, inp_rows)
+        n_new = torch.tensor([k for g, k in zip(G, ks, strict=True) for _ in range(g)], device=dev)
+        row_ids = [r for s in sessions for r in s.rows]
+        rows = pool.rows_of(row_ids)
+        used_max = max(max(s.used) for s in sessions)
+        inp_rows = RowInput(new_pos, n_new, attn, last, edge_pos, edge_w)
+        codes = validate_rows(pool, rows, inp_rows, used_max)
         if bool(codes.any()):
             return self._split_bad(items, codes.cpu().tolist(), G)
-        res = run_step(policy, state, pool.row_params(rows), inp_rows)
-        pool.write(rows, res.state)
-        return self._outputs(items, sessions, G, widths, res)
+        width = max(max(u) + k for u, k in zip((s.used for s in sessions), ks, strict=True))
+        res = run_step(policy, pool, rows, inp_rows, width)
+        out = self._outputs(items, sessions, G, widths, ks, res)
+        # Compact rows whose holes exceed the allowance (host mirrors are exact after the sync).
+        todo = [r for s in sessions for r, u, c in zip(s.rows, s.used, s.counts, strict=True)
+                if u - c > hole_allowance(s.cfg.budget)]
+        if todo:
+            pool.compact(torch.tensor(todo, device=dev))
+            for s in sessions:
+                s.used = list(s.counts)
+        return out
 
     def _split_bad(self, items: list[tuple[int, StepInput]], codes: list[int], G: list[int]
                    ) -> dict[int, StepOutput | EngineError]:
@@ -233,19 +280,17 @@ class Engine:
         return out
 
     def _outputs(self, items: list[tuple[int, StepInput]], sessions: list[_Session], G: list[int],
-                 widths: list[int], res: RowResult) -> dict[int, StepOutput | EngineError]:
-        counts = res.state.count.cpu().tolist()
-        n_slots = res.n_slots.cpu().tolist()
+                 widths: list[int], ks: list[int], res: RowResult) -> dict[int, StepOutput | EngineError]:
+        counts = res.count.cpu().tolist()
         out: dict[int, StepOutput | EngineError] = {}
         r0 = 0
-        for s, g, w, (h, inp) in zip(sessions, G, widths, items, strict=True):
-            k = inp.new_positions.shape[0]
+        for s, g, w, k, (h, _) in zip(sessions, G, widths, ks, items, strict=True):
             new_counts = counts[r0 : r0 + g]
-            s.tokens_evicted += sum(n_slots[r0 : r0 + g]) - sum(new_counts)
+            s.tokens_evicted += sum(c + k for c in s.counts) - sum(new_counts)
+            s.used = [u + k for u in s.used]
             s.counts = new_counts
             s.calls += 1
             s.tokens_seen += k
-            s.max_pos = int(inp.new_positions[-1])
             out[h] = StepOutput(
                 keep=res.keep[r0 : r0 + g, :w], slot_positions=res.slot_pos[r0 : r0 + g, :w],
                 retained=new_counts, retained_mass=res.retained_mass[r0 : r0 + g],

@@ -1,18 +1,59 @@
 """The device-resident session pool: the state of many rows in a few padded tensors.
 
-Sessions own rows (one per layer group). A batched call gathers its rows with one indexing op
-per field and writes them back the same way, so advancing 64 sessions costs the same number of
-kernel launches as advancing one. Rows and width grow by doubling when needed.
+A row (one layer group of one session) is an *arena*: tokens are appended at the right and
+never move while they live; an evicted token leaves a hole (``alive`` False). Edges are stored
+as arena columns, so a call reads the edge tensors but never rewrites them. A row is compacted
+(holes squeezed out, edges remapped) only once its holes exceed an allowance, which amortises
+the only O(slots x fan-out) write over many calls.
+
+A batch of rows that happens to be contiguous (the common case for in-process users stepping
+every session) is accessed through views; otherwise through one gather/scatter per field.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from nexus_sidecar.engine.selection import INT64_MAX
-from nexus_sidecar.engine.step import RowParams, RowState
-
+INT64_MAX = torch.iinfo(torch.int64).max
 _PARAMS = ("budget", "slack", "sinks", "recent", "seed", "group", "call")
+# name -> (dtype, fill) for per-slot fields; edge fields have a trailing fan-out dimension.
+_SLOT_FIELDS: dict[str, tuple[torch.dtype, float | int | bool]] = {
+    "pos": (torch.int64, INT64_MAX),
+    "alive": (torch.bool, False),
+    "birth": (torch.int64, 0),  # call index at which the token entered (age = call - birth)
+    "memory": (torch.float32, 0.0),
+    "u": (torch.float64, 0.5),  # cached fixed-mode uniform of the token
+}
+_EDGE_FIELDS: dict[str, tuple[torch.dtype, float | int]] = {
+    "edge_idx": (torch.int64, 0),  # arena column of the target; "no edge" = own column, weight 0
+    "edge_w": (torch.float32, 0.0),
+}
+
+
+@dataclass
+class Rows:
+    """A batch's rows: a slice when contiguous (views, writes in place), else an index."""
+
+    index: torch.Tensor  # int64 [R]
+    first: int | None  # set when the rows are first..first+R-1
+
+    def get(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        """Rows of ``x`` narrowed to ``width`` columns (a view when contiguous)."""
+        if self.first is not None:
+            return x[self.first : self.first + self.index.numel(), :width]
+        return x[self.index, :width]
+
+    def put(self, x: torch.Tensor, value: torch.Tensor) -> None:
+        """Write ``value`` ([R, w, ...]) into the first w columns of the rows of ``x``."""
+        w = value.shape[1]
+        if self.first is not None:
+            dst = x[self.first : self.first + self.index.numel(), :w]
+            if dst.data_ptr() != value.data_ptr():
+                dst.copy_(value)
+        else:
+            x[self.index, :w] = value
 
 
 class SessionPool:
@@ -24,18 +65,18 @@ class SessionPool:
         self.rows = 0
         self.width = 0
         self._free: list[int] = []
-        self.pos = torch.empty(0, 0, dtype=torch.int64, device=device)
-        self.age = torch.empty(0, 0, dtype=torch.int32, device=device)
-        self.memory = torch.empty(0, 0, dtype=torch.float32, device=device)
-        self.edge_pos = torch.empty(0, 0, fanout, dtype=torch.int32, device=device)  # int32 halves memory
-        self.edge_w = torch.empty(0, 0, fanout, dtype=torch.float32, device=device)
-        self.count = torch.empty(0, dtype=torch.int64, device=device)
+        self.slot: dict[str, torch.Tensor] = {n: torch.empty(0, 0, dtype=d, device=device)
+                                              for n, (d, _) in _SLOT_FIELDS.items()}
+        self.edge: dict[str, torch.Tensor] = {n: torch.empty(0, 0, fanout, dtype=d, device=device)
+                                              for n, (d, _) in _EDGE_FIELDS.items()}
+        self.used = torch.empty(0, dtype=torch.int64, device=device)  # arena columns in use
+        self.count = torch.empty(0, dtype=torch.int64, device=device)  # live tokens
         self.params = {name: torch.empty(0, dtype=torch.int64, device=device) for name in _PARAMS}
         self._grow(rows, width)
 
     # -- allocation ---------------------------------------------------------------------------
     def alloc(self, n: int) -> list[int]:
-        """Reserve ``n`` rows (reset to empty) and return their ids."""
+        """Reserve ``n`` rows (reset to empty) and return their ids (ascending, contiguous if possible)."""
         while len(self._free) < n:
             self._grow(self.rows * 2, self.width)
         rows, self._free = self._free[:n], self._free[n:]
@@ -48,79 +89,82 @@ class SessionPool:
         self._free.sort()
 
     def ensure_width(self, width: int) -> None:
-        """Make every row at least ``width`` slots wide."""
+        """Make every row at least ``width`` arena columns wide."""
         if width > self.width:
             self._grow(self.rows, max(width, self.width * 2))
 
     def _grow(self, rows: int, width: int) -> None:
-        def grown(x: torch.Tensor, fill: float | int) -> torch.Tensor:
+        def grown(x: torch.Tensor, fill: float | int | bool) -> torch.Tensor:
             out = torch.full((rows, width, *x.shape[2:]), fill, dtype=x.dtype, device=self.device)
             out[: x.shape[0], : x.shape[1]] = x
             return out
 
-        self.pos, self.age = grown(self.pos, INT64_MAX), grown(self.age, 0)
-        self.memory = grown(self.memory, 0.0)
-        self.edge_pos, self.edge_w = grown(self.edge_pos, -1), grown(self.edge_w, 0.0)
-        count = torch.zeros(rows, dtype=torch.int64, device=self.device)
-        count[: self.count.shape[0]] = self.count
-        self.count = count
+        for n, (_, fill) in _SLOT_FIELDS.items():
+            self.slot[n] = grown(self.slot[n], fill)
+        for n, (_, fill) in _EDGE_FIELDS.items():
+            self.edge[n] = grown(self.edge[n], fill)
+        for name in ("used", "count"):
+            old = getattr(self, name)
+            new = torch.zeros(rows, dtype=torch.int64, device=self.device)
+            new[: old.shape[0]] = old
+            setattr(self, name, new)
         for name, val in self.params.items():
             new = torch.zeros(rows, dtype=torch.int64, device=self.device)
             new[: val.shape[0]] = val
             self.params[name] = new
         self._free.extend(range(self.rows, rows))
+        self._free.sort()
         self.rows, self.width = rows, width
 
     def _reset(self, rows: torch.Tensor) -> None:
-        self.pos[rows] = INT64_MAX
-        self.age[rows] = 0
-        self.memory[rows] = 0.0
-        self.edge_pos[rows] = -1
-        self.edge_w[rows] = 0.0
+        for n, (_, fill) in _SLOT_FIELDS.items():
+            self.slot[n][rows] = fill
+        for n, (_, fill) in _EDGE_FIELDS.items():
+            self.edge[n][rows] = fill
+        self.used[rows] = 0
         self.count[rows] = 0
         for val in self.params.values():
             val[rows] = 0
 
-    # -- batched access -----------------------------------------------------------------------
+    # -- access -------------------------------------------------------------------------------
+    def rows_of(self, rows: list[int]) -> Rows:
+        """A :class:`Rows` handle for a batch (contiguous rows become views)."""
+        index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        first = rows[0] if rows and rows == list(range(rows[0], rows[0] + len(rows))) else None
+        return Rows(index, first)
+
     def set_params(self, rows: torch.Tensor, **values: int) -> None:
         """Set per-row parameters (budget, slack, sinks, recent, seed, group, call)."""
         for name, value in values.items():
             self.params[name][rows] = value
 
-    def row_params(self, rows: torch.Tensor) -> RowParams:
-        """Per-row parameters of a batch."""
-        return RowParams(**{name: self.params[name][rows] for name in _PARAMS})
+    def compact(self, rows: torch.Tensor) -> None:
+        """Squeeze the holes out of ``rows`` and remap their edges (edges to dead tokens vanish)."""
+        if rows.numel() == 0:
+            return
+        width = self.width
+        alive = self.slot["alive"][rows]
+        dest = torch.where(alive, torch.cumsum(alive, dim=1) - 1, width)  # width = dump column
+        eidx, ew = self.edge["edge_idx"][rows], self.edge["edge_w"][rows]
+        target_alive = alive.gather(1, eidx.reshape(rows.numel(), -1)).reshape(eidx.shape)
+        live_edge = target_alive & (ew > 0)
+        moved_self = dest.unsqueeze(-1).expand_as(eidx)
+        new_idx = torch.where(live_edge, dest.gather(1, eidx.reshape(rows.numel(), -1)).reshape(eidx.shape),
+                              moved_self)
+        new_w = torch.where(live_edge, ew, torch.zeros_like(ew))
 
-    def gather(self, rows: torch.Tensor, width: int) -> RowState:
-        """State of ``rows`` narrowed to the first ``width`` slots (``width`` <= pool width)."""
-        w = min(width, self.width)
-        return RowState(
-            pos=self.pos[rows, :w], age=self.age[rows, :w], memory=self.memory[rows, :w],
-            edge_pos=self.edge_pos[rows, :w].to(torch.int64), edge_w=self.edge_w[rows, :w],
-            count=self.count[rows],
-        )
+        def move(x: torch.Tensor, fill: float | int | bool) -> torch.Tensor:
+            out = torch.full((rows.numel(), width + 1, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+            index = dest if x.dim() == 2 else dest.unsqueeze(-1).expand_as(x)
+            out.scatter_(1, index, x)
+            return out[:, :width]
 
-    def write(self, rows: torch.Tensor, state: RowState) -> None:
-        """Store a batch's new state; slots beyond its width were padding and stay padding."""
-        w = state.pos.shape[1]
-        self.ensure_width(w)
-        self.pos[rows, :w] = state.pos
-        self.age[rows, :w] = state.age
-        self.memory[rows, :w] = state.memory
-        self.edge_pos[rows, :w] = state.edge_pos.to(torch.int32)
-        self.edge_w[rows, :w] = state.edge_w
-        self.count[rows] = state.count
-        self.params["call"][rows] += 1
-
-    def load_rows(self, rows: list[int], pos: list[torch.Tensor], age: list[torch.Tensor],
-                  memory: list[torch.Tensor], edge_pos: list[torch.Tensor], edge_w: list[torch.Tensor]) -> None:
-        """Fill rows from per-group tensors (restore from a checkpoint)."""
-        self.ensure_width(max((p.numel() for p in pos), default=0))
-        for r, p, a, m, ep, ew in zip(rows, pos, age, memory, edge_pos, edge_w, strict=True):
-            n = p.numel()
-            self.pos[r, :n] = p.to(self.device)
-            self.age[r, :n] = a.to(self.device)
-            self.memory[r, :n] = m.to(self.device)
-            self.edge_pos[r, :n] = ep.to(self.device)
-            self.edge_w[r, :n] = ew.to(self.device)
-            self.count[r] = n
+        for n, (_, fill) in _SLOT_FIELDS.items():
+            self.slot[n][rows] = move(self.slot[n][rows], fill)
+        # Edges of moved tokens: a dead token's self-edges are garbage in the dump column.
+        self.edge["edge_idx"][rows] = move(new_idx, 0)
+        self.edge["edge_w"][rows] = move(new_w, 0.0)
+        fix = self.edge["edge_idx"][rows]
+        own = torch.arange(width, device=self.device).view(1, -1, 1).expand_as(fix)
+        self.edge["edge_idx"][rows] = torch.where(self.edge["edge_w"][rows] > 0, fix, own)
+        self.used[rows] = self.count[rows]

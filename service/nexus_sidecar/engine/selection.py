@@ -81,11 +81,13 @@ def select(
     tau: float | None,
     pool: int,
     block_size: int | None,
+    u: torch.Tensor | None = None,
 ) -> Selection:
     """Choose evictions for every row of a batch.
 
     ``tau=None`` (or inf) means deterministic top-K of the weight; otherwise reservoir keys with
-    counter-based uniforms ``u = hash(seed, group, unit, call)``. ``block_size`` switches to
+    counter-based uniforms ``u = hash(seed, group, unit, call)`` (``u`` may pass them precomputed
+    per slot, in token mode). ``block_size`` switches to
     block granularity: units are runs of slots with equal ``position // block_size``; a block
     weighs the max of its slots and is protected if any of its slots is.
     """
@@ -102,7 +104,8 @@ def select(
         unit_w, unit_cand, unit_label = w, cand, slot_pos
         unit_size = valid.to(torch.int64)
     else:
-        block = torch.where(valid, slot_pos // block_size, torch.full_like(slot_pos, -1))
+        # Holes keep their position, so a dead slot inside a block does not split it.
+        block = torch.where(slot_pos != INT64_MAX, slot_pos // block_size, torch.full_like(slot_pos, -1))
         change = torch.ones_like(block, dtype=torch.int64)
         change[:, 1:] = (block[:, 1:] != block[:, :-1]).to(torch.int64)
         seg = torch.cumsum(change, dim=1) - 1  # unit index of each slot (padding: own units)
@@ -118,7 +121,8 @@ def select(
     if tau is None or math.isinf(tau):
         keys = _topk_keys(unit_w)
     else:
-        u = uniforms(seed, group, unit_label, call)
+        if u is None or seg is not None:
+            u = uniforms(seed, group, unit_label, call)
         keys = _reservoir_keys(unit_w, unit_cand, u, tau)
     keys = torch.where(unit_cand, keys, torch.full_like(keys, INT64_MAX))
 

@@ -1,8 +1,12 @@
 """One batched engine call over R rows (a row = one layer group of one session).
 
-Pure function: takes the rows' state and this call's inputs as padded tensors, returns the new
-state, the keep mask and statistics. No Python loop over rows or slots; one set of kernel
-launches per call, on whatever device the tensors live.
+Works directly on the session pool's arena rows (see pool.py): appends the new tokens, scores
+every live slot, selects evictions, marks them dead, and compacts rows whose holes exceed the
+allowance. No Python loop over rows or slots; one set of kernel launches per call.
+
+Two index spaces meet here: *arena columns* (where a token lives in the pool, with holes) and
+*call slots* (the caller's view: live retained tokens in order, then the new ones). ``ext``
+maps the first to the second.
 """
 
 from __future__ import annotations
@@ -11,208 +15,184 @@ from dataclasses import dataclass
 
 import torch
 
+from nexus_sidecar.engine.hashing import uniforms
 from nexus_sidecar.engine.policies import Policy, ScoreContext
+from nexus_sidecar.engine.pool import Rows, SessionPool
 from nexus_sidecar.engine.selection import INT64_MAX, select
-from nexus_sidecar.engine.walk import resolve_edges, walk
-
-
-@dataclass
-class RowState:
-    """State of R rows, padded to width W (pos padding = int64 max, edges -1/0)."""
-
-    pos: torch.Tensor  # int64 [R, W] ascending
-    age: torch.Tensor  # int32 [R, W] calls since the token entered
-    memory: torch.Tensor  # float32 [R, W] policy memory (EMA numerator, accumulated mass)
-    edge_pos: torch.Tensor  # int64 [R, W, F] target positions, -1 = none
-    edge_w: torch.Tensor  # float32 [R, W, F]
-    count: torch.Tensor  # int64 [R]
-
-
-@dataclass
-class RowParams:
-    """Per-row numbers that may differ between sessions of one batch."""
-
-    budget: torch.Tensor
-    slack: torch.Tensor
-    sinks: torch.Tensor
-    recent: torch.Tensor
-    seed: torch.Tensor
-    group: torch.Tensor
-    call: torch.Tensor  # index of this call in the session (0-based)
+from nexus_sidecar.engine.walk import walk
 
 
 @dataclass
 class RowInput:
-    """This call's inputs for R rows. ``attn``/``last`` are aligned with the slots of the call:
-    the retained slots then the ``n_new`` new ones; width W >= max(count + n_new)."""
+    """This call's inputs for R rows, in call-slot order, right-padded."""
 
     new_pos: torch.Tensor  # int64 [R, K], -1 padded
     n_new: torch.Tensor  # int64 [R]
-    attn: torch.Tensor  # float32 [R, W]
-    last: torch.Tensor  # float32 [R, W]
-    edge_pos: torch.Tensor  # int64 [R, K, F]
+    attn: torch.Tensor  # float32 [R, Wx] aligned with the call's slots
+    last: torch.Tensor  # float32 [R, Wx]
+    edge_pos: torch.Tensor  # int64 [R, K, F], -1 = none
     edge_w: torch.Tensor  # float32 [R, K, F]
 
 
 @dataclass
 class RowResult:
-    """What one call produced for R rows."""
+    """What one call produced for R rows, in call-slot order [R, Wx]."""
 
-    state: RowState  # compacted, width W
-    slot_pos: torch.Tensor  # int64 [R, W] positions of the call's slots (before eviction)
-    keep: torch.Tensor  # bool [R, W] aligned with the call's slots (False on padding)
-    evict: torch.Tensor  # bool [R, W]
-    n_slots: torch.Tensor  # int64 [R] slots in the call (count + n_new)
-    evicted_age: torch.Tensor  # int32 [R, W] age at eviction where evicted, else 0
-    retained_mass: torch.Tensor  # float32 [R] share of this call's attention on kept slots
+    keep: torch.Tensor  # bool, False on padding
+    slot_pos: torch.Tensor  # int64 positions of the call's slots (-1 on padding)
+    evicted_age: torch.Tensor  # int32 age (calls) at eviction where evicted, else 0
+    retained_mass: torch.Tensor  # float32 [R] share of the call's attention on kept slots
+    count: torch.Tensor  # int64 [R] live tokens after the call
 
 
 # Row error codes of validate_rows (0 = fine).
-ROW_OK, ROW_NONFINITE_ATTN, ROW_NEG_ATTN, ROW_NONFINITE_LAST, ROW_NEG_LAST = 0, 1, 2, 3, 4
-ROW_BAD_EDGE_W, ROW_BAD_EDGE_TARGET, ROW_BAD_NEW_POS = 5, 6, 7
 ROW_ERRORS = {
-    ROW_NONFINITE_ATTN: ("attn", "contains NaN or Inf"),
-    ROW_NEG_ATTN: ("attn", "contains negative values (attention mass must be >= 0)"),
-    ROW_NONFINITE_LAST: ("last", "contains NaN or Inf"),
-    ROW_NEG_LAST: ("last", "contains negative values (attention must be >= 0)"),
-    ROW_BAD_EDGE_W: ("edge_w", "contains NaN, Inf or negative weights"),
-    ROW_BAD_EDGE_TARGET: (
-        "edge_pos",
-        "an edge points outside the cache (target neither retained nor new, after its source, or < -1)",
-    ),
-    ROW_BAD_NEW_POS: ("new_positions", "must be strictly ascending and after every retained position"),
+    1: ("attn", "contains NaN or Inf"),
+    2: ("attn", "contains negative values (attention mass must be >= 0)"),
+    3: ("last", "contains NaN or Inf"),
+    4: ("last", "contains negative values (attention must be >= 0)"),
+    5: ("edge_w", "contains NaN, Inf or negative weights"),
+    6: ("edge_pos", "an edge points outside the cache (target neither retained nor new, after its source, or < -1)"),
+    7: ("new_positions", "must be strictly ascending and after every retained position"),
 }
 
 
-def _append(state: RowState, inp: RowInput, width: int) -> tuple[torch.Tensor, ...]:
-    """Retained slots followed by the new ones, as [R, W] tensors."""
-    rows, k = inp.new_pos.shape
-    dev = state.pos.device
-    cur = state.pos.shape[1]
+def validate_rows(pool: SessionPool, rows: Rows, inp: RowInput, used_max: int) -> torch.Tensor:
+    """Per-row error code (int64 [R], 0 = valid) for value checks; changes nothing.
 
-    def fit(x: torch.Tensor, fill: float | int) -> torch.Tensor:
-        # Width W + 1: the last column receives the scatters of padded new tokens.
-        if cur >= width + 1:
-            return x[:, : width + 1].clone()
-        pad_shape = (rows, width + 1 - cur, *x.shape[2:])
-        return torch.cat([x, torch.full(pad_shape, fill, dtype=x.dtype, device=dev)], dim=1)
-
-    pos, age, mem = fit(state.pos, INT64_MAX), fit(state.age, 0), fit(state.memory, 0.0)
-    epos, ew = fit(state.edge_pos, -1), fit(state.edge_w, 0.0)
-    if k:
-        j = torch.arange(k, device=dev)
-        col = torch.where(j < inp.n_new.unsqueeze(1), state.count.unsqueeze(1) + j, width)
-        pos.scatter_(1, col, inp.new_pos)
-        fan = epos.shape[2]
-        col3 = col.unsqueeze(-1).expand(rows, k, fan)
-        epos.scatter_(1, col3, inp.edge_pos)
-        ew.scatter_(1, col3, inp.edge_w)
-    # The dump column may hold scattered padding: reset it, then drop it.
-    return pos[:, :width], age[:, :width], mem[:, :width], epos[:, :width], ew[:, :width]
-
-
-def validate_rows(state: RowState, inp: RowInput) -> torch.Tensor:
-    """Per-row error code (int64 [R], 0 = valid) for value checks that need the state.
-
-    Shapes are the caller's job (they are known on the host); this checks values on the
-    device in one pass, before anything is changed.
+    Shapes are checked by the caller on the host; this checks values on the device.
     """
-    width = inp.attn.shape[1]
-    rows, k = inp.new_pos.shape
+    R, K = inp.new_pos.shape
     dev = inp.attn.device
-    code = torch.zeros(rows, dtype=torch.int64, device=dev)
+    code = torch.zeros(R, dtype=torch.int64, device=dev)
 
     def flag(cond: torch.Tensor, value: int) -> None:
         code.copy_(torch.where((code == 0) & cond, torch.full_like(code, value), code))
 
-    flag(~torch.isfinite(inp.attn).all(1), ROW_NONFINITE_ATTN)
-    flag((inp.attn < 0).any(1), ROW_NEG_ATTN)
-    flag(~torch.isfinite(inp.last).all(1), ROW_NONFINITE_LAST)
-    flag((inp.last < 0).any(1), ROW_NEG_LAST)
-    if k:
-        ew = inp.edge_w.reshape(rows, -1)
-        flag((~torch.isfinite(ew) | (ew < 0)).any(1), ROW_BAD_EDGE_W)
-        j = torch.arange(k, device=dev)
-        live = j < inp.n_new.unsqueeze(1)
-        prev_max = torch.where(
-            state.count > 0,
-            state.pos.gather(1, (state.count - 1).clamp(min=0).unsqueeze(1)).squeeze(1),
-            torch.full_like(state.count, -1),
-        )
-        first_ok = ~live[:, 0] | (inp.new_pos[:, 0] > prev_max)
-        steps_ok = (~live[:, 1:] | (inp.new_pos[:, 1:] > inp.new_pos[:, :-1])).all(1)
-        flag(~(first_ok & steps_ok), ROW_BAD_NEW_POS)
-        pos = _append(state, inp, width)[0].contiguous()
-        tgt = inp.edge_pos
-        idx = torch.searchsorted(pos, tgt.reshape(rows, -1)).reshape(tgt.shape)
-        hit = pos.gather(1, idx.clamp(max=width - 1).reshape(rows, -1)).reshape(tgt.shape)
-        known = (idx < width) & (hit == tgt)
-        src = inp.new_pos.unsqueeze(-1)
-        ok = (tgt == -1) | (known & (tgt <= src))
-        ok = ok | ~live.unsqueeze(-1)
-        flag(~ok.reshape(rows, -1).all(1), ROW_BAD_EDGE_TARGET)
+    flag(~torch.isfinite(inp.attn).all(1), 1)
+    flag((inp.attn < 0).any(1), 2)
+    flag(~torch.isfinite(inp.last).all(1), 3)
+    flag((inp.last < 0).any(1), 4)
+    ew = inp.edge_w.reshape(R, -1)
+    flag((~torch.isfinite(ew) | (ew < 0)).any(1), 5)
+    live = torch.arange(K, device=dev) < inp.n_new.unsqueeze(1)
+    used = rows.get(pool.used.unsqueeze(1), 1).squeeze(1)
+    width = max(used_max, 1)
+    pos = rows.get(pool.slot["pos"], width).contiguous()
+    alive = rows.get(pool.slot["alive"], width)
+    prev_max = torch.where(used > 0, pos.gather(1, (used - 1).clamp(min=0).unsqueeze(1)).squeeze(1), -1)
+    first_ok = ~live[:, 0] | (inp.new_pos[:, 0] > prev_max)
+    steps_ok = (~live[:, 1:] | (inp.new_pos[:, 1:] > inp.new_pos[:, :-1])).all(1)
+    flag(~(first_ok & steps_ok), 7)
+    tgt = inp.edge_pos.reshape(R, -1).contiguous()
+    idx = torch.searchsorted(pos, tgt).clamp(max=width - 1)
+    old_ok = (pos.gather(1, idx) == tgt) & alive.gather(1, idx)
+    new_idx = torch.searchsorted(inp.new_pos.contiguous(), tgt).clamp(max=K - 1)
+    new_ok = inp.new_pos.gather(1, new_idx) == tgt
+    src = inp.new_pos.unsqueeze(-1).expand_as(inp.edge_pos).reshape(R, -1)
+    ok = (tgt == -1) | ((old_ok | new_ok) & (tgt >= 0) & (tgt <= src))
+    ok = ok | ~live.unsqueeze(-1).expand_as(inp.edge_pos).reshape(R, -1)
+    flag(~ok.all(1), 6)
     return code
 
 
-def run_step(policy: Policy, state: RowState, params: RowParams, inp: RowInput) -> RowResult:
-    """Advance R rows by one call: append, score, select, compact."""
-    cfg = policy.cfg
-    width = inp.attn.shape[1]
+def _insert(pool: SessionPool, rows: Rows, inp: RowInput, width: int, fixed_u: bool) -> None:
+    """Append the new tokens at the right of each row's arena (edges mapped to arena columns)."""
+    R, K = inp.new_pos.shape
     dev = inp.attn.device
-    pos, age, memory, edge_pos, edge_w = _append(state, inp, width)
-    n = state.count + inp.n_new
-    idx = torch.arange(width, device=dev).unsqueeze(0)
-    valid = idx < n.unsqueeze(1)
-    protected = valid & ((idx < params.sinks.unsqueeze(1)) | (idx >= (n - params.recent).unsqueeze(1)))
-    cand = valid & ~protected
-    attn = torch.where(valid, inp.attn, 0.0)
-    last = torch.where(valid, inp.last, 0.0)
+    used = pool.used[rows.index]
+    j = torch.arange(K, device=dev)
+    live = j < inp.n_new.unsqueeze(1)
+    col = used.unsqueeze(1) + j  # [R, K]
+    r_idx = rows.index.unsqueeze(1).expand(R, K)[live]
+    c_idx = col[live]
+    pool.slot["pos"][r_idx, c_idx] = inp.new_pos[live]
+    pool.slot["alive"][r_idx, c_idx] = True
+    pool.slot["birth"][r_idx, c_idx] = pool.params["call"][r_idx]
+    pool.slot["memory"][r_idx, c_idx] = 0.0
+    if fixed_u:
+        p = pool.params
+        u = uniforms(p["seed"][rows.index], p["group"][rows.index], inp.new_pos.clamp(min=0),
+                     torch.zeros(R, dtype=torch.int64, device=dev))
+        pool.slot["u"][r_idx, c_idx] = u[live]
+    # Edge targets: positions -> arena columns (positions are ascending along the arena).
+    pos = rows.get(pool.slot["pos"], width).contiguous()
+    tgt = inp.edge_pos.reshape(R, -1).contiguous()
+    target_col = torch.searchsorted(pos, tgt).clamp(max=width - 1).reshape(inp.edge_pos.shape)
+    has = (inp.edge_pos >= 0) & (inp.edge_w > 0)
+    own = col.unsqueeze(-1).expand_as(target_col)
+    pool.edge["edge_idx"][r_idx, c_idx] = torch.where(has, target_col, own)[live]
+    pool.edge["edge_w"][r_idx, c_idx] = torch.where(has, inp.edge_w, 0.0)[live]
+    pool.used[rows.index] = used + inp.n_new
+    pool.count[rows.index] += inp.n_new
+
+
+def run_step(policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput, width: int) -> RowResult:
+    """Advance R rows by one call. ``width`` >= max(used + n_new) over the rows (host-known)."""
+    cfg = policy.cfg
+    dev = inp.attn.device
+    R, Wx = inp.attn.shape
+    pool.ensure_width(width)
+    token_fixed = cfg.randomness == "fixed" and cfg.granularity == "token" and policy.sampled
+    _insert(pool, rows, inp, width, token_fixed)
+    p = {name: pool.params[name][rows.index] for name in pool.params}
+    pos = rows.get(pool.slot["pos"], width)
+    alive = rows.get(pool.slot["alive"], width).clone()  # the pool's copy is overwritten below
+    n = pool.count[rows.index]
+    ext = torch.cumsum(alive, dim=1) - 1  # call-slot index of each live arena column
+    gather_at = ext.clamp(0, Wx - 1)
+    attn = torch.where(alive, inp.attn.gather(1, gather_at), 0.0)
+    last = torch.where(alive, inp.last.gather(1, gather_at), 0.0)
+    protected = alive & ((ext < p["sinks"].unsqueeze(1)) | (ext >= (n - p["recent"]).unsqueeze(1)))
+    cand = alive & ~protected
+    age = (p["call"].unsqueeze(1) - rows.get(pool.slot["birth"], width)).to(torch.int32)
+    memory = rows.get(pool.slot["memory"], width)
 
     if policy.uses_edges and cfg.iterations > 0 and cfg.beta > 0:
-        targets = resolve_edges(pos, edge_pos)
+        eidx = rows.get(pool.edge["edge_idx"], width)
+        ew = rows.get(pool.edge["edge_w"], width)
 
         def run_walk(d: torch.Tensor) -> torch.Tensor:
-            return walk(d, targets, edge_w, cfg.beta, cfg.iterations)
+            return walk(d, alive, eidx, ew, cfg.beta, cfg.iterations)
     else:
 
         def run_walk(d: torch.Tensor) -> torch.Tensor:
             return d
 
-    ctx = ScoreContext(attn=attn, last=last, memory=memory, age=age, valid=valid, cand=cand, walk=run_walk)
+    ctx = ScoreContext(attn=attn, last=last, memory=memory, age=age, valid=alive, cand=cand, walk=run_walk)
     scores = policy.score(ctx)
+    used = pool.used[rows.index]
+    arena = torch.arange(width, device=dev).unsqueeze(0) < used.unsqueeze(1)
+    # Fixed randomness: a token keeps its lottery ticket for life; per_call: a fresh draw each call.
+    call = p["call"] if cfg.randomness == "per_call" else torch.zeros_like(p["call"])
     sel = select(
-        scores.weight, valid, protected, pos, n, params.budget, params.slack, params.seed, params.group,
-        params.call,
+        scores.weight, alive, protected, torch.where(arena, pos, INT64_MAX), n, p["budget"], p["slack"],
+        p["seed"], p["group"], call,
         tau=policy.tau() if policy.sampled else None,
         pool=cfg.pool,
         block_size=cfg.block_size if cfg.granularity == "block" else None,
+        u=rows.get(pool.slot["u"], width) if token_fixed else None,
     )
-    keep = valid & ~sel.evict
-    new_age = torch.where(valid, age + 1, torch.zeros_like(age))
-    new_state = _compact(keep, pos, new_age, scores.memory, edge_pos, edge_w)
+    keep = alive & ~sel.evict
+    if scores.memory is not memory:
+        rows.put(pool.slot["memory"], torch.where(alive, scores.memory, 0.0).to(torch.float32))
+    rows.put(pool.slot["alive"], keep)
+    new_count = keep.sum(1)
+    pool.count[rows.index] = new_count
+    pool.params["call"][rows.index] += 1
+
+    # Back to call-slot order.
+    dump = torch.where(alive, ext, Wx)
+    out_keep = torch.zeros(R, Wx + 1, dtype=torch.bool, device=dev).scatter_(1, dump, keep)[:, :Wx]
+    out_pos = torch.full((R, Wx + 1), -1, dtype=torch.int64, device=dev).scatter_(1, dump, pos)[:, :Wx]
+    ev_age = torch.where(sel.evict, age + 1, 0).to(torch.int32)
+    out_age = torch.zeros(R, Wx + 1, dtype=torch.int32, device=dev).scatter_(1, dump, ev_age)[:, :Wx]
     total = attn.to(torch.float64).sum(1)
     kept = torch.where(keep, attn, 0.0).to(torch.float64).sum(1)
-    retained = torch.where(total > 0, kept / total.clamp(min=1e-300), torch.ones_like(total)).to(torch.float32)
-    return RowResult(
-        state=new_state, slot_pos=torch.where(valid, pos, -1), keep=keep, evict=sel.evict, n_slots=n,
-        evicted_age=torch.where(sel.evict, new_age, torch.zeros_like(new_age)), retained_mass=retained,
-    )
+    retained = torch.where(total > 0, kept / total.clamp(min=1e-300), 1.0).to(torch.float32)
+    return RowResult(keep=out_keep, slot_pos=out_pos, evicted_age=out_age, retained_mass=retained, count=new_count)
 
 
-def _compact(keep: torch.Tensor, pos: torch.Tensor, age: torch.Tensor, memory: torch.Tensor,
-             edge_pos: torch.Tensor, edge_w: torch.Tensor) -> RowState:
-    """Move kept slots to the front, in order; evicted and padding slots become padding."""
-    rows, width = keep.shape
-    dest = torch.where(keep, torch.cumsum(keep, dim=1) - 1, width)
-
-    def move(x: torch.Tensor, fill: float | int) -> torch.Tensor:
-        out = torch.full((rows, width + 1, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
-        index = dest if x.dim() == 2 else dest.unsqueeze(-1).expand_as(x)
-        out.scatter_(1, index, x)
-        out[:, width] = fill
-        return out[:, :width]
-
-    return RowState(
-        pos=move(pos, INT64_MAX), age=move(age, 0), memory=move(memory.to(torch.float32), 0.0),
-        edge_pos=move(edge_pos, -1), edge_w=move(edge_w, 0.0), count=keep.sum(1),
-    )
+def hole_allowance(budget: int) -> int:
+    """Holes a row may carry before it is compacted (amortises compaction over many calls)."""
+    return max(16, budget // 8)

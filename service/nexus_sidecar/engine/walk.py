@@ -10,35 +10,25 @@ from __future__ import annotations
 import torch
 
 
-def resolve_edges(slot_pos: torch.Tensor, edge_pos: torch.Tensor) -> torch.Tensor:
-    """Map edge target positions to slot indices; edges to evicted/absent tokens go to index W.
+def walk(d: torch.Tensor, alive: torch.Tensor, edge_idx: torch.Tensor, edge_w: torch.Tensor, beta: float,
+         iterations: int) -> torch.Tensor:
+    """Run the walk on direct mass ``d`` [R, W] over edges (arena columns [R, W, F], weights).
 
-    ``slot_pos`` [R, W] ascending per row (padding = int64 max), ``edge_pos`` [R, W, F] (-1 = none).
-    Returns int64 [R, W*F] indices into a row of width W + 1 (column W is a dump column).
-    """
-    rows, width = slot_pos.shape
-    flat = edge_pos.reshape(rows, -1).contiguous()
-    slot_pos = slot_pos.contiguous()
-    idx = torch.searchsorted(slot_pos, flat)
-    hit = idx.clamp(max=width - 1)
-    found = (flat >= 0) & (idx < width) & (slot_pos.gather(1, hit) == flat)
-    return torch.where(found, hit, torch.full_like(hit, width))
-
-
-def walk(d: torch.Tensor, targets: torch.Tensor, edge_w: torch.Tensor, beta: float, iterations: int) -> torch.Tensor:
-    """Run the walk on direct mass ``d`` [R, W] over edges (targets [R, W*F], weights [R, W, F]).
-
-    scatter_add runs in index order on CPU, so a row's result does not depend on padding or on
-    the other rows of the batch (batch invariance).
+    Dead slots neither send nor keep mass. ``index_add_`` accumulates in index order on CPU, so
+    a row's result does not depend on padding or on the other rows of the batch (batch
+    invariance); "no edge" is a zero-weight self edge, which adds an exact +0.
     """
     if iterations == 0 or beta == 0.0:
         return d
     rows, width = d.shape
+    base = (torch.arange(rows, device=d.device) * width).view(rows, 1, 1)
+    flat = (edge_idx + base).reshape(-1)
     w = edge_w.reshape(rows, width, -1)
     s = d
-    buf = torch.empty(rows, width + 1, dtype=d.dtype, device=d.device)
+    out = torch.empty(rows * width, dtype=d.dtype, device=d.device)
     for _ in range(iterations):
-        buf.zero_()
-        buf.scatter_add_(1, targets, (s.unsqueeze(-1) * w).reshape(rows, -1))
-        s = d + beta * buf[:, :width]
-    return s
+        out.zero_()
+        src = torch.where(alive, s, 0.0).unsqueeze(-1) * w
+        out.index_add_(0, flat, src.reshape(-1))
+        s = d + beta * out.view(rows, width)
+    return torch.where(alive, s, 0.0)

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``nexus-sidecar bench``: each writes JSON, a markdown table and a PNG plot."""

@@ -1,0 +1,106 @@
+"""Engine cost per batched call: B sessions x N retained slots, one new token each (k = 1).
+
+Each session is prefilled to N slots with budget N, so every timed call appends one token and
+evicts one (steady state). Timing covers ``Engine.step`` end to end (input padding,
+validation, scoring, selection, compaction, write-back), median of the timed calls.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nexus_sidecar.bench.report import machine, markdown_table
+from nexus_sidecar.engine import POLICIES, Engine, PolicyConfig, StepInput
+
+ORDER = ("streaming", "tova", "h2o", "snapkv", "random", "nexus_topk", "nexus")
+
+
+@dataclass
+class EngineBenchSettings:
+    """Grid and repetition counts."""
+
+    batch_sizes: tuple[int, ...] = (1, 8, 64)
+    slots: tuple[int, ...] = (1024, 4096)
+    fanouts: tuple[int, ...] = (8, 16)
+    iterations: tuple[int, ...] = (1, 2, 3)
+    policies: tuple[str, ...] = ORDER
+    calls: int = 15
+    warmup: int = 3
+    devices: tuple[str, ...] = ("cpu",)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(policy: str, device: str, B: int, N: int, F: int, R: int, calls: int, warmup: int) -> dict[str, Any]:
+    """Median time of one batched call at the given shape."""
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    eng = Engine(dev)
+    cfg = PolicyConfig(policy=policy, budget=N, sinks=4, recent=32, fanout=F, iterations=R)
+    handles = [eng.open(cfg.with_(seed=i)) for i in range(B)]
+    # Prefill N tokens per session: random attention, edges to random earlier positions.
+    pos = torch.arange(N)
+    tgt = (torch.rand(N, F, generator=g) * (pos.unsqueeze(1) + 1)).long()
+    prefill = StepInput(pos, torch.rand(1, N, generator=g), torch.rand(1, N, generator=g), tgt[None],
+                        torch.rand(1, N, F, generator=g))
+    eng.step({h: _to(prefill, dev) for h in handles})
+    inputs = []
+    for c in range(calls + warmup):
+        p = N + c
+        # Edges of the new token: itself and recent (protected) tokens, which are always cached.
+        e = torch.arange(p, p - F, -1).clamp(min=0)[None, None]
+        inputs.append({h: _to(StepInput(torch.tensor([p]), torch.rand(1, N + 1, generator=g),
+                                        torch.rand(1, N + 1, generator=g), e, torch.rand(1, 1, F, generator=g)), dev)
+                       for h in handles})
+    times = []
+    for c, items in enumerate(inputs):
+        _sync(dev)
+        t0 = time.perf_counter()
+        eng.step(items)
+        _sync(dev)
+        if c >= warmup:
+            times.append(time.perf_counter() - t0)
+    ms = statistics.median(times) * 1e3
+    assert all(n == [N] for n in (eng.counts(h) for h in handles)), "steady state broken"
+    return {"policy": policy, "device": device, "B": B, "N": N, "F": F, "R": R, "ms_per_call": ms,
+            "session_steps_per_s": B / (ms / 1e3), "calls_timed": len(times)}
+
+
+def _to(inp: StepInput, dev: torch.device) -> StepInput:
+    return StepInput(*(t.to(dev) for t in (inp.new_positions, inp.attn, inp.last, inp.edge_pos, inp.edge_w)))
+
+
+def run(settings: EngineBenchSettings, progress: bool = True) -> dict[str, Any]:
+    """Measure the grid; walk-free policies are measured once per (B, N, F) with R recorded as 0."""
+    from tqdm import tqdm
+
+    grid = []
+    for dev, pol, B, N, F in itertools.product(settings.devices, settings.policies, settings.batch_sizes,
+                                               settings.slots, settings.fanouts):
+        rs = settings.iterations if POLICIES[pol].uses_edges else (0,)
+        grid += [(dev, pol, B, N, F, R) for R in rs]
+    records = []
+    for dev, pol, B, N, F, R in tqdm(grid, desc="engine", disable=not progress):
+        records.append(measure(pol, dev, B, N, F, max(R, 1) if R else 2, settings.calls, settings.warmup))
+        records[-1]["R"] = R
+    # Ratio to TOVA at the same device/B/N/F, measured in this run.
+    tova = {(r["device"], r["B"], r["N"], r["F"]): r["ms_per_call"] for r in records if r["policy"] == "tova"}
+    for r in records:
+        base = tova.get((r["device"], r["B"], r["N"], r["F"]))
+        r["x_tova"] = r["ms_per_call"] / base if base else float("nan")
+    return {"benchmark": "engine", "machine": machine(), "records": records}
+
+
+def table(payload: dict[str, Any]) -> str:
+    """Markdown table of the records."""
+    return markdown_table(payload["records"], ["policy", "device", "B", "N", "F", "R", "ms_per_call",
+                                               "session_steps_per_s", "x_tova"])
