@@ -147,6 +147,9 @@ def nexus_attention_forward(
     """
     if kwargs.get("sliding_window") or getattr(module, "sliding_window", None):
         raise NotImplementedError("nexus_capture does not implement sliding-window attention layers")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        # Silently ignoring these would change the model's outputs; refuse instead.
+        raise NotImplementedError("nexus_capture does not implement attention logit softcapping or sinks")
     b, h, q, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     rep = h // hkv

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"prompt {res.prompt_tokens} tokens, generated {len(res.token_ids)}, policy calls {res.policy_calls}")
     print(f"{'step':>6} {'cache':>6}")
     sizes = res.cache_sizes_over_time
-    stride = max(1, len(sizes) // 12)  # a small table: about a dozen rows
+    stride = max(1, -(-len(sizes) // 12))  # a small table: at most about a dozen rows
     for step, size in [*sizes[::stride], *([sizes[-1]] if sizes and (len(sizes) - 1) % stride else [])]:
         print(f"{step:>6} {size:>6}")
     total = sum(e.count for e in res.evictions)
