@@ -60,10 +60,10 @@ def test_empty_session_round_trip() -> None:
     assert back.to_bytes() == blob and back.config.tau == float("inf") and back.calls == 0
 
 
-@pytest.mark.parametrize("randomness", ["fixed", "per_call"])
+@pytest.mark.parametrize(("randomness", "pool"), [("fixed", 1), ("per_call", 1), ("fixed", 3)])
 @pytest.mark.parametrize("policy", sorted(POLICIES))
-def test_restore_continues_identically(policy: str, randomness: str) -> None:
-    original = _stream(policy, 2, randomness=randomness)
+def test_restore_continues_identically(policy: str, randomness: str, pool: int) -> None:
+    original = _stream(policy, 2, randomness=randomness, pool=pool)
     run_checked(original, 8)
     blob = original.engine.snapshot(original.handle).to_bytes()
 
