@@ -87,7 +87,8 @@ class PolicyConfig:
         if self.granularity == "token":
             return self.sinks + self.recent
         bs = self.block_size
-        sink_blocks = -(-self.sinks // bs)
+        # +1: the stream need not start on a block boundary, so the sinks may straddle one.
+        sink_blocks = (-(-self.sinks // bs) + 1) if self.sinks else 0
         recent_blocks = (-(-self.recent // bs) + 1) if self.recent else 0  # may straddle a boundary
         return (sink_blocks + recent_blocks) * bs
 

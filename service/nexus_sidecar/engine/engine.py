@@ -198,6 +198,10 @@ class Engine:
                     raise res
         return {h: out[h] for h in items}
 
+    def check(self, handle: int, inp: StepInput) -> None:
+        """Check an input's shapes and dtypes against the session (host only); raises InputError."""
+        self._check_shapes(self._session(handle), inp)
+
     def _check_shapes(self, s: _Session, inp: StepInput) -> None:
         G, F = s.cfg.groups, s.cfg.fanout
         pos = inp.new_positions
@@ -259,8 +263,9 @@ class Engine:
                 if u - c > hole_allowance(s.cfg.budget)]
         if todo:
             pool.compact(torch.tensor(todo, device=dev))
+            done = set(todo)
             for s in sessions:
-                s.used = list(s.counts)
+                s.used = [c if r in done else u for r, u, c in zip(s.rows, s.used, s.counts, strict=True)]
         return out
 
     def _split_bad(self, items: list[tuple[int, StepInput]], codes: list[int], G: list[int]

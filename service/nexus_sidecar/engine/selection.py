@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from nexus_sidecar.engine.config import MAX_SLOTS
 from nexus_sidecar.engine.hashing import uniforms
+from nexus_sidecar.engine.policies.base import SlotOrder
 
 INT64_MAX = torch.iinfo(torch.int64).max
 _SLOT_BITS = int(math.log2(MAX_SLOTS))
@@ -28,7 +29,8 @@ class Selection:
     need: torch.Tensor  # int64 [R]: slots that had to be removed (0 = under budget + slack)
 
 
-def span_pool(weight: torch.Tensor, cand: torch.Tensor, pool: int) -> torch.Tensor:
+def span_pool(weight: torch.Tensor, cand: torch.Tensor, pool: int, slot_order: SlotOrder | None = None
+              ) -> torch.Tensor:
     """Max-pool candidate weights over ``pool`` neighbouring slots (1 = identity).
 
     Protected and padding slots contribute 0, so a heavily attended sink cannot shield its
@@ -37,7 +39,10 @@ def span_pool(weight: torch.Tensor, cand: torch.Tensor, pool: int) -> torch.Tens
     w = torch.where(cand & (weight > 0), weight, torch.zeros_like(weight))
     if pool <= 1:
         return w
-    pooled = F.max_pool1d(w.unsqueeze(1), pool, stride=1, padding=pool // 2).squeeze(1)
+    def maxpool(x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool1d(x.unsqueeze(1), pool, stride=1, padding=pool // 2).squeeze(1)
+
+    pooled = maxpool(w) if slot_order is None else slot_order.apply(maxpool, w)
     return torch.where(cand, pooled, torch.zeros_like(pooled))
 
 
@@ -82,6 +87,7 @@ def select(
     pool: int,
     block_size: int | None,
     u: torch.Tensor | None = None,
+    slot_order: SlotOrder | None = None,
 ) -> Selection:
     """Choose evictions for every row of a batch.
 
@@ -98,7 +104,7 @@ def select(
         return Selection(evict=torch.zeros_like(valid), need=need)
 
     cand = valid & ~protected
-    w = span_pool(weight, cand, pool)
+    w = span_pool(weight, cand, pool, slot_order)
     if block_size is None:
         seg = None
         unit_w, unit_cand, unit_label = w, cand, slot_pos

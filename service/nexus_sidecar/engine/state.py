@@ -73,6 +73,13 @@ class SessionState:
     @classmethod
     def from_bytes(cls, blob: bytes) -> SessionState:
         """Parse a blob; raises :class:`StateError` on bad magic, version, size or checksum."""
+        try:
+            return cls._parse(blob)
+        except struct.error as exc:
+            raise StateError("state", f"blob ends early or is malformed: {exc}") from exc
+
+    @classmethod
+    def _parse(cls, blob: bytes) -> SessionState:
         if len(blob) < _HEAD.size + 4:
             raise StateError("state", f"blob of {len(blob)} bytes is too short")
         body, (crc,) = blob[:-4], struct.unpack("<I", blob[-4:])

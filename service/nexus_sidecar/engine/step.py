@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from nexus_sidecar.engine.hashing import uniforms
-from nexus_sidecar.engine.policies import Policy, ScoreContext
+from nexus_sidecar.engine.policies import Policy, ScoreContext, SlotOrder
 from nexus_sidecar.engine.pool import Rows, SessionPool
 from nexus_sidecar.engine.selection import INT64_MAX, select
 from nexus_sidecar.engine.walk import walk
@@ -87,7 +87,9 @@ def validate_rows(pool: SessionPool, rows: Rows, inp: RowInput, used_max: int) -
     tgt = inp.edge_pos.reshape(R, -1).contiguous()
     idx = torch.searchsorted(pos, tgt).clamp(max=width - 1)
     old_ok = (pos.gather(1, idx) == tgt) & alive.gather(1, idx)
-    new_idx = torch.searchsorted(inp.new_pos.contiguous(), tgt).clamp(max=K - 1)
+    # Rows are -1 padded on the right: make them sorted before searching.
+    new_sorted = torch.where(live, inp.new_pos, INT64_MAX).contiguous()
+    new_idx = torch.searchsorted(new_sorted, tgt).clamp(max=K - 1)
     new_ok = inp.new_pos.gather(1, new_idx) == tgt
     src = inp.new_pos.unsqueeze(-1).expand_as(inp.edge_pos).reshape(R, -1)
     ok = (tgt == -1) | ((old_ok | new_ok) & (tgt >= 0) & (tgt <= src))
@@ -159,7 +161,9 @@ def run_step(policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput, width
         def run_walk(d: torch.Tensor) -> torch.Tensor:
             return d
 
-    ctx = ScoreContext(attn=attn, last=last, memory=memory, age=age, valid=alive, cand=cand, walk=run_walk)
+    slot_order = SlotOrder(ext, alive, Wx)
+    ctx = ScoreContext(attn=attn, last=last, memory=memory, age=age, valid=alive, cand=cand, walk=run_walk,
+                       slot_order=slot_order)
     scores = policy.score(ctx)
     used = pool.used[rows.index]
     arena = torch.arange(width, device=dev).unsqueeze(0) < used.unsqueeze(1)
@@ -172,6 +176,7 @@ def run_step(policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput, width
         pool=cfg.pool,
         block_size=cfg.block_size if cfg.granularity == "block" else None,
         u=rows.get(pool.slot["u"], width) if token_fixed else None,
+        slot_order=slot_order,
     )
     keep = alive & ~sel.evict
     if scores.memory is not memory:

@@ -12,6 +12,28 @@ from nexus_sidecar.engine.config import PolicyConfig
 
 
 @dataclass
+class SlotOrder:
+    """Maps arena columns (with holes) to the call's slot order and back.
+
+    Anything that looks at *neighbours* (span pooling, SnapKV's window) must run in slot order:
+    in the arena, an evicted token's hole would sit between two live neighbours.
+    """
+
+    ext: torch.Tensor  # int64 [R, W]: slot index of each live arena column
+    alive: torch.Tensor  # bool [R, W]
+    width: int  # slots per row of the call (padded)
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``fn`` applied to ``x`` laid out in slot order (dead columns dropped, zero padded)."""
+        rows = x.shape[0]
+        dump = torch.where(self.alive, self.ext, self.width)
+        dense = torch.zeros(rows, self.width + 1, dtype=x.dtype, device=x.device).scatter_(1, dump, x)
+        out = fn(dense[:, : self.width])
+        back = out.gather(1, self.ext.clamp(0, self.width - 1))
+        return torch.where(self.alive, back, torch.zeros_like(back))
+
+
+@dataclass
 class ScoreContext:
     """Everything a policy may look at for one batched call (all tensors [R, W], padded).
 
@@ -27,6 +49,7 @@ class ScoreContext:
     valid: torch.Tensor
     cand: torch.Tensor
     walk: Callable[[torch.Tensor], torch.Tensor]
+    slot_order: SlotOrder
 
 
 @dataclass

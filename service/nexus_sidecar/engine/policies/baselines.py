@@ -63,10 +63,16 @@ class SnapKV(Policy):
     kernel: ClassVar[int] = 7
 
     def score(self, ctx: ScoreContext) -> Scores:
-        """Weight = avg-pooled window attention."""
-        pooled = F.avg_pool1d(ctx.attn.unsqueeze(1), self.kernel, stride=1, padding=self.kernel // 2,
-                              count_include_pad=False).squeeze(1)
-        return Scores(weight=pooled, memory=ctx.memory)
+        """Weight = window attention averaged over the live neighbours (in slot order)."""
+        k = self.kernel
+
+        def window_sum(x: torch.Tensor) -> torch.Tensor:
+            return F.avg_pool1d(x.unsqueeze(1), k, stride=1, padding=k // 2).squeeze(1) * k
+
+        # sum / count of live neighbours: independent of how much padding the batch adds.
+        total = ctx.slot_order.apply(window_sum, ctx.attn)
+        count = ctx.slot_order.apply(window_sum, ctx.valid.to(ctx.attn.dtype))
+        return Scores(weight=total / count.clamp(min=1.0), memory=ctx.memory)
 
 
 @register

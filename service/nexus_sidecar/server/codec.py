@@ -1,0 +1,100 @@
+"""Conversions between wire messages (nexus.v1) and engine objects, with precise errors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import torch
+from nexus_client.v1 import sidecar_pb2 as pb
+from nexus_client.wire import positions_checksum, tensor_from_proto, tensor_to_proto
+
+from nexus_sidecar.engine import PolicyConfig, StepInput, StepOutput
+from nexus_sidecar.server.errors import InvalidArgument
+
+_FLOAT_WIRE = (pb.D_TYPE_FLOAT16, pb.D_TYPE_FLOAT32)
+_INT_WIRE = (pb.D_TYPE_INT32, pb.D_TYPE_INT64)
+_RANDOMNESS = {pb.RANDOMNESS_FIXED: "fixed", pb.RANDOMNESS_PER_CALL: "per_call"}
+_GRANULARITY = {pb.GRANULARITY_TOKEN: "token", pb.GRANULARITY_BLOCK: "block"}
+_OPTIONAL_NUMBERS = ("budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma",
+                     "tau", "seed", "pool", "block_size")
+
+
+def config_from_proto(msg: pb.PolicyConfig, default_policy: str) -> PolicyConfig:
+    """Effective engine config: unset fields take the engine defaults. Validates (ConfigError)."""
+    values: dict[str, object] = {"policy": msg.policy or default_policy}
+    for name in _OPTIONAL_NUMBERS:
+        if msg.HasField(name):
+            value = getattr(msg, name)
+            if name == "seed":
+                value = value - (1 << 64) if value >= (1 << 63) else value  # uint64 on the wire
+            values[name] = value
+    if msg.randomness:
+        values["randomness"] = _RANDOMNESS.get(msg.randomness, str(msg.randomness))
+    if msg.granularity:
+        values["granularity"] = _GRANULARITY.get(msg.granularity, str(msg.granularity))
+    return PolicyConfig(**values).validate()  # type: ignore[arg-type]
+
+
+def config_to_proto(cfg: PolicyConfig) -> pb.PolicyConfig:
+    """Every field set explicitly (the effective config)."""
+    msg = pb.PolicyConfig(policy=cfg.policy)
+    for f in fields(cfg):
+        if f.name in _OPTIONAL_NUMBERS:
+            value = getattr(cfg, f.name)
+            if f.name == "seed":
+                value &= (1 << 64) - 1
+            setattr(msg, f.name, value)
+    msg.randomness = {v: k for k, v in _RANDOMNESS.items()}[cfg.randomness]
+    msg.granularity = {v: k for k, v in _GRANULARITY.items()}[cfg.granularity]
+    return msg
+
+
+def _tensor(step: pb.SessionStep, name: str, allowed: tuple[int, ...], what: str) -> torch.Tensor:
+    if not step.HasField(name):
+        raise InvalidArgument(f"steps[{step.session_id}].{name}", "is required")
+    msg = getattr(step, name)
+    if msg.dtype not in allowed:
+        raise InvalidArgument(f"steps[{step.session_id}].{name}",
+                              f"dtype {pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else msg.dtype} "
+                              f"not allowed; {what}")
+    return tensor_from_proto(msg, field=f"steps[{step.session_id}].{name}")
+
+
+def step_input(step: pb.SessionStep) -> StepInput:
+    """Decode one SessionStep's tensors (shape checks against the session are the engine's)."""
+    pos = _tensor(step, "new_positions", _INT_WIRE, "expected int32 or int64").to(torch.int64)
+    attn = _tensor(step, "attn", _FLOAT_WIRE, "expected float16 or float32").to(torch.float32)
+    last = _tensor(step, "last", _FLOAT_WIRE, "expected float16 or float32").to(torch.float32)
+    eidx = _tensor(step, "edge_index", _INT_WIRE, "expected int32 or int64").to(torch.int64)
+    ew = _tensor(step, "edge_weight", _FLOAT_WIRE, "expected float16 or float32").to(torch.float32)
+    return StepInput(pos, attn, last, eidx, ew)
+
+
+def session_result(session_id: str, step: int, out: StepOutput, checksum: int) -> pb.SessionResult:
+    """Encode an engine output (keep mask + evicted positions per group)."""
+    out = out.cpu()
+    evicted = [pb.GroupEvictions(group=g, positions=tensor_to_proto(p.to(torch.int32)))
+               for g, p in enumerate(out.evicted)]
+    return pb.SessionResult(
+        session_id=session_id, step=step, keep=tensor_to_proto(out.keep, torch.bool), evicted=evicted,
+        retained_count=sum(out.retained), retained_checksum=checksum,
+    )
+
+
+def checksum_after(before: int, groups: int, new_positions: torch.Tensor, out: StepOutput) -> int:
+    """Running checksum: it is a sum of per-position hashes, so add the new and subtract the evicted."""
+    added = groups * positions_checksum(new_positions)
+    removed = sum(positions_checksum(p) for p in out.cpu().evicted)
+    return (before + added - removed) & 0xFFFFFFFF
+
+
+def weight_summary(weights: torch.Tensor) -> pb.WeightSummary:
+    """min/max/mean/p50/p90 of a group's weights (zeros when empty)."""
+    if weights.numel() == 0:
+        return pb.WeightSummary()
+    w = weights.to(torch.float64)
+    q = torch.quantile(w, torch.tensor([0.5, 0.9], dtype=torch.float64))
+    vals = [float(w.min()), float(w.max()), float(w.mean()), float(q[0]), float(q[1])]
+    vals = [0.0 if math.isnan(v) else v for v in vals]
+    return pb.WeightSummary(min=vals[0], max=vals[1], mean=vals[2], p50=vals[3], p90=vals[4])

@@ -1,0 +1,65 @@
+"""Prometheus metrics of the sidecar. Labels are bounded: tenant, policy, rpc, code, op,
+outcome. Session ids never become labels (unbounded cardinality)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LAT = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_AGE = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
+_FRAC = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class Metrics:
+    """All metrics of one server, in their own registry (several servers can share a process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.request_seconds = Histogram("nexus_request_duration_seconds", "gRPC request duration",
+                                         ["rpc", "code"], buckets=_LAT, registry=r)
+        self.queue_seconds = Histogram("nexus_queue_wait_seconds", "Time a session step waited for its batch",
+                                       buckets=_LAT, registry=r)
+        self.compute_seconds = Histogram("nexus_engine_compute_seconds", "Engine time per batched call",
+                                         ["device"], buckets=_LAT, registry=r)
+        self.batch_sessions = Histogram("nexus_batch_sessions", "Sessions per batched engine call",
+                                        buckets=_BATCH, registry=r)
+        self.queue_depth = Gauge("nexus_queue_depth", "Session steps waiting in the micro-batcher", registry=r)
+        self.tokens_seen = Counter("nexus_tokens_seen_total", "Tokens appended to sessions",
+                                   ["tenant", "policy"], registry=r)
+        self.tokens_evicted = Counter("nexus_tokens_evicted_total", "Token slots evicted (summed over groups)",
+                                      ["tenant", "policy"], registry=r)
+        self.tokens_retained = Gauge("nexus_tokens_retained", "Token slots held by hot sessions (summed over groups)",
+                                     ["tenant", "policy"], registry=r)
+        self.retention_ratio = Histogram("nexus_step_retention_ratio",
+                                         "Kept slots / slots per step (after the eviction)",
+                                         ["tenant", "policy"], buckets=_FRAC, registry=r)
+        self.retained_mass = Histogram("nexus_retained_attention_mass",
+                                       "Share of a step's attention mass on slots that were kept",
+                                       ["tenant", "policy"], buckets=_FRAC, registry=r)
+        self.eviction_age = Histogram("nexus_evicted_token_age_calls", "Age (in calls) of tokens at eviction",
+                                      ["policy"], buckets=_AGE, registry=r)
+        self.sessions_open = Gauge("nexus_sessions_open", "Hot sessions", ["tenant"], registry=r)
+        self.sessions_opened = Counter("nexus_sessions_opened_total", "Sessions opened", ["tenant"], registry=r)
+        self.sessions_resumed = Counter("nexus_sessions_resumed_total", "Sessions resumed from the store",
+                                        ["tenant"], registry=r)
+        self.sessions_closed = Counter("nexus_sessions_closed_total", "Sessions closed", ["tenant"], registry=r)
+        self.sessions_expired = Counter("nexus_sessions_expired_total", "Hot sessions unloaded after idling",
+                                        ["tenant"], registry=r)
+        self.store_seconds = Histogram("nexus_store_operation_seconds", "State store operation latency",
+                                       ["op", "outcome"], buckets=_LAT, registry=r)
+        self.store_errors = Counter("nexus_store_errors_total", "State store failures", ["op"], registry=r)
+        self.store_cas_conflicts = Counter("nexus_store_cas_conflicts_total",
+                                           "Checkpoints refused because the store holds a newer step", registry=r)
+        self.degraded = Gauge("nexus_degraded", "1 while the state store is unreachable (serving from hot state)",
+                              registry=r)
+        self.steps_rejected = Counter("nexus_steps_rejected_total", "Session steps answered with an error",
+                                      ["tenant", "code"], registry=r)
+
+    def on_store_op(self, op: str, seconds: float, outcome: str) -> None:
+        """The stores' ``on_op`` hook."""
+        self.store_seconds.labels(op, outcome).observe(seconds)
+        if outcome in ("error", "unavailable"):
+            self.store_errors.labels(op).inc()
+        if outcome == "conflict":
+            self.store_cas_conflicts.inc()

@@ -1,0 +1,104 @@
+"""The gRPC servicer of ``nexus.v1.EvictionService``: authentication, then the session layer.
+
+Every handler goes through :meth:`EvictionServicer._call`, which authenticates, times the
+request, and maps any exception to a status code (``errors.to_status``) in one place.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from nexus_client.v1 import sidecar_pb2 as pb
+from nexus_client.v1 import sidecar_pb2_grpc as pb_grpc
+
+from nexus_sidecar.engine import POLICIES, PolicyConfig
+from nexus_sidecar.server import codec
+from nexus_sidecar.server.auth import KeyRing, Principal
+from nexus_sidecar.server.errors import Draining, to_status
+from nexus_sidecar.server.metrics import Metrics
+from nexus_sidecar.server.sessions import SessionManager
+
+T = TypeVar("T")
+
+
+class EvictionServicer(pb_grpc.EvictionServiceServicer):
+    """Implements the five RPCs on top of a :class:`SessionManager`."""
+
+    def __init__(self, sessions: SessionManager, keys: KeyRing, metrics: Metrics) -> None:
+        self.sessions = sessions
+        self.keys = keys
+        self.metrics = metrics
+        self.draining = False
+
+    async def _call(self, rpc: str, context: grpc.aio.ServicerContext, write: bool,
+                    body: Callable[[Principal], Awaitable[T]]) -> T:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            metadata = dict(context.invocation_metadata() or ())
+            principal = self.keys.authenticate(metadata.get("authorization"))
+            if write:
+                principal.require_write()
+                if self.draining:
+                    raise Draining()
+            return await body(principal)
+        except Exception as exc:  # one place maps every error to a status code
+            code, message = to_status(exc)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+        finally:
+            self.metrics.request_seconds.labels(rpc, code.name).observe(time.perf_counter() - start)
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    async def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.OpenSessionResponse:
+        """Open (or re-open with the same config) a session."""
+        async def body(p: Principal) -> pb.OpenSessionResponse:
+            cfg = codec.config_from_proto(request.config, self.sessions.settings.default_policy)
+            hs = await self.sessions.open(p.tenant, request.session_id, cfg)
+            return pb.OpenSessionResponse(session_id=hs.session_id, config=codec.config_to_proto(hs.cfg), step=hs.step)
+
+        return await self._call("OpenSession", context, True, body)
+
+    async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
+        """One step for each of many sessions."""
+        async def body(p: Principal) -> pb.StepResponse:
+            results = await self.sessions.step_many(p.tenant, list(request.steps), self._deadline(context))
+            return pb.StepResponse(results=results)
+
+        return await self._call("Step", context, True, body)
+
+    async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.CloseSessionResponse:
+        """Close a session and delete its durable state."""
+        async def body(p: Principal) -> pb.CloseSessionResponse:
+            return pb.CloseSessionResponse(step=await self.sessions.close(p.tenant, request.session_id))
+
+        return await self._call("CloseSession", context, True, body)
+
+    async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.GetSessionResponse:
+        """Retention snapshot."""
+        async def body(p: Principal) -> pb.GetSessionResponse:
+            return await self.sessions.describe(p.tenant, request.session_id, request.include_weights)
+
+        return await self._call("GetSession", context, False, body)
+
+    async def ListPolicies(self, request: pb.ListPoliciesRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.ListPoliciesResponse:
+        """Registered policies with their default configs."""
+        async def body(p: Principal) -> pb.ListPoliciesResponse:
+            infos = []
+            for name, cls in sorted(POLICIES.items()):
+                cfg = PolicyConfig(policy=name).validate()
+                infos.append(pb.PolicyInfo(name=name, description=cls.description,
+                                           defaults=codec.config_to_proto(cfg)))
+            return pb.ListPoliciesResponse(policies=infos)
+
+        return await self._call("ListPolicies", context, False, body)

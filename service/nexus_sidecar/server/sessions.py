@@ -1,0 +1,372 @@
+"""The session layer: hot sessions on the engine's device, durable checkpoints in the store.
+
+All engine access runs on one dedicated thread (the engine is not thread-safe and must not
+block the event loop). Each session has a lock, so at most one of its steps is in flight:
+per-session order holds, and a batch never carries two steps of one session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from nexus_client.v1 import sidecar_pb2 as pb
+from nexus_client.wire import positions_checksum, tensor_to_proto
+
+from nexus_sidecar.engine import Engine, EngineError, PolicyConfig, StepInput, StepOutput
+from nexus_sidecar.server import codec
+from nexus_sidecar.server.batcher import Job, MicroBatcher
+from nexus_sidecar.server.checkpoint import Checkpoint
+from nexus_sidecar.server.errors import (
+    InvalidArgument,
+    QuotaExceeded,
+    SessionConflict,
+    SessionNotFound,
+    StateMismatch,
+    StepOutOfOrder,
+)
+from nexus_sidecar.server.metrics import Metrics
+from nexus_sidecar.server.settings import ServerSettings
+from nexus_sidecar.server.stores import StateStore, StoreUnavailable, validate_id
+
+log = logging.getLogger("nexus_sidecar.sessions")
+T = TypeVar("T")
+
+
+@dataclass
+class _Planned:
+    """A validated step waiting for the engine."""
+
+    inp: StepInput
+    digest: bytes
+
+
+@dataclass
+class HotSession:
+    """A session whose state is in the engine's pool."""
+
+    tenant: str
+    session_id: str
+    handle: int
+    cfg: PolicyConfig
+    step: int = 0
+    checksum: int = 0  # positions_checksum of retained positions, summed over groups
+    count: int = 0  # retained slots, summed over groups
+    digest: bytes = b""  # sha256 of the last applied SessionStep (idempotent retries)
+    last_result: bytes = b""
+    checkpointed_step: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def dirty(self) -> bool:
+        """True when steps were applied since the last successful checkpoint."""
+        return self.step > self.checkpointed_step
+
+
+class SessionManager:
+    """Opens, steps, checkpoints, resumes and closes sessions for every tenant."""
+
+    def __init__(self, engine: Engine, store: StateStore, settings: ServerSettings, metrics: Metrics) -> None:
+        self.engine = engine
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-engine")
+        self._hot: dict[tuple[str, str], HotSession] = {}
+        self._loading: dict[tuple[str, str], asyncio.Future[HotSession]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self.batcher = MicroBatcher(self._run_batch, metrics, max_batch=settings.max_batch,
+                                    max_delay_us=settings.max_delay_us, queue_size=settings.queue_size)
+
+    # -- plumbing -----------------------------------------------------------------------------
+    async def on_engine(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` on the engine thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def _run_batch(self, items: dict[int, StepInput]) -> dict[int, StepOutput | EngineError]:
+        def run() -> tuple[dict[int, StepOutput | EngineError], float]:
+            t0 = time.perf_counter()
+            outs = self.engine.step(items, raise_errors=False)
+            outs = {h: (o.cpu() if isinstance(o, StepOutput) else o) for h, o in outs.items()}
+            return outs, time.perf_counter() - t0
+
+        outs, seconds = await self.on_engine(run)
+        self.metrics.compute_seconds.labels(self.engine.device.type).observe(seconds)
+        return outs
+
+    def start(self) -> None:
+        """Start the batcher and the idle-session reaper."""
+        self.batcher.start()
+        self._spawn(self._reap_idle())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def shutdown(self) -> None:
+        """Finish in-flight steps, checkpoint every dirty session, release the engine thread."""
+        await self.batcher.close()
+        for task in list(self._background):
+            task.cancel()
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.checkpoint_all()
+        self._executor.shutdown(wait=True)
+
+    def hot_sessions(self, tenant: str | None = None) -> list[HotSession]:
+        """Hot sessions (of one tenant, or all)."""
+        return [hs for (t, _), hs in self._hot.items() if tenant is None or t == tenant]
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def open(self, tenant: str, session_id: str, cfg: PolicyConfig) -> HotSession:
+        """Open a session; opening an existing id with the same config returns it (idempotent)."""
+        validate_id("session_id", session_id)
+        if self.settings.max_budget and cfg.budget > self.settings.max_budget:
+            raise QuotaExceeded(f"budget {cfg.budget} exceeds this server's max_budget {self.settings.max_budget}")
+        try:
+            hs = await self.get(tenant, session_id)
+        except SessionNotFound:
+            hs = None
+        if hs is not None:
+            if hs.cfg != cfg:
+                raise SessionConflict(f"session {session_id!r} already exists with a different config "
+                                      f"({hs.cfg.to_json()}); close it first or use another id")
+            return hs
+        quota = self.settings.max_sessions_per_tenant
+        if quota and len(self.hot_sessions(tenant)) >= quota:
+            raise QuotaExceeded(f"tenant {tenant!r} already has {quota} open sessions (max_sessions_per_tenant)")
+        handle = await self.on_engine(self.engine.open, cfg)
+        hs = HotSession(tenant, session_id, handle, cfg)
+        self._hot[(tenant, session_id)] = hs
+        self.metrics.sessions_opened.labels(tenant).inc()
+        self.metrics.sessions_open.labels(tenant).set(len(self.hot_sessions(tenant)))
+        return hs
+
+    async def get(self, tenant: str, session_id: str) -> HotSession:
+        """The hot session, resuming it from the store when another process checkpointed it."""
+        validate_id("session_id", session_id)
+        key = (tenant, session_id)
+        hs = self._hot.get(key)
+        if hs is not None:
+            hs.last_used = time.monotonic()
+            return hs
+        pending = self._loading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[HotSession] = asyncio.get_running_loop().create_future()
+        self._loading[key] = fut
+        try:
+            hs = await self._resume(tenant, session_id)
+            fut.set_result(hs)
+            return hs
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: concurrent waiters re-raise it themselves
+            raise
+        finally:
+            del self._loading[key]
+
+    async def _resume(self, tenant: str, session_id: str) -> HotSession:
+        stored = await self.store.get(tenant, session_id)
+        if stored is None:
+            raise SessionNotFound(session_id)
+        cp = Checkpoint.from_bytes(stored.blob)
+        handle = await self.on_engine(self.engine.restore, cp.state)
+        hs = HotSession(tenant, session_id, handle, cp.state.config, step=cp.step, checksum=cp.checksum,
+                        count=sum(g.pos.numel() for g in cp.state.groups), digest=cp.digest,
+                        last_result=cp.last_result, checkpointed_step=cp.step)
+        self._hot[(tenant, session_id)] = hs
+        self.metrics.sessions_resumed.labels(tenant).inc()
+        self.metrics.sessions_open.labels(tenant).set(len(self.hot_sessions(tenant)))
+        log.info("resumed session %s/%s at step %d from the store", tenant, session_id, cp.step)
+        return hs
+
+    async def close(self, tenant: str, session_id: str) -> int:
+        """Drop a session's hot and durable state; returns its last step."""
+        hs = await self.get(tenant, session_id)
+        async with hs.lock:
+            await self._unload(hs)
+            await self.store.delete(tenant, session_id)
+        self.metrics.sessions_closed.labels(tenant).inc()
+        return hs.step
+
+    async def _unload(self, hs: HotSession) -> None:
+        key = (hs.tenant, hs.session_id)
+        if self._hot.get(key) is hs:
+            del self._hot[key]
+            await self.on_engine(self.engine.close, hs.handle)
+            self.metrics.sessions_open.labels(hs.tenant).set(len(self.hot_sessions(hs.tenant)))
+            seen_policy = self.metrics.tokens_retained.labels(hs.tenant, hs.cfg.policy)
+            seen_policy.dec(hs.count)
+
+    # -- stepping -----------------------------------------------------------------------------
+    async def step_many(self, tenant: str, steps: list[pb.SessionStep], deadline: float | None
+                        ) -> list[pb.SessionResult]:
+        """Apply one step to each session. Every step is validated before any is applied."""
+        if not steps:
+            raise InvalidArgument("steps", "is empty")
+        ids = [s.session_id for s in steps]
+        dupes = {i for i in ids if ids.count(i) > 1}
+        if dupes:
+            raise InvalidArgument("steps", f"session {sorted(dupes)[0]!r} appears more than once in one request")
+        sessions = [await self.get(tenant, sid) for sid in ids]
+        ordered = sorted(sessions, key=lambda h: h.session_id)  # fixed order: no lock-order deadlock
+        async with contextlib.AsyncExitStack() as stack:
+            for hs in ordered:
+                await stack.enter_async_context(hs.lock)
+            plans = [self._plan(hs, st) for hs, st in zip(sessions, steps, strict=True)]
+            jobs = [self.batcher.submit(Job(hs.handle, plan.inp, tenant, deadline))
+                    for hs, plan in zip(sessions, plans, strict=True) if isinstance(plan, _Planned)]
+            outs = iter(await asyncio.gather(*jobs, return_exceptions=True))
+            results: list[pb.SessionResult] = []
+            first_error: BaseException | None = None
+            for hs, st, plan in zip(sessions, steps, plans, strict=True):
+                if isinstance(plan, pb.SessionResult):
+                    results.append(plan)
+                    continue
+                out = next(outs)
+                if isinstance(out, BaseException):
+                    first_error = first_error or _named(out, st.session_id)
+                    continue
+                results.append(self._commit(hs, st, plan, out))
+        if first_error is not None:
+            raise first_error
+        return results
+
+    def _plan(self, hs: HotSession, st: pb.SessionStep) -> _Planned | pb.SessionResult:
+        """Check order and worker state; return the cached answer of a retry, or the engine input."""
+        digest = hashlib.sha256(st.SerializeToString(deterministic=True)).digest()
+        if st.step == hs.step and hs.step > 0 and hs.last_result:
+            if digest != hs.digest:
+                raise StepOutOfOrder(hs.session_id, st.step, hs.step + 1,
+                                     note="it was already applied with a different payload")
+            result = pb.SessionResult()
+            result.ParseFromString(hs.last_result)
+            return result
+        if st.step != hs.step + 1:
+            raise StepOutOfOrder(hs.session_id, st.step, hs.step + 1)
+        if st.retained_count != hs.count or st.retained_checksum != hs.checksum:
+            raise StateMismatch(
+                f"session {hs.session_id!r} before step {st.step}: worker holds {st.retained_count} tokens "
+                f"(checksum {st.retained_checksum:#010x}), sidecar holds {hs.count} (checksum {hs.checksum:#010x}) "
+                f"at step {hs.step}; the worker's cache and the sidecar's state diverged (failover to an older "
+                "checkpoint?). Reopen the session or rebuild the worker's cache.")
+        inp = codec.step_input(st)
+        self.engine.check(hs.handle, inp)  # shapes: host-only, safe while the session is locked
+        hs.last_used = time.monotonic()
+        return _Planned(inp, digest)
+
+    def _commit(self, hs: HotSession, st: pb.SessionStep, plan: _Planned, out: StepOutput | EngineError
+                ) -> pb.SessionResult:
+        if isinstance(out, EngineError):
+            self.metrics.steps_rejected.labels(hs.tenant, "INVALID_ARGUMENT").inc()
+            raise _named(out, hs.session_id)
+        G, inp = hs.cfg.groups, plan.inp
+        checksum = codec.checksum_after(hs.checksum, G, inp.new_positions, out)
+        result = codec.session_result(hs.session_id, st.step, out, checksum)
+        before = hs.count
+        hs.step, hs.checksum, hs.count = st.step, checksum, result.retained_count
+        hs.digest, hs.last_result = plan.digest, result.SerializeToString()
+        m, labels = self.metrics, (hs.tenant, hs.cfg.policy)
+        k = inp.new_positions.numel()
+        m.tokens_seen.labels(*labels).inc(k)
+        evicted = before + G * k - hs.count
+        m.tokens_evicted.labels(*labels).inc(evicted)
+        m.tokens_retained.labels(*labels).inc(hs.count - before)
+        m.retention_ratio.labels(*labels).observe(hs.count / max(1, before + G * k))
+        for mass in out.retained_mass.tolist():
+            m.retained_mass.labels(*labels).observe(mass)
+        if evicted:
+            ages = out.evicted_age[out.evicted_age > 0]
+            hist = m.eviction_age.labels(hs.cfg.policy)
+            for age in ages.tolist():
+                hist.observe(age)
+        every = self.settings.checkpoint_every
+        if every and hs.step - hs.checkpointed_step >= every:
+            self._spawn(self.checkpoint(hs))
+        return result
+
+    # -- durability ---------------------------------------------------------------------------
+    async def checkpoint(self, hs: HotSession) -> bool:
+        """Write the session's state to the store (CAS on its step). False if refused or failed."""
+        async with hs.lock:
+            if not hs.dirty or (hs.tenant, hs.session_id) not in self._hot:
+                return True
+            state = await self.on_engine(self.engine.snapshot, hs.handle)
+            step = hs.step
+            blob = Checkpoint(step, hs.checksum, hs.digest, hs.last_result, state).to_bytes()
+        try:
+            written = await self.store.put(hs.tenant, hs.session_id, step, blob)
+        except StoreUnavailable as exc:
+            self.metrics.degraded.set(1)
+            log.warning("checkpoint of %s/%s failed: %s (serving from hot state)", hs.tenant, hs.session_id, exc)
+            return False
+        self.metrics.degraded.set(0)
+        if written:
+            hs.checkpointed_step = max(hs.checkpointed_step, step)
+        else:
+            log.warning("checkpoint of %s/%s at step %d refused: the store holds a newer step (another replica "
+                        "owns this session)", hs.tenant, hs.session_id, step)
+        return written
+
+    async def checkpoint_all(self) -> int:
+        """Checkpoint every dirty hot session; returns how many were written."""
+        results = await asyncio.gather(*(self.checkpoint(hs) for hs in list(self._hot.values()) if hs.dirty))
+        return sum(bool(r) for r in results)
+
+    async def _reap_idle(self) -> None:
+        period = min(30.0, self.settings.idle_session_s / 2)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for hs in list(self._hot.values()):
+                idle = now - hs.last_used > self.settings.idle_session_s and not hs.lock.locked()
+                if idle and await self.checkpoint(hs):
+                    async with hs.lock:
+                        await self._unload(hs)
+                    self.metrics.sessions_expired.labels(hs.tenant).inc()
+
+    # -- inspection ---------------------------------------------------------------------------
+    async def describe(self, tenant: str, session_id: str, include_weights: bool = False) -> pb.GetSessionResponse:
+        """Retention snapshot of one session."""
+        hs = await self.get(tenant, session_id)
+        async with hs.lock:
+            positions = await self.on_engine(self.engine.positions, hs.handle)
+            weights = await self.on_engine(self.engine.memory, hs.handle)
+            seen, evicted = self.engine.stats(hs.handle)
+        groups = []
+        for g, (p, w) in enumerate(zip(positions, weights, strict=True)):
+            gr = pb.GroupRetention(group=g, positions=tensor_to_proto(p.to(torch.int32)),
+                                   weight_summary=codec.weight_summary(w))
+            if include_weights:
+                gr.weights.CopyFrom(tensor_to_proto(w.to(torch.float32)))
+            groups.append(gr)
+        return pb.GetSessionResponse(
+            session_id=session_id, config=codec.config_to_proto(hs.cfg), step=hs.step, groups=groups,
+            tokens_seen=seen, tokens_evicted=evicted, retained_count=hs.count,
+            retained_checksum=sum(positions_checksum(p) for p in positions) & 0xFFFFFFFF,
+        )
+
+    async def list_ids(self, tenant: str) -> list[str]:
+        """Hot and stored session ids of a tenant (sorted)."""
+        stored = await self.store.list(tenant)
+        return sorted(set(stored) | {hs.session_id for hs in self.hot_sessions(tenant)})
+
+
+def _named(exc: BaseException, session_id: str) -> BaseException:
+    """Prefix an engine field error with the session it came from (message only)."""
+    if isinstance(exc, EngineError) and hasattr(exc, "field") and not str(exc).startswith("steps["):
+        exc.args = (f"steps[{session_id}].{exc}",)
+    return exc

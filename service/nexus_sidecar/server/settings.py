@@ -1,0 +1,84 @@
+"""Server configuration: flags > environment (``NEXUS_*``) > an optional TOML/JSON file > defaults.
+
+Validated once at the edge (pydantic); printed at start-up with secrets redacted.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """Every knob of ``nexus-sidecar serve``."""
+
+    model_config = SettingsConfigDict(env_prefix="NEXUS_", extra="forbid")
+
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    uds: str | None = None  # also listen on a unix socket (same-pod workers)
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8080, ge=0, le=65535)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    store: str = "memory"  # memory | redis://... | rediss://... | redis+cluster://...
+    store_ttl_s: float = Field(3600.0, gt=0)
+    store_timeout_s: float = Field(2.0, gt=0)
+    checkpoint_every: int = Field(16, ge=0)  # steps between checkpoints (0 = on close/shutdown only)
+    idle_session_s: float = Field(900.0, gt=0)  # hot sessions idle this long are checkpointed and unloaded
+    max_batch: int = Field(64, ge=1, le=4096)
+    max_delay_us: int = Field(500, ge=0, le=1_000_000)
+    queue_size: int = Field(4096, ge=1)
+    keys_file: Path | None = None
+    max_message_mb: int = Field(64, ge=1, le=2047)
+    keepalive_s: float = Field(30.0, gt=0)
+    max_connection_age_s: float = Field(600.0, gt=0)
+    shutdown_grace_s: float = Field(10.0, ge=0)
+    default_policy: str = "nexus"
+    # Per-tenant quotas (0 = unlimited); the quotas issue refines these.
+    max_sessions_per_tenant: int = Field(0, ge=0)
+    max_budget: int = Field(0, ge=0)
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, v: str) -> str:
+        if v == "memory" or v.split("://", 1)[0] in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+            return v
+        raise ValueError("must be 'memory' or a redis://, rediss:// or redis+cluster:// URL")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v in ("auto", "cpu") or v == "cuda" or v.startswith("cuda:"):
+            return v
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings as a dict with passwords in URLs hidden (for the start-up log)."""
+        data = self.model_dump(mode="json")
+        parts = urlsplit(self.store)
+        if parts.password:
+            netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+            data["store"] = urlunsplit(parts._replace(netloc=netloc))
+        return data
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> ServerSettings:
+    """Build settings from an optional TOML/JSON file, the environment, and explicit overrides.
+
+    Overrides (from flags) win over the environment, which wins over the file.
+    """
+    file_values: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        text = path.read_text()
+        file_values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    env_only = ServerSettings()  # reads NEXUS_* variables
+    env_set = {k: getattr(env_only, k) for k in env_only.model_fields_set}
+    merged = {**file_values, **env_set, **{k: v for k, v in overrides.items() if v is not None}}
+    return ServerSettings(**merged)
