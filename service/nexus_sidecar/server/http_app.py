@@ -62,20 +62,24 @@ class Closed(BaseModel):
     step: int
 
 
+def _principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    """The caller, from the same API keys as gRPC."""
+    return request.app.state.sidecar.keys.authenticate(authorization)
+
+
+Caller = Annotated[Principal, Depends(_principal)]
+
+
 def build_app(sidecar: Sidecar) -> FastAPI:
     """The FastAPI app bound to a running sidecar."""
     app = FastAPI(title="Nexus eviction sidecar", version="1.0",
                   description="Health, metrics and tenant-scoped session inspection of the eviction sidecar.")
+    app.state.sidecar = sidecar
 
     @app.exception_handler(Exception)
     async def _errors(request: Request, exc: Exception) -> JSONResponse:
         code, message = to_status(exc)
         return JSONResponse({"error": code.name, "message": message}, status_code=http_status(code))
-
-    def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
-        return sidecar.keys.authenticate(authorization)
-
-    Caller = Annotated[Principal, Depends(principal)]
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, str]:
