@@ -1,0 +1,59 @@
+"""Turning a worker's per-call summary (torch tensors) into a ``SessionStep`` and back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nexus_client.v1 import sidecar_pb2 as pb
+from nexus_client.wire import positions_checksum, tensor_from_proto, tensor_to_proto
+
+
+@dataclass
+class WorkerSession:
+    """The worker's side of a session: the next step number and what it holds.
+
+    ``retained_count``/``retained_checksum`` describe the tokens the worker holds *before* the
+    next step (summed over groups); the sidecar refuses a step when they disagree with its state.
+    """
+
+    session_id: str
+    groups: int
+    step: int = 0
+    retained_count: int = 0
+    retained_checksum: int = 0
+    positions: list[torch.Tensor] = field(default_factory=list)
+
+    def apply(self, result: pb.SessionResult) -> None:
+        """Advance after a successful step."""
+        self.step = result.step
+        self.retained_count = result.retained_count
+        self.retained_checksum = result.retained_checksum
+
+
+def pack_step(ws: WorkerSession, new_positions: torch.Tensor, attn: torch.Tensor, last: torch.Tensor,
+              edge_pos: torch.Tensor, edge_w: torch.Tensor, *, float_dtype: torch.dtype = torch.float32,
+              step: int | None = None) -> pb.SessionStep:
+    """The wire message for the worker's next step (or ``step`` for a retry)."""
+    return pb.SessionStep(
+        session_id=ws.session_id, step=ws.step + 1 if step is None else step,
+        retained_count=ws.retained_count, retained_checksum=ws.retained_checksum,
+        new_positions=tensor_to_proto(new_positions.to(torch.int32), field="new_positions"),
+        attn=tensor_to_proto(attn, float_dtype, field="attn"),
+        last=tensor_to_proto(last, float_dtype, field="last"),
+        edge_index=tensor_to_proto(edge_pos.to(torch.int32), field="edge_index"),
+        edge_weight=tensor_to_proto(edge_w, float_dtype, field="edge_weight"),
+    )
+
+
+def unpack_result(result: pb.SessionResult) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(keep mask bool [G, n + k], evicted positions per group as int64)."""
+    keep = tensor_from_proto(result.keep, field="keep").to(torch.bool)
+    evicted = [tensor_from_proto(g.positions, field="evicted").to(torch.int64) for g in result.evicted]
+    return keep, evicted
+
+
+def checksum_of(positions: list[torch.Tensor]) -> int:
+    """The sidecar's retained-positions checksum of a worker's groups."""
+    return sum(positions_checksum(p) for p in positions) & 0xFFFFFFFF
