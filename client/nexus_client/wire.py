@@ -118,17 +118,7 @@ def tensor_from_proto(msg: pb.Tensor, *, field: str) -> torch.Tensor:
 
 
 _MASK32 = 0xFFFFFFFF
-
-
-def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    """(h * c) mod 2^32 for h in [0, 2^32), in int64 without overflow.
-
-    A direct int64 product could reach 2^64 and overflow; split ``c`` into 16-bit halves so
-    every partial product stays below 2^48.
-    """
-    lo = h * (c & 0xFFFF)
-    hi = ((h * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & _MASK32
+_M = np.uint64(_MASK32)
 
 
 def positions_checksum(pos: torch.Tensor) -> int:
@@ -143,12 +133,13 @@ def positions_checksum(pos: torch.Tensor) -> int:
     """
     if pos.dtype.is_floating_point or pos.dtype == torch.bool or pos.is_complex():
         raise WireError("positions", f"positions must be integers, got {pos.dtype}")
-    h = pos.detach().reshape(-1).to(torch.int64) & _MASK32
-    h = (h + 0x9E3779B9) & _MASK32
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    h = h ^ (h >> 16)
-    # Sum of up to 2^31 values < 2^32 stays below 2^63: no int64 overflow before the mod.
-    return int(h.sum().item()) & _MASK32
+    # numpy uint64 arithmetic wraps mod 2^64, so the 32-bit products below are exact after the
+    # mask; for the small per-step arrays numpy is ~10x cheaper per op than torch.
+    h = (pos.detach().reshape(-1).to("cpu", torch.int64).numpy().astype(np.uint64) & _M) + np.uint64(0x9E3779B9)
+    h &= _M
+    h ^= h >> np.uint64(16)
+    h = (h * np.uint64(0x85EBCA6B)) & _M
+    h ^= h >> np.uint64(13)
+    h = (h * np.uint64(0xC2B2AE35)) & _M
+    h ^= h >> np.uint64(16)
+    return int(h.sum(dtype=np.uint64)) & _MASK32

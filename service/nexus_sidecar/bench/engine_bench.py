@@ -104,3 +104,32 @@ def table(payload: dict[str, Any]) -> str:
     """Markdown table of the records."""
     return markdown_table(payload["records"], ["policy", "device", "B", "N", "F", "R", "ms_per_call",
                                                "session_steps_per_s", "x_tova"])
+
+
+def plot(payload: dict[str, Any], path: str) -> None:
+    """Session-steps/s vs batch size at the largest N (F=8, R=2 for walk policies), per device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = payload["records"]
+    n_max = max(r["N"] for r in recs)
+    devices = sorted({r["device"] for r in recs})
+    fig, axes = plt.subplots(1, len(devices), figsize=(6 * len(devices), 4), squeeze=False)
+    for ax, dev in zip(axes[0], devices, strict=True):
+        for pol in ORDER:
+            pts = sorted((r["B"], r["session_steps_per_s"]) for r in recs
+                         if r["device"] == dev and r["policy"] == pol and r["N"] == n_max and r["F"] == 8
+                         and r["R"] in (0, 2))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pol)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sessions per call (B)")
+        ax.set_ylabel("session-steps / s")
+        ax.set_title(f"engine, N={n_max}, F=8, R=2 ({dev})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

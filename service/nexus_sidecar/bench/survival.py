@@ -153,3 +153,13 @@ def sweep(settings: SurvivalSettings, eviction: float = 0.8, progress: bool = Tr
             rec[kind], rec[f"{kind}_ci95"] = ci95([r[kind] for r in per_seed])
         records.append(rec)
     return {"benchmark": "survival-sweep", "machine": machine(), "records": records}
+
+
+def sweep_table(payload: dict[str, Any]) -> str:
+    """Markdown table of a sweep."""
+    from nexus_sidecar.bench.report import markdown_table
+
+    rows = [{"knob": r["knob"], "value": r["value"],
+             **{k: f"{r[k]:.3f} ± {r[k + '_ci95']:.3f}" for k in ("subtle", "bridge", "strong")}}
+            for r in payload["records"]]
+    return markdown_table(rows, ["knob", "value", "subtle", "bridge", "strong"])

@@ -60,8 +60,8 @@ class HotSession:
     step: int = 0
     checksum: int = 0  # positions_checksum of retained positions, summed over groups
     count: int = 0  # retained slots, summed over groups
-    digest: bytes = b""  # sha256 of the last applied SessionStep (idempotent retries)
-    last_result: bytes = b""
+    digest: bytes = b""  # step_digest of the last applied SessionStep (idempotent retries)
+    last_result: pb.SessionResult | None = None
     checkpointed_step: int = 0
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -184,9 +184,10 @@ class SessionManager:
             raise SessionNotFound(session_id)
         cp = Checkpoint.from_bytes(stored.blob)
         handle = await self.on_engine(self.engine.restore, cp.state)
+        last = pb.SessionResult.FromString(cp.last_result) if cp.last_result else None
         hs = HotSession(tenant, session_id, handle, cp.state.config, step=cp.step, checksum=cp.checksum,
                         count=sum(g.pos.numel() for g in cp.state.groups), digest=cp.digest,
-                        last_result=cp.last_result, checkpointed_step=cp.step)
+                        last_result=last, checkpointed_step=cp.step)
         self._hot[(tenant, session_id)] = hs
         self.metrics.sessions_resumed.labels(tenant).inc()
         self.metrics.sessions_open.labels(tenant).set(len(self.hot_sessions(tenant)))
@@ -247,14 +248,12 @@ class SessionManager:
 
     def _plan(self, hs: HotSession, st: pb.SessionStep) -> _Planned | pb.SessionResult:
         """Check order and worker state; return the cached answer of a retry, or the engine input."""
-        digest = hashlib.sha256(st.SerializeToString(deterministic=True)).digest()
-        if st.step == hs.step and hs.step > 0 and hs.last_result:
+        digest = step_digest(st)
+        if st.step == hs.step and hs.step > 0 and hs.last_result is not None:
             if digest != hs.digest:
                 raise StepOutOfOrder(hs.session_id, st.step, hs.step + 1,
                                      note="it was already applied with a different payload")
-            result = pb.SessionResult()
-            result.ParseFromString(hs.last_result)
-            return result
+            return hs.last_result
         if st.step != hs.step + 1:
             raise StepOutOfOrder(hs.session_id, st.step, hs.step + 1)
         if st.retained_count != hs.count or st.retained_checksum != hs.checksum:
@@ -278,7 +277,7 @@ class SessionManager:
         result = codec.session_result(hs.session_id, st.step, out, checksum)
         before = hs.count
         hs.step, hs.checksum, hs.count = st.step, checksum, result.retained_count
-        hs.digest, hs.last_result = plan.digest, result.SerializeToString()
+        hs.digest, hs.last_result = plan.digest, result
         m, labels = self.metrics, (hs.tenant, hs.cfg.policy)
         k = inp.new_positions.numel()
         m.tokens_seen.labels(*labels).inc(k)
@@ -306,7 +305,8 @@ class SessionManager:
                 return True
             state = await self.on_engine(self.engine.snapshot, hs.handle)
             step = hs.step
-            blob = Checkpoint(step, hs.checksum, hs.digest, hs.last_result, state).to_bytes()
+            last = hs.last_result.SerializeToString() if hs.last_result is not None else b""
+            blob = Checkpoint(step, hs.checksum, hs.digest, last, state).to_bytes()
         try:
             written = await self.store.put(hs.tenant, hs.session_id, step, blob)
         except StoreUnavailable as exc:
@@ -363,6 +363,19 @@ class SessionManager:
         """Hot and stored session ids of a tenant (sorted)."""
         stored = await self.store.list(tenant)
         return sorted(set(stored) | {hs.session_id for hs in self.hot_sessions(tenant)})
+
+
+def step_digest(st: pb.SessionStep) -> bytes:
+    """Identity of a step's payload: its header fields and every tensor's dtype, shape and bytes.
+
+    Hashing the fields directly avoids re-serializing the whole message per step.
+    """
+    h = hashlib.sha256()
+    h.update(f"{st.session_id}\x00{st.step}\x00{st.retained_count}\x00{st.retained_checksum}".encode())
+    for t in (st.new_positions, st.attn, st.last, st.edge_index, st.edge_weight):
+        h.update(f"\x00{t.dtype}:{list(t.shape)}:".encode())
+        h.update(t.data)
+    return h.digest()
 
 
 def _named(exc: BaseException, session_id: str) -> BaseException:

@@ -1,0 +1,166 @@
+"""Service benchmark: end-to-end session-steps/s and step latency over real gRPC, next to a bare
+``grpc.aio`` echo of the same payload bytes and the engine alone at the same shapes, in one run.
+
+The sidecar and the echo server run as separate processes (as in production); the simulated
+workers run as asyncio tasks of this process, each with its own channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+from nexus_client.packing import WorkerSession, pack_step
+from nexus_client.v1 import sidecar_pb2 as pb
+
+from nexus_sidecar.bench import engine_bench
+from nexus_sidecar.bench.echo_server import METHOD
+from nexus_sidecar.bench.procs import echo_process, redis_process, sidecar_process
+from nexus_sidecar.bench.report import machine, markdown_table
+from nexus_sidecar.bench.workers import SimulatedWorker, Workload
+
+
+@dataclass
+class ServiceBenchSettings:
+    """The grid."""
+
+    batch_sizes: tuple[int, ...] = (1, 8, 64)
+    slots: tuple[int, ...] = (4096,)
+    stores: tuple[str, ...] = ("memory", "redis")
+    workers: tuple[int, ...] = (2,)
+    steps: int = 40
+    echo_calls: int = 40
+
+    @classmethod
+    def quick(cls) -> ServiceBenchSettings:
+        """B=64, N=4096, memory store, 2 workers: under a minute here."""
+        return cls(batch_sizes=(64,), slots=(4096,), stores=("memory",), workers=(2,), steps=15, echo_calls=15)
+
+
+def _config(n: int) -> dict[str, Any]:
+    return {"policy": "nexus", "budget": n, "recent": 32, "fanout": 8, "iterations": 2}
+
+
+async def _run_workers(target: str, B: int, N: int, workers: int, steps: int) -> dict[str, float]:
+    work = Workload(sessions=B, prefill=N, steps=steps, k=1, config=_config(N), realistic=False)
+    ws = [SimulatedWorker(f"w{i}", target, "default", None, work, seed=i) for i in range(workers)]
+    t0 = time.perf_counter()
+    stats = await asyncio.gather(*(w.run() for w in ws))
+    wall = time.perf_counter() - t0
+    lat = sorted(itertools.chain.from_iterable(s.rpc_seconds for s in stats))
+    # Throughput over the decode phase: the slowest worker's decode window bounds it.
+    decode_s = max(s.seconds for s in stats)
+    return {
+        "service_session_steps_per_s": sum(s.session_steps for s in stats) / decode_s,
+        "p50_ms": statistics.median(lat) * 1e3,
+        "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3,
+        "bytes_per_rpc": sum(s.bytes_sent for s in stats) / max(1, len(lat)),
+        "wall_s": wall,
+    }
+
+
+async def _echo(target: str, B: int, N: int, workers: int, calls: int) -> dict[str, float]:
+    """The same StepRequest bytes (B sessions at N slots) through a bare echo, same concurrency."""
+    ws = WorkerSession("echo", groups=1, step=1, retained_count=N)
+    new = torch.tensor([N])
+    attn = torch.rand(1, N + 1)
+    edge_pos = (new.view(1, 1) - torch.arange(8).view(1, 8))[None]
+    one = pack_step(ws, new, attn, attn, edge_pos, torch.rand(1, 1, 8), float_dtype=torch.float16)
+    payload = pb.StepRequest(steps=[one] * B).SerializeToString()
+    size = 64 * 1024 * 1024
+    lat: list[float] = []
+
+    async def worker() -> None:
+        async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", size),
+                                                              ("grpc.max_receive_message_length", size)]) as ch:
+            call = ch.unary_unary(METHOD)
+            await call(payload)
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                await call(payload, timeout=60)
+                lat.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    lat.sort()
+    return {"echo_p50_ms": statistics.median(lat) * 1e3, "echo_p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+            * 1e3, "echo_bytes_per_rpc": len(payload)}
+
+
+def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]:
+    """Measure the grid; returns the JSON payload."""
+    from tqdm import tqdm
+
+    grid = list(itertools.product(settings.stores, settings.batch_sizes, settings.slots, settings.workers))
+    records = []
+    engine_ref: dict[tuple[int, int], dict[str, Any]] = {}
+    bar = tqdm(total=len(grid), desc="service", disable=not progress)
+    with echo_process() as echo_target:
+        for store in settings.stores:
+            with (redis_process() if store == "redis" else _null()) as redis_url:
+                args = ["--store", redis_url, "--checkpoint-every", "16"] if store == "redis" else []
+                with sidecar_process(*args, "--max-batch", "64", "--max-delay-us", "500") as sc:
+                    for _, B, N, W in (g for g in grid if g[0] == store):
+                        rec: dict[str, Any] = {"B": B, "N": N, "store": store, "workers": W}
+                        rec.update(asyncio.run(_run_workers(sc.target, B, N, W, settings.steps)))
+                        rec.update(asyncio.run(_echo(echo_target, B, N, W, settings.echo_calls)))
+                        if (B, N) not in engine_ref:
+                            engine_ref[(B, N)] = engine_bench.measure("nexus", "cpu", B, N, 8, 2, 9, 2)
+                        eng = engine_ref[(B, N)]
+                        rec["engine_ms_per_call"] = eng["ms_per_call"]
+                        rec["engine_session_steps_per_s"] = eng["session_steps_per_s"]
+                        rec["throughput_vs_engine"] = rec["service_session_steps_per_s"] / eng["session_steps_per_s"]
+                        rec["p99_target_ms"] = 2 * (rec["echo_p99_ms"] + eng["ms_per_call"])
+                        records.append(rec)
+                        bar.update()
+    bar.close()
+    return {"benchmark": "service", "machine": machine(), "torch_threads": torch.get_num_threads(),
+            "records": records}
+
+
+class _null:
+    def __enter__(self) -> str:
+        return "memory"
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def table(payload: dict[str, Any]) -> str:
+    """Markdown table."""
+    return markdown_table(payload["records"], [
+        "store", "B", "N", "workers", "service_session_steps_per_s", "engine_session_steps_per_s",
+        "throughput_vs_engine", "p50_ms", "p99_ms", "echo_p50_ms", "echo_p99_ms", "engine_ms_per_call",
+        "p99_target_ms"])
+
+
+def plot(payload: dict[str, Any], path: str) -> None:
+    """Throughput (service vs engine) and p99 latency vs B, per store."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = payload["records"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for store in sorted({r["store"] for r in recs}):
+        pts = sorted((r["B"], r) for r in recs if r["store"] == store)
+        xs = [p[0] for p in pts]
+        a.plot(xs, [p[1]["service_session_steps_per_s"] for p in pts], marker="o", label=f"service ({store})")
+        b.plot(xs, [p[1]["p99_ms"] for p in pts], marker="o", label=f"p99 ({store})")
+    pts = sorted((r["B"], r) for r in recs)
+    a.plot([p[0] for p in pts], [p[1]["engine_session_steps_per_s"] for p in pts], "k--", label="engine alone")
+    b.plot([p[0] for p in pts], [p[1]["echo_p99_ms"] for p in pts], "k:", label="echo p99")
+    for ax, title in ((a, "session-steps/s"), (b, "step RPC latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sessions per RPC (B)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

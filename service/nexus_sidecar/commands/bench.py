@@ -1,0 +1,81 @@
+"""``nexus-sidecar bench``: the benchmarks (each writes JSON, a markdown table and a PNG plot)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = """\
+Benchmarks. Each prints a table, and with --json PATH writes PATH, PATH.md (table) and a PNG.
+
+  survival  which planted tokens (subtle, bridge, strong) each policy still holds at the end of
+            synthetic attention streams, at 80%% and 90%% eviction, with 95%% CIs over seeds
+  sweep     the same for nexus, one knob at a time around the defaults (how the defaults were chosen)
+  engine    time per batched engine call and session-steps/s across B, N, F, R for every policy
+  service   end-to-end gRPC throughput and latency against a bare gRPC echo and the engine alone
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``bench`` parser and its sub-benchmarks."""
+    p = sub.add_parser("bench", help="run a benchmark", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    inner = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, summary in (("survival", "survival of planted tokens per policy"),
+                          ("sweep", "nexus knob sweep on the survival streams"),
+                          ("engine", "engine cost per batched call"),
+                          ("service", "end-to-end gRPC service throughput/latency")):
+        q = inner.add_parser(name, help=summary)
+        q.add_argument("--quick", action="store_true", help="a small grid that finishes fast (CI-adjacent)")
+        q.add_argument("--json", help="write results here (plus .md and .png next to it)")
+        q.add_argument("--no-progress", action="store_true")
+        if name in ("survival", "sweep"):
+            q.add_argument("--seeds", type=int, help="streams (sessions) per setting")
+            q.add_argument("--length", type=int, help="tokens per stream")
+        if name == "engine":
+            q.add_argument("--device", action="append", help="cpu, cuda (repeatable; default: cpu + cuda if present)")
+        q.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to the chosen benchmark and write its outputs."""
+    from pathlib import Path
+
+    from nexus_sidecar.bench.report import write_outputs
+
+    progress = not args.no_progress
+    if args.bench in ("survival", "sweep"):
+        from nexus_sidecar.bench import survival as mod
+
+        settings = mod.SurvivalSettings(length=512 if args.quick else 1024, seeds=4 if args.quick else 16)
+        if args.seeds:
+            settings.seeds = args.seeds
+        if args.length:
+            settings.length = args.length
+        payload = mod.run(settings, progress) if args.bench == "survival" else mod.sweep(settings, progress=progress)
+        table = mod.table(payload) if args.bench == "survival" else mod.sweep_table(payload)
+        plot = mod.plot if args.bench == "survival" else None
+    elif args.bench == "engine":
+        import torch
+
+        from nexus_sidecar.bench import engine_bench as mod
+
+        devices = tuple(args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]))
+        if args.quick:
+            settings = mod.EngineBenchSettings(batch_sizes=(1, 64), slots=(4096,), fanouts=(8,), iterations=(2,),
+                                               calls=9, warmup=2, devices=devices)
+        else:
+            settings = mod.EngineBenchSettings(devices=devices)
+        payload = mod.run(settings, progress)
+        table, plot = mod.table(payload), mod.plot
+    else:
+        from nexus_sidecar.bench import service_bench as mod
+
+        payload = mod.run(mod.ServiceBenchSettings.quick() if args.quick else mod.ServiceBenchSettings(), progress)
+        table, plot = mod.table(payload), mod.plot
+    print(table)
+    if args.json:
+        path, md = write_outputs(args.json, payload, table)
+        if plot is not None:
+            plot(payload, str(Path(path).with_suffix(".png")))
+        print(f"wrote {path}, {md}")
+    return 0
