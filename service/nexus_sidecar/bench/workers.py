@@ -18,7 +18,7 @@ from nexus_client.client import AsyncNexusClient, ClientOptions
 from nexus_client.packing import WorkerSession, pack_step, unpack_result
 from nexus_client.v1 import sidecar_pb2 as pb
 
-from nexus_sidecar.bench.streams import StreamSpec, attention_rows, plant_kinds
+from nexus_sidecar.bench.streams import BRIDGE, STRONG, SUBTLE, StreamSpec, attention_rows, plant_kinds
 
 
 @dataclass
@@ -46,6 +46,7 @@ class WorkerStats:
     evicted: int = 0
     retained: int = 0
     seconds: float = 0.0
+    survival: dict[str, list[float]] = field(default_factory=dict)  # kind -> per-session fraction kept
 
     def summary(self) -> dict[str, float]:
         """p50/p99 RPC latency (decode calls only) and throughput."""
@@ -129,6 +130,14 @@ class SimulatedWorker:
                     stats.evicted += sum(e.numel() for e in evicted)
         stats.seconds = time.perf_counter() - (t_start or time.perf_counter())
         stats.retained = sum(r.numel() for r in retained)
+        for (kind, _), kept_pos in zip(self.kinds, retained, strict=True):
+            kept = torch.zeros(kind.numel(), dtype=torch.bool)
+            kept[kept_pos] = True
+            seen = torch.arange(kind.numel()) < nxt
+            for name, code in (("subtle", SUBTLE), ("bridge", BRIDGE), ("strong", STRONG)):
+                mask = (kind == code) & seen
+                if mask.any():
+                    stats.survival.setdefault(name, []).append(float(kept[mask].float().mean()))
         for ws in sessions:
             await self.client.close_session(ws.session_id)
         await self.client.close()
