@@ -14,6 +14,7 @@ from nexus_sidecar.engine.errors import EngineError, InputError
 from nexus_sidecar.engine.hashing import uniforms
 from nexus_sidecar.engine.policies import Policy, make_policy
 from nexus_sidecar.engine.pool import SessionPool
+from nexus_sidecar.engine.selection import gumbel
 from nexus_sidecar.engine.state import GroupState, SessionState
 from nexus_sidecar.engine.step import ROW_ERRORS, RowInput, RowResult, hole_allowance, run_step, validate_rows
 from nexus_sidecar.engine.step_io import StepInput, StepOutput
@@ -70,8 +71,9 @@ class Engine:
             pool.slot["alive"][r, :n] = True
             pool.slot["birth"][r, :n] = state.calls - grp.age.to(dev, torch.int64)
             pool.slot["memory"][r, :n] = grp.memory.to(dev, torch.float32)
-            pool.slot["u"][r, :n] = uniforms(torch.tensor([cfg.seed], device=dev), pool.params["group"][r : r + 1],
-                                             pos.unsqueeze(0), torch.zeros(1, dtype=torch.int64, device=dev))[0]
+            u = uniforms(torch.tensor([cfg.seed], device=dev), pool.params["group"][r : r + 1], pos.unsqueeze(0),
+                         torch.zeros(1, dtype=torch.int64, device=dev))
+            pool.slot["gumbel"][r, :n] = gumbel(u[0])
             epos, ew = grp.edge_pos.to(dev, torch.int64), grp.edge_w.to(dev, torch.float32)
             col = torch.searchsorted(pos, epos.reshape(-1).contiguous()).reshape(epos.shape).clamp(max=max(n - 1, 0))
             has = (epos >= 0) & (ew > 0)

@@ -24,7 +24,7 @@ _SLOT_FIELDS: dict[str, tuple[torch.dtype, float | int | bool]] = {
     "alive": (torch.bool, False),
     "birth": (torch.int64, 0),  # call index at which the token entered (age = call - birth)
     "memory": (torch.float32, 0.0),
-    "u": (torch.float64, 0.5),  # cached fixed-mode uniform of the token
+    "gumbel": (torch.float64, 0.0),  # cached -log(-log u) of the token's fixed-mode uniform
 }
 _EDGE_FIELDS: dict[str, tuple[torch.dtype, float | int]] = {
     "edge_idx": (torch.int64, 0),  # arena column of the target; "no edge" = own column, weight 0

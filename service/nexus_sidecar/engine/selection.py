@@ -60,12 +60,17 @@ def _topk_keys(w: torch.Tensor) -> torch.Tensor:
     return (bits << _SLOT_BITS) | idx
 
 
-def _reservoir_keys(w: torch.Tensor, cand: torch.Tensor, u: torch.Tensor, tau: float) -> torch.Tensor:
+def gumbel(u: torch.Tensor) -> torch.Tensor:
+    """``-log(-log u)``: the reservoir key's noise term (cached per token in fixed mode)."""
+    return -torch.log(-torch.log(u))
+
+
+def _reservoir_keys(w: torch.Tensor, cand: torch.Tensor, noise: torch.Tensor, tau: float) -> torch.Tensor:
     w64 = w.to(torch.float64)
     top = torch.where(cand, w64, torch.zeros_like(w64)).amax(dim=1, keepdim=True)
     rel = (w64 / top.clamp(min=1e-300)).clamp(min=1e-300, max=1.0)
     # log of A-Res key (negated): keep largest tau*log(w) - log(-log u); tau = 0 -> Gumbel (uniform).
-    prio = -torch.log(-torch.log(u))
+    prio = noise
     if tau > 0:
         prio = prio + tau * torch.log(rel)
     return _ordered_int64(prio)
@@ -86,14 +91,14 @@ def select(
     tau: float | None,
     pool: int,
     block_size: int | None,
-    u: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
     slot_order: SlotOrder | None = None,
 ) -> Selection:
     """Choose evictions for every row of a batch.
 
     ``tau=None`` (or inf) means deterministic top-K of the weight; otherwise reservoir keys with
-    counter-based uniforms ``u = hash(seed, group, unit, call)`` (``u`` may pass them precomputed
-    per slot, in token mode). ``block_size`` switches to
+    counter-based uniforms ``u = hash(seed, group, unit, call)`` (``noise`` may pass their
+    Gumbel transform precomputed per slot, in token mode). ``block_size`` switches to
     block granularity: units are runs of slots with equal ``position // block_size``; a block
     weighs the max of its slots and is protected if any of its slots is.
     """
@@ -127,9 +132,9 @@ def select(
     if tau is None or math.isinf(tau):
         keys = _topk_keys(unit_w)
     else:
-        if u is None or seg is not None:
-            u = uniforms(seed, group, unit_label, call)
-        keys = _reservoir_keys(unit_w, unit_cand, u, tau)
+        if noise is None or seg is not None:
+            noise = gumbel(uniforms(seed, group, unit_label, call))
+        keys = _reservoir_keys(unit_w, unit_cand, noise, tau)
     keys = torch.where(unit_cand, keys, torch.full_like(keys, INT64_MAX))
 
     k = min(kmax, width)

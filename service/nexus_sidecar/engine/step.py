@@ -18,7 +18,7 @@ import torch
 from nexus_sidecar.engine.hashing import uniforms
 from nexus_sidecar.engine.policies import Policy, ScoreContext, SlotOrder
 from nexus_sidecar.engine.pool import Rows, SessionPool
-from nexus_sidecar.engine.selection import INT64_MAX, select
+from nexus_sidecar.engine.selection import INT64_MAX, gumbel, select
 from nexus_sidecar.engine.walk import walk
 
 
@@ -116,7 +116,7 @@ def _insert(pool: SessionPool, rows: Rows, inp: RowInput, width: int, fixed_u: b
         p = pool.params
         u = uniforms(p["seed"][rows.index], p["group"][rows.index], inp.new_pos.clamp(min=0),
                      torch.zeros(R, dtype=torch.int64, device=dev))
-        pool.slot["u"][r_idx, c_idx] = u[live]
+        pool.slot["gumbel"][r_idx, c_idx] = gumbel(u[live])
     # Edge targets: positions -> arena columns (positions are ascending along the arena).
     pos = rows.get(pool.slot["pos"], width).contiguous()
     tgt = inp.edge_pos.reshape(R, -1).contiguous()
@@ -175,7 +175,7 @@ def run_step(policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput, width
         tau=policy.tau() if policy.sampled else None,
         pool=cfg.pool,
         block_size=cfg.block_size if cfg.granularity == "block" else None,
-        u=rows.get(pool.slot["u"], width) if token_fixed else None,
+        noise=rows.get(pool.slot["gumbel"], width) if token_fixed else None,
         slot_order=slot_order,
     )
     keep = alive & ~sel.evict

@@ -14,21 +14,23 @@ def walk(d: torch.Tensor, alive: torch.Tensor, edge_idx: torch.Tensor, edge_w: t
          iterations: int) -> torch.Tensor:
     """Run the walk on direct mass ``d`` [R, W] over edges (arena columns [R, W, F], weights).
 
-    Dead slots neither send nor keep mass. ``index_add_`` accumulates in index order on CPU, so
+    Dead slots neither send nor keep mass. ``scatter_add_`` accumulates in index order on CPU, so
     a row's result does not depend on padding or on the other rows of the batch (batch
-    invariance); "no edge" is a zero-weight self edge, which adds an exact +0.
+    invariance); "no edge" is a zero-weight self edge, which adds an exact +0. (On CUDA the
+    scatter uses atomics: sums may differ in the last bits between runs.)
     """
     if iterations == 0 or beta == 0.0:
         return d
     rows, width = d.shape
-    base = (torch.arange(rows, device=d.device) * width).view(rows, 1, 1)
-    flat = (edge_idx + base).reshape(-1)
+    # Row-local targets viewed as [R, W*F] without a copy (each row's [W, F] block is
+    # contiguous even when the arena is wider than this call): no per-call index arithmetic.
+    index = edge_idx.reshape(rows, -1)
     w = edge_w.reshape(rows, width, -1)
     s = d
-    out = torch.empty(rows * width, dtype=d.dtype, device=d.device)
+    out = torch.empty(rows, width, dtype=d.dtype, device=d.device)
     for _ in range(iterations):
         out.zero_()
         src = torch.where(alive, s, 0.0).unsqueeze(-1) * w
-        out.index_add_(0, flat, src.reshape(-1))
-        s = d + beta * out.view(rows, width)
+        out.scatter_add_(1, index, src.reshape(rows, -1))
+        s = d + beta * out
     return torch.where(alive, s, 0.0)
