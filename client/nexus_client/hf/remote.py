@@ -1,10 +1,22 @@
-"""The ``remote`` policy backend: the same decisions as ``LocalBackend``, made by a sidecar."""
+"""The ``remote`` policy backend: the same decisions as ``LocalBackend``, made by a sidecar.
+
+Each sequence gets one sidecar session. A call packs the worker's accumulated summary
+(:class:`~nexus_client.hf.accumulate.StepTensors`) into one ``SessionStep`` with the next step
+number and the worker's retained count/checksum, sends it with a deadline and bounded retries
+(a retry re-sends the *same* step number, which the sidecar answers idempotently), and turns the
+answer into a :class:`~nexus_client.hf.backends.StepDecision`.
+
+With fp32 summaries (the default) the sidecar sees exactly the tensors the in-process engine
+would, so for the same seed and config the decisions are identical. fp16 summaries halve the
+float payload at the cost of bit-equality.
+"""
 
 from __future__ import annotations
 
 import itertools
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,33 +26,71 @@ from nexus_client.hf.accumulate import StepTensors
 from nexus_client.hf.backends import StepDecision
 from nexus_client.packing import WorkerSession, pack_step, unpack_result
 
+_WIRE_FLOATS = (torch.float32, torch.float16)
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """What one policy call sent: new tokens ``k``, retained slots ``n`` (max over groups), bytes."""
+
+    k: int
+    slots: int
+    bytes: int
+
 
 class RemoteBackend:
-    """Runs each sequence's policy session on a sidecar over gRPC (fp32 summaries by default, so
-    the decisions equal the in-process engine's bit for bit)."""
+    """Runs each sequence's policy session on a sidecar over gRPC.
 
-    def __init__(self, target: str, *, api_key: str | None = None, float_dtype: torch.dtype = torch.float32,
-                 timeout_s: float = 10.0, session_prefix: str | None = None) -> None:
-        self.client = NexusClient(ClientOptions(target, api_key=api_key, timeout_s=timeout_s))
+    ``target`` is ``host:port`` or ``unix:/path.sock``. ``float_dtype`` is the wire type of the
+    float summaries (``torch.float32`` for results equal to the in-process engine, or
+    ``torch.float16``). ``timeout_s`` is the per-attempt deadline, ``retries`` the extra attempts
+    for retryable codes (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED). ``bytes_sent`` and
+    ``calls`` count every step message (first attempts only); ``records`` keeps one
+    :class:`CallRecord` per call.
+    """
+
+    def __init__(self, target: str | ClientOptions, *, api_key: str | None = None,
+                 float_dtype: torch.dtype = torch.float32, timeout_s: float = 10.0, retries: int = 3,
+                 session_prefix: str | None = None) -> None:
+        if float_dtype not in _WIRE_FLOATS:
+            raise ValueError(f"float_dtype must be torch.float32 or torch.float16, got {float_dtype}")
+        options = target if isinstance(target, ClientOptions) else ClientOptions(
+            target, api_key=api_key, timeout_s=timeout_s, retries=retries)
+        self.client = NexusClient(options)
         self.float_dtype = float_dtype
-        self._prefix = session_prefix or f"w{os.getpid()}"
+        self._prefix = session_prefix or f"w{os.getpid()}-{id(self):x}"
         self._ids = itertools.count(1)
         self.bytes_sent = 0
         self.calls = 0
+        self.records: list[CallRecord] = []
+
+    @property
+    def bytes_per_call(self) -> float:
+        """Mean serialized ``SessionStep`` size over all calls so far (0.0 before the first)."""
+        return self.bytes_sent / self.calls if self.calls else 0.0
 
     def open(self, config: Mapping[str, Any]) -> WorkerSession:
-        """Open a sidecar session with these policy fields."""
+        """Open a sidecar session with these policy fields (engine ``PolicyConfig`` names)."""
         sid = f"{self._prefix}-{next(self._ids)}"
         resp = self.client.open_session(sid, config)
+        wanted = config.get("groups")
+        if wanted is not None and resp.config.groups != wanted:
+            raise RuntimeError(f"sidecar opened session {sid!r} with {resp.config.groups} groups, asked for {wanted}")
         return WorkerSession(sid, groups=resp.config.groups, step=resp.step)
 
     def step(self, session: WorkerSession, tensors: StepTensors) -> StepDecision:
         """One call; the worker's retained count/checksum ride along for the mismatch check."""
         msg = pack_step(session, tensors.new_positions, tensors.attn, tensors.last, tensors.edge_pos,
                         tensors.edge_w, float_dtype=self.float_dtype)
-        self.bytes_sent += msg.ByteSize()
+        size = msg.ByteSize()
+        self.bytes_sent += size
         self.calls += 1
-        (result,) = self.client.step([msg])
+        self.records.append(CallRecord(int(tensors.new_positions.numel()), int(tensors.attn.shape[-1]), size))
+        results = self.client.step([msg])
+        if len(results) != 1 or results[0].session_id != session.session_id or results[0].step != msg.step:
+            got = [(r.session_id, r.step) for r in results]
+            raise RuntimeError(f"sidecar answered {got} for step {msg.step} of session {session.session_id!r}")
+        result = results[0]
         session.apply(result)
         keep, evicted = unpack_result(result)
         return StepDecision(keep=keep, evicted=evicted)
@@ -52,3 +102,9 @@ class RemoteBackend:
     def shutdown(self) -> None:
         """Close the channel."""
         self.client.close()
+
+    def __enter__(self) -> RemoteBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,6 +1,9 @@
-"""``nexus-sidecar generate``: run a transformers causal LM with an eviction policy, in-process.
+"""``nexus-sidecar generate``: run a transformers causal LM with an eviction policy.
 
-Prints the generated text, a small table of the KV-cache size over time and the evictions made.
+The policy runs in-process (the engine imported directly) unless ``--sidecar HOST:PORT`` (or
+``unix:/path.sock``) names a running sidecar, which then makes every decision over gRPC. Prints
+the generated text, a small table of the KV-cache size over time, the evictions made and, for a
+sidecar, the bytes sent per policy call.
 transformers and the integration are imported inside :func:`run` so ``--help`` stays fast.
 """
 
@@ -15,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``generate`` parser."""
     p = subparsers.add_parser(
         "generate",
-        help="generate text with a HF causal LM under a KV-cache budget (in-process engine)",
+        help="generate text with a HF causal LM under a KV-cache budget (in-process engine or a sidecar)",
         description="Greedy generation with a KV-cache eviction policy enforced during prefill and decode.",
     )
     p.add_argument("--model", default="smollm2", help="'smollm2' (bundled GGUF, cached) or a local model dir")
@@ -34,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk size (budget enforced per chunk)")
     p.add_argument("--seed", type=int, default=0, help="policy seed (reservoir draws)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--sidecar", metavar="HOST:PORT",
+                   help="make the decisions on this sidecar (host:port or unix:/path.sock) instead of in-process")
+    p.add_argument("--api-key", help="API key for --sidecar (default: $NEXUS_API_KEY)")
+    p.add_argument("--wire-dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="float type of the summaries sent to --sidecar (fp32 = same decisions as in-process)")
+    p.add_argument("--timeout", type=float, default=10.0, help="per-attempt deadline of a --sidecar call, seconds")
     p.set_defaults(func=run)
 
 
@@ -55,8 +64,12 @@ def run(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
     import torch
+    from nexus_client.errors import SidecarError
     from nexus_client.hf import LocalBackend, generate, load_model
+    from nexus_client.hf.remote import RemoteBackend
 
+    if args.sidecar is None and (args.api_key is not None or args.wire_dtype != "fp32"):
+        raise SystemExit("generate: --api-key and --wire-dtype only apply with --sidecar")
     torch.manual_seed(args.seed)
     prompt = _read_prompt(args)
     loaded = load_model(args.model, device=args.device)
@@ -67,11 +80,22 @@ def run(args: argparse.Namespace) -> int:
     groups = 1 if args.groups == "shared" else model.config.num_hidden_layers
     cfg = dict(policy=args.policy, budget=args.budget, slack=args.slack, sinks=args.sinks,
                recent=args.recent, groups=groups, seed=args.seed)  # fmt: skip
-    res = generate(
-        model, tok, prompt, LocalBackend(device=args.device), cfg,
-        max_new_tokens=args.max_new_tokens, every_k=args.every, chunk_size=args.chunk_size,
-        head_reduce=args.head_reduce, progress=args.max_new_tokens >= 32,
-    )  # fmt: skip
+    remote: RemoteBackend | None = None
+    if args.sidecar is not None:
+        remote = RemoteBackend(args.sidecar, api_key=args.api_key or os.environ.get("NEXUS_API_KEY"),
+                               float_dtype=torch.float16 if args.wire_dtype == "fp16" else torch.float32,
+                               timeout_s=args.timeout)  # fmt: skip
+    try:
+        res = generate(
+            model, tok, prompt, remote if remote is not None else LocalBackend(device=args.device), cfg,
+            max_new_tokens=args.max_new_tokens, every_k=args.every, chunk_size=args.chunk_size,
+            head_reduce=args.head_reduce, progress=args.max_new_tokens >= 32,
+        )  # fmt: skip
+    except SidecarError as exc:
+        raise SystemExit(f"generate: sidecar {args.sidecar}: {exc}") from None
+    finally:
+        if remote is not None:
+            remote.shutdown()
     print(res.text)
     print()
     print(f"prompt {res.prompt_tokens} tokens, generated {len(res.token_ids)}, policy calls {res.policy_calls}")
@@ -92,4 +116,11 @@ def run(args: argparse.Namespace) -> int:
     if dec:
         dec_sorted = sorted(dec)
         print(f"prefill {res.timings['prefill_s']:.2f}s, decode step median {1000 * dec_sorted[len(dec) // 2]:.1f} ms")
+    if remote is not None:
+        decode = [r.bytes for r in remote.records if r.k <= args.every]
+        per_decode = f", decode calls median {sorted(decode)[len(decode) // 2]} B" if decode else ""
+        print(f"sidecar {args.sidecar} ({args.wire_dtype}): {remote.calls} policy calls, {remote.bytes_sent} bytes "
+              f"sent, {remote.bytes_per_call:.0f} B/call{per_decode}")
+    else:
+        print(f"in-process engine: {res.policy_calls} policy calls")
     return 0
