@@ -125,6 +125,8 @@ class MicroBatcher:
         live = []
         for job in batch:
             self._metrics.queue_seconds.observe(now - job.enqueued)
+            if job.future.done():  # the caller was cancelled (e.g. its RPC deadline): nobody commits it
+                continue
             if job.deadline is not None and now >= job.deadline:
                 job.future.set_exception(DeadlineExpired("deadline passed while queued; step not computed"))
             else:

@@ -6,6 +6,7 @@ request, and maps any exception to a status code (``errors.to_status``) in one p
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -45,6 +46,9 @@ class EvictionServicer(pb_grpc.EvictionServiceServicer):
                 if self.draining:
                     raise Draining()
             return await body(principal)
+        except asyncio.CancelledError:  # the caller went away (deadline, cancel): not an OK
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as exc:  # one place maps every error to a status code
             code, message = to_status(exc)
             await context.abort(code, message)
