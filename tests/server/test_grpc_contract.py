@@ -4,18 +4,23 @@ against an in-process sidecar (real engine, real store)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 
 import grpc
 import pytest
 import torch
+from nexus_client.errors import SidecarError
+from nexus_client.packing import pack_step
 from nexus_client.v1 import sidecar_pb2 as pb
 from nexus_client.wire import tensor_to_proto
+from nexus_sidecar.engine import StepInput
 from nexus_sidecar.server.app import Sidecar
 
 from tests.server.conftest import (
     KEYS,
     SMALL,
+    Planned,
     Reference,
     SimSession,
     arun,
@@ -274,6 +279,41 @@ def test_deadline_exceeded_step_is_not_computed() -> None:
             r = await c.step([p.msg])
             assert r[0].step == 1
             assert_same_answer(r[0], ref.step(sim, p), "retry after the deadline")
+            await fast.close()
+            await c.close()
+
+    arun(body())
+
+
+def test_deadline_during_engine_compute_keeps_the_session_consistent() -> None:
+    """The caller's deadline passes while its step is inside the engine: the sidecar must still
+    commit that step (or not run it at all), so the retry of the same step number is answered,
+    and equals the engine's answer. (Before the fix the engine advanced, the session did not,
+    and every retry failed INVALID_ARGUMENT on the attn shape.)"""
+    cfg = {"policy": "nexus", "budget": 2000, "sinks": 2, "recent": 4, "fanout": 64, "iterations": 16, "seed": 1}
+
+    async def body() -> None:
+        async with running_sidecar() as sc:
+            sim = SimSession("big", config=cfg)
+            ref = Reference()
+            ref.open(sim)
+            c = client(sc, timeout_s=30)
+            await c.open_session("big", cfg)
+            k, F = 6000, 64
+            new = torch.arange(k)
+            g = torch.Generator().manual_seed(3)
+            attn = torch.rand(1, k, generator=g)
+            edges = (new.view(k, 1) - torch.arange(F).view(1, F)).clamp(min=0)[None]
+            weights = torch.rand(1, k, F, generator=g)
+            msg = pack_step(sim.ws, new, attn, attn, edges, weights)
+            fast = client(sc, timeout_s=0.2)  # the engine needs longer than this for 6000 tokens
+            with contextlib.suppress(SidecarError):
+                await fast.step([msg])
+            r = (await c.step([msg]))[0]
+            assert r.step == 1
+            out = ref.step(sim, Planned(msg, StepInput(new, attn, attn, edges, weights), new))
+            assert_same_answer(r, out, "retry after a deadline during compute")
+            assert (await c.get_session("big")).step == 1
             await fast.close()
             await c.close()
 

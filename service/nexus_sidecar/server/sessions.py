@@ -223,6 +223,15 @@ class SessionManager:
         if dupes:
             raise InvalidArgument("steps", f"session {sorted(dupes)[0]!r} appears more than once in one request")
         sessions = [await self.get(tenant, sid) for sid in ids]
+        # Shielded: once a step may reach the engine it is committed even if the caller goes away
+        # (RPC deadline or cancel). Otherwise the engine state advances without the session's
+        # step/count/checksum, and every retry of that step is rejected.
+        work = asyncio.ensure_future(self._apply(tenant, sessions, steps, deadline))
+        work.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(work)
+
+    async def _apply(self, tenant: str, sessions: list[HotSession], steps: list[pb.SessionStep],
+                     deadline: float | None) -> list[pb.SessionResult]:
         ordered = sorted(sessions, key=lambda h: h.session_id)  # fixed order: no lock-order deadlock
         async with contextlib.AsyncExitStack() as stack:
             for hs in ordered:
