@@ -13,3 +13,12 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # buf (lints proto/ in tests/client/test_proto_stubs.py), installed into the repo's ignored cache.
 [ -x "$(dirname "$0")/../.cache/buf/node_modules/.bin/buf" ] || npm install --no-save --prefix "$(dirname "$0")/../.cache/buf" @bufbuild/buf
+# deploy/ validators (tests/deploy): docker-compose (`docker-compose config`), promtool comes with
+# prometheus above. kubectl (`kubectl kustomize`) is used when present; without it the tests render
+# the kustomizations with a small Python renderer (Debian's kubernetes-client is 1.20, whose built-in
+# kustomize lacks components and `labels`; the official kubectl binary needs the network).
+command -v docker-compose >/dev/null || {
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends docker-compose
+}
