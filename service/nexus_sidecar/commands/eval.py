@@ -1,0 +1,214 @@
+"""``nexus-sidecar eval``: task accuracy of eviction policies against dense attention.
+
+Runs RULER-style generated tasks (or a LongBench-format JSONL file) through a HF causal LM under
+each policy, eviction rate and mode (streaming / one-shot question-agnostic), resumably, and writes
+``PATH`` (JSON list of records), ``PATH`` with ``.jsonl`` (one line per finished run, the resume
+log), ``.md`` (tables + verdict), ``.png`` (accuracy vs eviction rate) and ``.meta.json`` (settings,
+haystack fingerprints, the verdict). See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_POLICIES = "dense,streaming,tova,h2o,snapkv,random,nexus_topk,nexus"
+DEFAULT_TASKS = "passkey,multikey,multivalue,multiquery,vartrack,cwe,passkey-stdlib"
+QUICK_TASKS = "passkey,vartrack"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``eval`` parser."""
+    p = subparsers.add_parser(
+        "eval",
+        help="task accuracy of eviction policies vs dense attention (RULER-style tasks or LongBench JSONL)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2", help="'smollm2' (bundled GGUF, cached) or a local model dir")
+    p.add_argument("--tasks", type=_names, default=None, help=f"comma list (default: {DEFAULT_TASKS})")
+    p.add_argument("--lengths", type=_ints, default=[512], help="context lengths in tokens, comma list (default 512)")
+    p.add_argument("--policies", type=_names, default=_names(DEFAULT_POLICIES),
+                   help="comma list; knobs per policy as name:key=value (e.g. nexus:pool=5:tau=8)")  # fmt: skip
+    p.add_argument("--eviction", type=_floats, default=None, help="eviction rates, comma list (default 0.8,0.9)")
+    p.add_argument("--modes", type=_names, default=["streaming", "oneshot"], help="streaming,oneshot")
+    p.add_argument("--samples", type=int, default=None, help="samples per task (default 8; 2 with --quick)")
+    p.add_argument("--start", type=int, default=0, help="index of the first sample (to extend a run)")
+    p.add_argument("--split", choices=["dev", "test"], default="test", help="dev for tuning, test for reporting")
+    p.add_argument("--quick", action="store_true", help=f"2 samples of {QUICK_TASKS}, eviction 0.8 (a few minutes)")
+    p.add_argument("--chunk-size", type=int, default=64, help="streaming mode: context chunk size (default 64)")
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--recent", type=int, default=16)
+    p.add_argument("--knobs", default="", help="knobs for every policy, key=value:key=value (e.g. pool=3)")
+    p.add_argument("--no-chat", action="store_true", help="plain prompt instead of the tokenizer's chat template")
+    p.add_argument("--dataset-file", type=Path, help="LongBench-format JSONL (context, input, answers) instead")
+    p.add_argument("--metric", default=None, help="--dataset-file metric: match_all, match_any, exact, f1, rouge_l")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for --dataset-file")
+    p.add_argument("--sidecar", default=None, help="ADDR of a running sidecar (remote backend) instead of in-process")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared 2-core box 2 threads ran 3-5x slower, measured)",
+    )
+    p.add_argument("--json", type=Path, required=True, help="output JSON path (siblings .jsonl/.md/.png/.meta.json)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def backend_factory(args: argparse.Namespace) -> Any:
+    """Build the function that makes one policy backend per run, from the CLI arguments.
+
+    In-process (:class:`nexus_client.hf.LocalBackend`) by default. ``--sidecar ADDR`` uses
+    ``nexus_client.hf.backends.RemoteBackend(ADDR)`` once the service team ships it; until then it
+    fails with a precise message instead of silently running in-process.
+    """
+    if args.sidecar:
+        from nexus_client.hf import backends
+
+        remote = getattr(backends, "RemoteBackend", None)
+        if remote is None:
+            raise SystemExit("eval: --sidecar needs nexus_client.hf.backends.RemoteBackend, which this install lacks")
+        return lambda: remote(args.sidecar)
+    from nexus_client.hf import LocalBackend
+
+    from nexus_sidecar.engine import Engine
+
+    engine = Engine(device=args.device)  # one engine, one session per run: sessions are closed after each
+    return lambda: LocalBackend(engine=engine)
+
+
+def _paths(json_path: Path) -> dict[str, Path]:
+    stem = json_path.with_suffix("")
+    return {k: Path(f"{stem}{ext}") for k, ext in
+            (("jsonl", ".jsonl"), ("md", ".md"), ("png", ".png"), ("meta", ".meta.json"))}  # fmt: skip
+
+
+def _samples(args: argparse.Namespace, count: Any) -> list[Any]:
+    from nexus_sidecar.evals.longbench import load_longbench
+    from nexus_sidecar.evals.tasks import generate_sample
+
+    n = args.samples
+    if args.dataset_file is not None:
+        rows = load_longbench(args.dataset_file, args.metric, args.max_new_tokens)
+        return rows[args.start : args.start + n] if n else rows[args.start :]
+    tasks = args.tasks
+    out = []
+    multi = len(args.lengths) > 1
+    for length in args.lengths:
+        for i in range(args.start, args.start + n):  # sample-major: a partial run covers every task
+            for t in tasks:
+                s = generate_sample(t, length, args.split, i, count)
+                out.append(dataclasses.replace(s, task=f"{t}@{length}") if multi else s)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the evaluation and write the outputs."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
+    from nexus_sidecar.evals import report
+    from nexus_sidecar.evals.haystacks import haystack_digest
+    from nexus_sidecar.evals.runner import EvalSettings, PolicySpec, _number, expand_runs, iter_eval
+
+    if args.tasks is None:
+        args.tasks = _names(QUICK_TASKS if args.quick else DEFAULT_TASKS)
+    if args.eviction is None:
+        args.eviction = [0.8] if args.quick else [0.8, 0.9]
+    if args.samples is None:
+        args.samples = 2 if args.quick else 8
+    if args.samples < 1 or args.chunk_size < 1:
+        raise SystemExit(f"eval: --samples and --chunk-size must be >= 1, got {args.samples}, {args.chunk_size}")
+    base: dict[str, Any] = {"sinks": args.sinks, "recent": args.recent}
+    for part in filter(None, args.knobs.split(":")):
+        key, sep, raw = part.partition("=")
+        if not sep:
+            raise SystemExit(f"eval: --knobs part {part!r} is not key=value")
+        base[key] = _number(raw, f"--knobs {key}")
+    try:
+        policies = [PolicySpec.parse(p) for p in args.policies]
+        runs = expand_runs(policies, args.eviction, args.modes)
+    except ValueError as exc:
+        raise SystemExit(f"eval: {exc}") from None
+
+    from nexus_sidecar.evals.tasks import parse_task
+
+    try:
+        for t in args.tasks if args.dataset_file is None else ():
+            parse_task(t)
+    except ValueError as exc:
+        raise SystemExit(f"eval: {exc}") from None
+    factory = backend_factory(args)  # before the model loads: a bad --sidecar fails fast
+
+    import torch
+    from nexus_client.hf import load_model
+
+    if args.threads >= 1:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, device=args.device)
+    tok = loaded.tokenizer
+
+    def count(text: str) -> int:
+        return len(tok(text, add_special_tokens=False).input_ids)
+
+    try:
+        samples = _samples(args, count)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"eval: {exc}") from None
+    settings = EvalSettings(model=args.model, chunk_size=args.chunk_size, chat=not args.no_chat, base_knobs=base)
+    paths = _paths(args.json)
+    results = list(iter_eval(loaded.model, tok, samples, runs, settings, factory, paths["jsonl"],
+                             progress=not args.no_progress, total=len(samples) * len(runs)))  # fmt: skip
+    records = report.aggregate(results)
+    title = f"{args.model}, split {args.split}, lengths {','.join(map(str, args.lengths))}"
+    nexus_labels = [p.label for p in policies if p.name == "nexus"] or ["nexus"]
+    verdicts = {lbl: report.verdict(records, lbl, ev) for lbl in nexus_labels for ev in args.eviction}
+    meta = {
+        "command": " ".join(["nexus-sidecar", *sys.argv[1:]]) if sys.argv[0].endswith("nexus-sidecar") else None,
+        "settings": dataclasses.asdict(settings),
+        "split": args.split,
+        "lengths": args.lengths,
+        "tasks": sorted({s.task for s in samples}),
+        "samples_per_task": args.samples,
+        "haystack_sha256_16": {h: haystack_digest(h) for h in ("noise", "stdlib")},
+        "python": sys.version.split()[0],
+        "model_source": loaded.source,
+        "verdict": list(verdicts.values()),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(records, indent=1) + "\n")
+    paths["meta"].write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    md = report.markdown(records, title)
+    md += "\n## verdict\n\n```json\n" + json.dumps(meta["verdict"], indent=1) + "\n```\n"
+    paths["md"].write_text(md)
+    report.plot(records, paths["png"], title)
+    print(md)
+    print(f"wrote {args.json}, {paths['md']}, {paths['png']}, {paths['meta']} (runs log {paths['jsonl']})")
+    return 0

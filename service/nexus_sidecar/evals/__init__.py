@@ -1,0 +1,1 @@
+"""Quality evaluation: task generators, haystacks, LongBench loader and metrics, runner, report."""

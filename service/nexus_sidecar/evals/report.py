@@ -1,0 +1,188 @@
+"""Aggregate per-run records into the published records, a markdown table and a PNG plot.
+
+Published record (one per policy, eviction, mode, task, plus ``task == "average"``)::
+
+    {"policy", "eviction", "mode", "task", "score", "n", "ci95": [lo, hi], "peak_kv_bytes",
+     "dense_kv_bytes", "kv_ratio", "seconds_per_sample"}
+
+CIs: Wilson score interval when every score is 0 or 1 (binary), else the normal approximation
+``mean +- 1.96 * sd / sqrt(n)`` clipped to [0, 1]. ``average`` is the mean over the per-sample
+scores of all tasks (equal to the macro average when every task has the same n).
+``peak_kv_bytes``: the largest KV cache actually held by any sample of the group (including the
+transient peak of a prefill chunk before its eviction), ``dense_kv_bytes`` the same for dense
+attention over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+Z95 = 1.959963984540054
+TOPK_BASELINES = ("streaming", "tova", "h2o", "snapkv")
+RETRIEVAL_TASKS = ("passkey", "multikey", "multivalue", "multiquery", "vartrack")
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for ``successes`` out of ``n`` binary trials."""
+    if n <= 0:
+        raise ValueError(f"n must be >= 1, got {n}")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def ci95(scores: Sequence[float]) -> tuple[float, float]:
+    """95 % CI of the mean of ``scores`` (Wilson if binary, else normal approximation)."""
+    n = len(scores)
+    if n == 0:
+        raise ValueError("no scores")
+    if all(s in (0.0, 1.0) for s in scores):
+        return wilson(sum(scores), n)
+    mean = sum(scores) / n
+    sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1)) if n > 1 else 0.0
+    half = Z95 * sd / math.sqrt(n)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def _record(policy: str, eviction: float, mode: str, task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    scores = [float(r["score"]) for r in rows]
+    lo, hi = ci95(scores)
+    peak = max(int(r["peak_kv_bytes"]) for r in rows)
+    dense = max(int(r["dense_kv_bytes"]) for r in rows)
+    return {
+        "policy": policy,
+        "eviction": eviction,
+        "mode": mode,
+        "task": task,
+        "score": round(sum(scores) / len(scores), 4),
+        "n": len(scores),
+        "ci95": [round(lo, 4), round(hi, 4)],
+        "peak_kv_bytes": peak,
+        "dense_kv_bytes": dense,
+        "kv_ratio": round(peak / dense, 4) if dense else None,
+        "seconds_per_sample": round(sum(float(r["seconds"]) for r in rows) / len(rows), 3),
+    }
+
+
+def aggregate(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Published records from per-run records: per task, then one ``average`` per (policy, eviction, mode)."""
+    groups: dict[tuple[str, float, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        groups[(r["policy"], float(r["eviction"]), r["mode"])][r["task"]].append(r)
+    out: list[dict[str, Any]] = []
+    for (policy, ev, mode), by_task in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        for task in sorted(by_task):
+            out.append(_record(policy, ev, mode, task, by_task[task]))
+        out.append(_record(policy, ev, mode, "average", [r for rows in by_task.values() for r in rows]))
+    return out
+
+
+def _lookup(records: list[dict[str, Any]]) -> dict[tuple[str, float, str, str], dict[str, Any]]:
+    return {(r["policy"], r["eviction"], r["mode"], r["task"]): r for r in records}
+
+
+def verdict(records: list[dict[str, Any]], nexus: str = "nexus", eviction: float = 0.8) -> dict[str, Any]:
+    """The two claims, checked per mode: |nexus - dense| <= 0.01 on average, and nexus > best top-K on retrieval.
+
+    Retrieval score = mean of the per-task scores over :data:`RETRIEVAL_TASKS` present in the records.
+    """
+    idx = _lookup(records)
+    dense = idx.get(("dense", 0.0, "dense", "average"))
+    out: dict[str, Any] = {"nexus_policy": nexus, "eviction": eviction, "modes": {}}
+    modes = sorted({r["mode"] for r in records if r["mode"] != "dense"})
+    tasks = sorted({r["task"] for r in records if r["task"].split("-")[0] in RETRIEVAL_TASKS})
+
+    def retrieval(policy: str, mode: str) -> float | None:
+        vals = [idx[(policy, eviction, mode, t)]["score"] for t in tasks if (policy, eviction, mode, t) in idx]
+        return sum(vals) / len(vals) if vals and len(vals) == len(tasks) else None
+
+    for mode in modes:
+        nx = idx.get((nexus, eviction, mode, "average"))
+        if nx is None:
+            continue
+        base = {p: retrieval(p, mode) for p in TOPK_BASELINES}
+        base = {p: v for p, v in base.items() if v is not None}
+        best = max(base, key=lambda p: base[p]) if base else None
+        nx_ret = retrieval(nexus, mode)
+        out["modes"][mode] = {
+            "nexus_average": nx["score"],
+            "dense_average": dense["score"] if dense else None,
+            "gap_to_dense": round(dense["score"] - nx["score"], 4) if dense else None,
+            "within_0.01_of_dense": bool(dense and dense["score"] - nx["score"] <= 0.01),
+            "nexus_retrieval": None if nx_ret is None else round(nx_ret, 4),
+            "best_topk_baseline": best,
+            "best_topk_retrieval": None if best is None else round(base[best], 4),
+            "beats_best_topk_on_retrieval": bool(best is not None and nx_ret is not None and nx_ret > base[best]),
+        }
+    return out
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2**20:.2f}"
+
+
+def markdown(records: list[dict[str, Any]], title: str = "") -> str:
+    """One table per (mode, eviction): policies x tasks (score, n in the header), average with CI, KV MiB."""
+    idx = _lookup(records)
+    tasks = sorted({r["task"] for r in records if r["task"] != "average"})
+    dense_rows = [r for r in records if r["policy"] == "dense"]
+    lines = [f"# {title}" if title else ""]
+    settings = sorted({(r["mode"], r["eviction"]) for r in records if r["policy"] != "dense"})
+    if not settings and dense_rows:
+        settings = [("dense", 0.0)]
+    for mode, ev in settings:
+        policies = [p for p in dict.fromkeys(r["policy"] for r in records if (r["mode"], r["eviction"]) == (mode, ev))]
+        ns = {t: max((r["n"] for r in records if r["task"] == t and r["mode"] == mode), default=0) for t in tasks}
+        lines += ["", f"## mode {mode}, eviction {ev:g}", ""]
+        head = ["policy", *[f"{t} (n={ns[t]})" for t in tasks], "average [95% CI]", "peak KV MiB", "dense KV MiB"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        keys = ([("dense", 0.0, "dense")] if dense_rows and mode != "dense" else []) + [(p, ev, mode) for p in policies]
+        for p, e, m in keys:
+            avg = idx.get((p, e, m, "average"))
+            if avg is None:
+                continue
+            cells = [p] + [f"{idx[(p, e, m, t)]['score']:.3f}" if (p, e, m, t) in idx else "-" for t in tasks]
+            cells += [f"{avg['score']:.3f} [{avg['ci95'][0]:.2f}, {avg['ci95'][1]:.2f}]",
+                      _mib(avg["peak_kv_bytes"]), _mib(avg["dense_kv_bytes"])]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines).strip() + "\n"
+
+
+def plot(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Average accuracy vs eviction rate, one line per policy, one panel per mode (dense at eviction 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    avgs = [r for r in records if r["task"] == "average"]
+    dense = next((r for r in avgs if r["policy"] == "dense"), None)
+    modes = sorted({r["mode"] for r in avgs if r["mode"] != "dense"}) or ["dense"]
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False, sharey=True)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        for policy in dict.fromkeys(r["policy"] for r in avgs if r["mode"] == mode):
+            pts = sorted((r["eviction"], r["score"]) for r in avgs if r["mode"] == mode and r["policy"] == policy)
+            if dense is not None:
+                pts = [(0.0, dense["score"]), *pts]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+        if dense is not None:
+            ax.axhline(dense["score"], color="black", lw=0.8, ls="--")
+        ax.set_title(f"{mode}")
+        ax.set_xlabel("eviction rate (fraction of the whole sequence)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("average score")
+    axes[0][-1].legend(fontsize=8, loc="lower left")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,284 @@
+"""The evaluation loop: samples x policies x eviction rates x modes, resumable, one JSONL line per run.
+
+Resumability: every finished (sample, policy, eviction, mode) run is appended as one JSON line to
+the results file (flushed and fsynced), keyed by :func:`run_key`, which also hashes everything that
+changes the outcome (model, chunk size, knobs). On restart, lines already present are skipped, so a
+killed run loses at most the sample in flight; a torn last line (killed mid-write) is ignored.
+
+Budget: the eviction rate is a fraction of the *whole* sequence, context + question + the answer's
+``max_new_tokens``: ``budget = round((1 - eviction) * total)``. Eviction 0 (policy ``dense``) runs
+without any policy call.
+
+The backend is pluggable: :data:`BackendFactory` builds one from the CLI arguments, so a remote
+sidecar backend (``--sidecar ADDR``) slots in without touching this loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nexus_sidecar.evals.driver import Prefix, drive, kv_bytes_per_token, prefill
+from nexus_sidecar.evals.longbench import score as score_answer
+from nexus_sidecar.evals.tasks import Sample
+
+MODES = ("streaming", "oneshot")
+DENSE = "dense"
+BackendFactory = Callable[[], Any]  # () -> nexus_client.hf.PolicyBackend
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy name plus knob overrides, written ``nexus:pool=5:tau=8`` on the command line."""
+
+    name: str
+    knobs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """The spelling used in records and tables (canonical knob order)."""
+        return ":".join([self.name, *(f"{k}={v}" for k, v in self.knobs)])
+
+    @classmethod
+    def parse(cls, text: str) -> PolicySpec:
+        """Parse ``name[:key=value]*``; values are int, float, or ``inf`` (tau)."""
+        name, *parts = text.strip().split(":")
+        if not name:
+            raise ValueError(f"empty policy name in {text!r}")
+        knobs: dict[str, Any] = {}
+        for part in parts:
+            key, sep, raw = part.partition("=")
+            if not sep or not key or not raw:
+                raise ValueError(f"policy {text!r}: knob {part!r} is not key=value")
+            knobs[key] = _number(raw, f"policy {text!r}: knob {key}")
+        return cls(name, tuple(sorted(knobs.items())))
+
+
+def _number(raw: str, what: str) -> int | float:
+    try:
+        return int(raw)
+    except ValueError:
+        pass
+    try:
+        return float(raw)  # accepts 'inf'
+    except ValueError:
+        raise ValueError(f"{what}: {raw!r} is not a number") from None
+
+
+@dataclass
+class EvalSettings:
+    """Everything besides the samples and policies that changes a run's outcome."""
+
+    model: str
+    chunk_size: int = 64
+    chat: bool = True
+    base_knobs: dict[str, Any] = field(default_factory=lambda: {"sinks": 4, "recent": 16})
+
+    def fingerprint(self) -> str:
+        """Short hash of the settings (part of every run key)."""
+        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One (policy, eviction, mode) combination."""
+
+    policy: PolicySpec
+    eviction: float
+    mode: str
+
+
+def expand_runs(policies: Sequence[PolicySpec], evictions: Sequence[float], modes: Sequence[str]) -> list[RunSpec]:
+    """The combinations to run per sample; ``dense`` once (eviction 0, mode ``dense``)."""
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; known: {', '.join(MODES)}")
+    for e in evictions:
+        if not 0.0 < e < 1.0:
+            raise ValueError(f"eviction rates must be in (0, 1) (dense is the 'dense' policy), got {e}")
+    runs: list[RunSpec] = []
+    for p in policies:
+        if p.name == DENSE:
+            runs.append(RunSpec(p, 0.0, DENSE))
+            continue
+        runs.extend(RunSpec(p, e, m) for e in evictions for m in modes)
+    return runs
+
+
+def run_key(settings: EvalSettings, sample: Sample, run: RunSpec) -> str:
+    """Identity of one finished run in the results file."""
+    return f"{settings.fingerprint()}|{sample.sample_id}|{run.policy.label}|{run.eviction:g}|{run.mode}"
+
+
+def prompt_segments(tokenizer: Any, sample: Sample, chat: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of (context, question part) of ``sample``.
+
+    With ``chat`` the tokenizer's chat template wraps ``context + question`` as one user turn and
+    the answer prefix opens the assistant turn; the ids are split where the question starts (the
+    two halves are tokenized separately, so nothing of the question leaks into the context stream).
+    """
+    user = sample.context + "\n\n" + sample.question
+    if chat and getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+    else:
+        full = user + "\n"
+    full += sample.answer_prefix
+    cut = full.index(sample.context) + len(sample.context)
+    ctx = tokenizer(full[:cut], add_special_tokens=False).input_ids
+    q = tokenizer(full[cut:], add_special_tokens=False).input_ids
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not chat and bos is not None and getattr(tokenizer, "add_bos_token", False):
+        ctx = [bos, *ctx]
+    return list(ctx), list(q)
+
+
+def load_done(path: Path) -> dict[str, dict[str, Any]]:
+    """Finished runs in ``path`` by key (missing file: none; a torn trailing line is ignored)."""
+    done: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return done
+    with path.open() as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a run killed mid-write; it is simply redone
+            if isinstance(rec, dict) and "key" in rec:
+                done[rec["key"]] = rec
+    return done
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
+def _append(path: Path, rec: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A run killed mid-write leaves a torn last line without its newline; start a fresh line so the
+    # new record is not glued onto it (and lost with it).
+    torn = path.exists() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+    with path.open("a") as f:
+        f.write(("\n" if torn else "") + json.dumps(rec, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_one(
+    model: Any, tokenizer: Any, sample: Sample, run: RunSpec, settings: EvalSettings,
+    backend_factory: BackendFactory, segments: tuple[list[int], list[int]], prefix: Prefix | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Run one sample under one (policy, eviction, mode) and return its record (not yet written).
+
+    Dense and one-shot runs feed ``[context, question]`` and may share the context ``prefix``
+    (:func:`~nexus_sidecar.evals.driver.prefill`); streaming runs feed the context chunk by chunk.
+    """
+    ctx, q = segments
+    total = len(ctx) + len(q) + sample.max_new_tokens
+    stop_ids = [i for i in {getattr(tokenizer, "eos_token_id", None)} if i is not None]
+    per_token = kv_bytes_per_token(model)
+    budget = total
+    if run.policy.name == DENSE:
+        segs, backend, cfg = [ctx, q], None, None
+    else:
+        budget = round((1.0 - run.eviction) * total)
+        knobs = {**settings.base_knobs, **dict(run.policy.knobs)}
+        cfg = {"policy": run.policy.name, "budget": budget, "slack": 0, "groups": 1,
+               "seed": zlib.crc32(sample.sample_id.encode()), **knobs}  # fmt: skip
+        need = int(cfg.get("sinks", 4)) + int(cfg.get("recent", 16))
+        if budget <= need:
+            raise ValueError(f"{sample.sample_id}: budget {budget} at eviction {run.eviction} is not above "
+                             f"sinks + recent = {need}; lower the eviction rate or the protected window")  # fmt: skip
+        if run.mode == "streaming":
+            c = settings.chunk_size
+            segs = [ctx[i : i + c] for i in range(0, len(ctx), c)] + [q]
+        else:
+            segs = [ctx, q]
+        backend = backend_factory()
+    shared = prefix if run.mode != "streaming" else None
+    res = drive(model, tokenizer, segs, backend, cfg, sample.max_new_tokens, stop_ids=stop_ids, prefix=shared)
+    return {
+        "key": run_key(settings, sample, run),
+        "model": settings.model,
+        "task": sample.task,
+        "sample_id": sample.sample_id,
+        "policy": run.policy.label,
+        "base_policy": run.policy.name,
+        "knobs": dict(run.policy.knobs),
+        "eviction": run.eviction,
+        "mode": run.mode,
+        "score": score_answer(sample.metric, res.text, list(sample.answers)),
+        "metric": sample.metric,
+        "answers": list(sample.answers),
+        "output": res.text,
+        "context_tokens": len(ctx),
+        "total_tokens": total,
+        "budget": budget,
+        "peak_cache": res.peak_cache,
+        "max_after_call": res.max_after_call,
+        "peak_kv_bytes": res.peak_cache * per_token,
+        "dense_kv_bytes": total * per_token,
+        "kv_bytes_per_token": per_token,
+        "policy_calls": res.policy_calls,
+        "evicted": res.evicted,
+        "seconds": round(res.seconds, 3),
+    }
+
+
+def iter_eval(
+    model: Any,
+    tokenizer: Any,
+    samples: Iterable[Sample],
+    runs: Sequence[RunSpec],
+    settings: EvalSettings,
+    backend_factory: BackendFactory,
+    results_path: Path,
+    *,
+    progress: bool = True,
+    total: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield one record per (sample, run), reusing finished ones from ``results_path`` and appending new ones.
+
+    Sample-major order: each prompt is tokenized once and every run of it follows, so an interrupted
+    evaluation still has complete per-sample comparisons across policies.
+    """
+    done = load_done(results_path)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="eval", unit="run", dynamic_ncols=True)
+    try:
+        for sample in samples:
+            segments: tuple[list[int], list[int]] | None = None
+            prefix: Prefix | None = None
+            for run in runs:
+                key = run_key(settings, sample, run)
+                rec = done.get(key)
+                if rec is None:
+                    if segments is None:
+                        segments = prompt_segments(tokenizer, sample, settings.chat)
+                    if prefix is None and run.mode != "streaming":
+                        prefix = prefill(model, segments[0])
+                    rec = run_one(model, tokenizer, sample, run, settings, backend_factory, segments, prefix)
+                    _append(results_path, rec)
+                    done[key] = rec
+                if bar is not None:
+                    bar.set_postfix_str(f"{sample.task} {run.policy.label} {run.eviction:g} {run.mode}", refresh=False)
+                    bar.update(1)
+                yield rec
+    finally:
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,227 @@
+"""Seeded RULER-style task generators (no downloads): needles hidden in a haystack, then a question.
+
+Every generator returns :class:`Sample` objects whose ``context`` is what streams through the cache
+first, ``question`` what arrives after it, and ``answers`` the strings the reply must contain. A
+sample is a pure function of ``(task, haystack, length, split, index)``: the RNG is seeded with that
+tuple as a string (Python's ``random`` hashes string seeds with SHA-512, independent of
+``PYTHONHASHSEED``), so the dev and test splits never share a sample and a rerun regenerates the
+same prompts.
+
+Tasks (after RULER, Hsieh et al. 2024, simplified for a 135M model):
+
+- ``passkey``: one pass key (5 digits) in the haystack.
+- ``multikey``: one needle "special magic number for <key>" among ``3`` distractor needles with other keys.
+- ``multivalue``: one key with ``3`` values scattered; all must be recalled.
+- ``multiquery``: ``3`` keys, one value each; all three are asked at once.
+- ``vartrack``: a chain ``VAR A = 12345. ... VAR B = VAR A. ... VAR C = VAR B.``; the question asks
+  the value of the last variable. The middle links are *bridge tokens*: nothing in the question
+  mentions them, but the answer needs them.
+- ``cwe``: common-words extraction: a numbered word list where ``3`` words occur
+  ``max(4, length // 64)`` times and the rest twice; the three most common words must be named.
+
+A task name may carry a haystack: ``passkey-stdlib`` (natural text) vs ``passkey`` (RULER noise).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nexus_sidecar.evals.haystacks import HAYSTACKS, haystack_sentences
+
+CountTokens = Callable[[str], int]
+
+BASE_TASKS = ("passkey", "multikey", "multivalue", "multiquery", "vartrack", "cwe")
+SPLITS = ("dev", "test")
+
+# Small fixed vocabularies keep the generators dependency-free and deterministic.
+ADJECTIVES = (
+    "ancient", "bitter", "brave", "calm", "clever", "crimson", "curious", "damp", "eager", "fancy", "fierce",
+    "gentle", "golden", "hollow", "humble", "icy", "jolly", "kind", "lively", "lonely", "mighty", "noisy",
+    "odd", "polite", "proud", "quiet", "rapid", "rusty", "shiny", "silent", "silver", "sleepy", "smooth",
+    "steady", "sturdy", "swift", "tender", "tiny", "vivid", "wise",
+)  # fmt: skip
+NOUNS = (
+    "anchor", "badger", "basket", "beacon", "canyon", "castle", "cedar", "comet", "compass", "dolphin",
+    "falcon", "forest", "garden", "glacier", "harbor", "island", "lantern", "meadow", "mirror", "orchard",
+    "otter", "pebble", "pepper", "planet", "quarry", "raven", "river", "saddle", "spruce", "summit",
+    "teapot", "thunder", "tiger", "tulip", "valley", "violin", "walnut", "willow", "window", "zebra",
+)  # fmt: skip
+CWE_WORDS = (
+    "apple", "bread", "chair", "cloud", "dance", "eagle", "flame", "grape", "horse", "juice", "knife",
+    "lemon", "money", "night", "ocean", "paper", "queen", "radio", "sheep", "table", "uncle", "voice",
+    "water", "youth", "bottle", "candle", "doctor", "engine", "finger", "guitar", "hammer", "jacket",
+    "kitten", "ladder", "marble", "needle", "onion", "pillow", "rabbit", "silver", "tomato", "wallet",
+    "button", "carpet", "dragon", "feather", "helmet", "island", "jungle", "kettle", "lizard", "magnet",
+    "napkin", "parrot", "rocket", "shadow", "ticket", "velvet", "wizard", "yogurt",
+)  # fmt: skip
+
+NIAH_PREAMBLE = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+    "I will quiz you about the numbers afterwards."
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One evaluation prompt.
+
+    ``metric``: ``match_all`` (fraction of ``answers`` found in the reply, RULER's string_match_all),
+    ``match_any`` (1 if any answer is found), or a LongBench metric (see :mod:`.longbench`).
+    ``answer_prefix`` is appended after the question (inside the assistant turn) to steer the format.
+    """
+
+    task: str
+    sample_id: str
+    context: str
+    question: str
+    answers: tuple[str, ...]
+    metric: str
+    max_new_tokens: int
+    answer_prefix: str = ""
+    meta: dict[str, object] = field(default_factory=dict, compare=False)
+
+
+def approx_tokens(text: str) -> int:
+    """A tokenizer-free length estimate (about 4 characters per token) for tests and planning."""
+    return max(1, len(text) // 4)
+
+
+def parse_task(name: str) -> tuple[str, str]:
+    """Split ``'passkey-stdlib'`` into ``('passkey', 'stdlib')``; no suffix means the ``noise`` haystack."""
+    base, _, hay = name.partition("-")
+    hay = hay or "noise"
+    if base not in BASE_TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(BASE_TASKS)} (optionally -<haystack>)")
+    if hay not in HAYSTACKS:
+        raise ValueError(f"task {name!r}: unknown haystack {hay!r}; known: {', '.join(HAYSTACKS)}")
+    return base, hay
+
+
+def _number(rng: random.Random, used: set[int]) -> int:
+    while True:
+        v = rng.randrange(10000, 100000)
+        if v not in used:
+            used.add(v)
+            return v
+
+
+def _keys(rng: random.Random, n: int) -> list[str]:
+    seen: set[str] = set()
+    while len(seen) < n:
+        seen.add(f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}")
+    return sorted(seen, key=lambda _: rng.random())
+
+
+def _hide(
+    rng: random.Random, needles: list[str], length: int, count: CountTokens, haystack: str, ordered: bool = False
+) -> str:
+    """Haystack of about ``length`` tokens with ``needles`` inserted at random sentence boundaries.
+
+    ``ordered`` keeps the needles in the given order (the variable chain must be defined before use).
+    """
+    budget = length - sum(count(" " + n) for n in needles) - count(NIAH_PREAMBLE)
+    start = rng.randrange(1 << 30)
+    filler = haystack_sentences(haystack, max(budget, 0), count, start=start)
+    # Depths strictly inside the haystack, as RULER spreads needles over 0-100 % depth.
+    slots = sorted(rng.randrange(0, len(filler) + 1) for _ in needles)
+    order = list(needles) if ordered else rng.sample(list(needles), len(needles))
+    parts: list[str] = []
+    i = 0
+    for slot, needle in zip(slots, order, strict=True):
+        parts.extend(filler[i:slot])
+        parts.append(needle)
+        i = slot
+    parts.extend(filler[i:])
+    return NIAH_PREAMBLE + "\n" + " ".join(parts)
+
+
+def _magic(key: str, value: int) -> str:
+    return f"One of the special magic numbers for {key} is: {value}."
+
+
+def generate_sample(task: str, length: int, split: str, index: int, count: CountTokens = approx_tokens) -> Sample:
+    """Build sample ``index`` of ``task`` (e.g. ``'multikey-stdlib'``) at about ``length`` context tokens."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if length < 64:
+        raise ValueError(f"length must be >= 64 tokens, got {length}")
+    base, hay = parse_task(task)
+    rng = random.Random(f"{base}|{hay}|{length}|{split}|{index}")
+    used: set[int] = set()
+    sid = f"{task}/{length}/{split}/{index}"
+    if base == "passkey":
+        v = _number(rng, used)
+        needle = f"The pass key is {v}. Remember it. {v} is the pass key."
+        ctx = _hide(rng, [needle], length, count, hay).replace(NIAH_PREAMBLE, _PASSKEY_PREAMBLE)
+        return Sample(task, sid, ctx, "What is the pass key?", (str(v),), "match_all", 8, "The pass key is")
+    if base == "multikey":
+        keys = _keys(rng, 4)
+        vals = [_number(rng, used) for _ in keys]
+        ctx = _hide(rng, [_magic(k, v) for k, v in zip(keys, vals, strict=True)], length, count, hay)
+        k = keys[0]
+        q = f"What is the special magic number for {k} mentioned in the provided text?"
+        pre = f"The special magic number for {k} mentioned in the provided text is"
+        return Sample(task, sid, ctx, q, (str(vals[0]),), "match_all", 8, pre, {"distractors": vals[1:]})
+    if base == "multivalue":
+        (k,) = _keys(rng, 1)
+        vals = [_number(rng, used) for _ in range(3)]
+        ctx = _hide(rng, [_magic(k, v) for v in vals], length, count, hay)
+        q = f"What are all the special magic numbers for {k} mentioned in the provided text?"
+        pre = f"The special magic numbers for {k} mentioned in the provided text are"
+        return Sample(task, sid, ctx, q, tuple(str(v) for v in vals), "match_all", 24, pre)
+    if base == "multiquery":
+        keys = _keys(rng, 3)
+        vals = [_number(rng, used) for _ in keys]
+        ctx = _hide(rng, [_magic(k, v) for k, v in zip(keys, vals, strict=True)], length, count, hay)
+        names = f"{keys[0]}, {keys[1]}, and {keys[2]}"
+        q = f"What are the special magic numbers for {names} mentioned in the provided text?"
+        pre = f"The special magic numbers for {names} mentioned in the provided text are"
+        return Sample(task, sid, ctx, q, tuple(str(v) for v in vals), "match_all", 24, pre)
+    if base == "vartrack":
+        names: list[str] = []
+        while len(names) < 3:  # three distinct 5-letter names: a value and a chain of two hops
+            n = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+            if n not in names:
+                names.append(n)
+        v = _number(rng, used)
+        chain = [f"VAR {names[0]} = {v}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(names)]
+        ctx = _hide(rng, chain, length, count, hay, ordered=True).replace(NIAH_PREAMBLE, _VAR_PREAMBLE)
+        q = f"What is the value of VAR {names[-1]}?"
+        return Sample(task, sid, ctx, q, (str(v),), "match_all", 8, f"The value of VAR {names[-1]} is",
+                      {"chain": names})  # fmt: skip
+    # cwe: the haystack plays no role (the word list is the context), so '-stdlib' only renames the task.
+    words = rng.sample(list(CWE_WORDS), len(CWE_WORDS))
+    common, rare = words[:3], words[3:]
+    freq = max(4, length // 64)  # common words: 8 times each at 512 tokens; rare words: twice
+    items: list[str] = [w for w in common for _ in range(freq)]
+    budget = length - count(_CWE_PREAMBLE)
+    # Entries are budgeted with their real list numbers ("117. apple" costs more than "1. apple").
+    used_tokens = sum(count(f" {i + 1}. {w}") for i, w in enumerate(items))
+    r = 0
+    while used_tokens < budget:  # rare words twice each (cycling the pool) until the length is reached
+        w = rare[r % len(rare)]
+        items += [w, w]
+        used_tokens += count(f" {len(items) - 1}. {w}") + count(f" {len(items)}. {w}")
+        r += 1
+    rng.shuffle(items)
+    ctx = _CWE_PREAMBLE + "\n" + " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
+    q = "What are the 3 most common words in the above list?"
+    return Sample(task, sid, ctx, q, tuple(common), "match_all", 16, "The 3 most common words in the list are:")
+
+
+_PASSKEY_PREAMBLE = (
+    "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the pass key there."
+)
+_VAR_PREAMBLE = "Memorize and track the chain of variable assignments hidden in the following text."
+_CWE_PREAMBLE = "Below is a numbered list of words. Some words appear more often than others. Memorize the list."
+
+
+def generate_samples(
+    tasks: list[str], length: int, split: str, n: int, count: CountTokens = approx_tokens, start: int = 0
+) -> list[Sample]:
+    """``n`` samples (indices ``start .. start+n-1``) of every task in ``tasks``, task-major order."""
+    return [generate_sample(t, length, split, start + i, count) for t in tasks for i in range(n)]

@@ -1,0 +1,71 @@
+"""Aggregation, confidence intervals, the verdict, the markdown table and the plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nexus_sidecar.evals.report import aggregate, ci95, markdown, plot, verdict, wilson
+
+
+def _run(
+    policy: str, ev: float, mode: str, task: str, score: float, peak: int = 100, dense: int = 500
+) -> dict[str, Any]:
+    return {"policy": policy, "eviction": ev, "mode": mode, "task": task, "score": score,
+            "peak_kv_bytes": peak, "dense_kv_bytes": dense, "seconds": 1.0}  # fmt: skip
+
+
+def test_wilson_and_normal_intervals() -> None:
+    lo, hi = wilson(8, 8)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(0.6756, abs=1e-3)  # textbook value for 8/8
+    lo, hi = wilson(0, 10)
+    assert lo == pytest.approx(0.0) and hi == pytest.approx(0.2775, abs=1e-3)
+    assert ci95([1.0, 0.0, 1.0, 1.0]) == wilson(3, 4)
+    lo, hi = ci95([0.5, 0.5, 0.5])
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)  # fractional scores: normal approximation
+    with pytest.raises(ValueError):
+        ci95([])
+
+
+def _runs() -> list[dict[str, Any]]:
+    runs = [_run("dense", 0.0, "dense", t, 1.0, 500) for t in ("passkey", "cwe") for _ in range(2)]
+    runs += [_run("nexus", 0.8, "oneshot", "passkey", s) for s in (1.0, 1.0)]
+    runs += [_run("nexus", 0.8, "oneshot", "cwe", s, peak=120) for s in (1.0, 0.5)]
+    runs += [_run("tova", 0.8, "oneshot", "passkey", s) for s in (1.0, 0.0)]
+    runs += [_run("tova", 0.8, "oneshot", "cwe", s) for s in (1.0, 1.0)]
+    return runs
+
+
+def test_aggregate_records_and_average() -> None:
+    recs = aggregate(_runs())
+    idx = {(r["policy"], r["mode"], r["task"]): r for r in recs}
+    avg = idx[("nexus", "oneshot", "average")]
+    assert avg["score"] == pytest.approx(0.875) and avg["n"] == 4 and avg["peak_kv_bytes"] == 120
+    assert avg["kv_ratio"] == pytest.approx(120 / 500)
+    assert idx[("tova", "oneshot", "passkey")]["score"] == 0.5
+    assert idx[("dense", "dense", "average")]["score"] == 1.0
+    for r in recs:
+        assert r["ci95"][0] <= r["score"] <= r["ci95"][1]
+        assert set(r) >= {"policy", "eviction", "mode", "task", "score", "n", "ci95", "peak_kv_bytes"}
+
+
+def test_verdict_checks_both_claims() -> None:
+    v = verdict(aggregate(_runs()), "nexus", 0.8)["modes"]["oneshot"]
+    assert v["gap_to_dense"] == pytest.approx(0.125) and not v["within_0.01_of_dense"]
+    assert v["nexus_retrieval"] == 1.0 and v["best_topk_baseline"] == "tova" and v["best_topk_retrieval"] == 0.5
+    assert v["beats_best_topk_on_retrieval"]
+    perfect = [r for r in _runs() if r["policy"] != "nexus"] + [
+        _run("nexus", 0.8, "oneshot", t, 1.0) for t in ("passkey", "cwe")
+    ]
+    assert verdict(aggregate(perfect), "nexus", 0.8)["modes"]["oneshot"]["within_0.01_of_dense"]
+
+
+def test_markdown_and_plot(tmp_path: Path) -> None:
+    recs = aggregate(_runs())
+    md = markdown(recs, "t")
+    assert "## mode oneshot, eviction 0.8" in md and "| dense |" in md and "| nexus |" in md
+    assert "0.875 [" in md and "passkey (n=2)" in md
+    out = tmp_path / "p.png"
+    plot(recs, out, "t")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,139 @@
+"""The eval loop on a tiny random Llama: budgets hold, runs are recorded once, a restart resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nexus_client.hf import LocalBackend
+from nexus_sidecar.evals.driver import drive, kv_bytes_per_token, prefill
+from nexus_sidecar.evals.runner import (
+    EvalSettings,
+    PolicySpec,
+    expand_runs,
+    iter_eval,
+    load_done,
+    prompt_segments,
+    run_key,
+)
+from nexus_sidecar.evals.tasks import generate_samples
+
+SETTINGS = EvalSettings(model="tiny", chunk_size=16, chat=False, base_knobs={"sinks": 2, "recent": 4})
+RUNS = expand_runs([PolicySpec.parse(p) for p in ("dense", "tova", "nexus:pool=3")], [0.8], ["streaming", "oneshot"])
+
+
+class CountingFactory:
+    """Backend factory that counts how many runs asked for a backend."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls = 0
+        self.fail = fail
+
+    def __call__(self) -> LocalBackend:
+        self.calls += 1
+        if self.fail:
+            raise AssertionError("a finished run was recomputed")
+        return LocalBackend()
+
+
+def _samples() -> list[Any]:
+    return generate_samples(["passkey", "vartrack"], 64, "dev", 2)
+
+
+def test_policy_spec_parsing() -> None:
+    spec = PolicySpec.parse("nexus:tau=inf:pool=5")
+    assert spec.name == "nexus" and dict(spec.knobs) == {"pool": 5, "tau": float("inf")}
+    assert spec.label == "nexus:pool=5:tau=inf"
+    for bad in ("nexus:pool", "nexus:pool=x", ":pool=3"):
+        with pytest.raises(ValueError):
+            PolicySpec.parse(bad)
+    assert [(r.policy.name, r.eviction, r.mode) for r in RUNS][:2] == [
+        ("dense", 0.0, "dense"),
+        ("tova", 0.8, "streaming"),
+    ]
+    with pytest.raises(ValueError, match="eviction"):
+        expand_runs([PolicySpec("tova")], [1.0], ["oneshot"])
+    with pytest.raises(ValueError, match="mode"):
+        expand_runs([PolicySpec("tova")], [0.8], ["aware"])
+
+
+def test_budget_holds_and_prefix_matches_plain_prefill(tiny: Any) -> None:
+    model, tok = tiny
+    s = _samples()[0]
+    ctx, q = prompt_segments(tok, s, chat=False)
+    total = len(ctx) + len(q) + s.max_new_tokens
+    budget = round(0.2 * total)
+    cfg = {"policy": "tova", "budget": budget, "sinks": 2, "recent": 4}
+    chunks = [ctx[i : i + 16] for i in range(0, len(ctx), 16)] + [q]
+    res = drive(model, tok, chunks, LocalBackend(), cfg, s.max_new_tokens, stop_ids=[])
+    assert res.max_after_call <= budget < res.peak_cache <= budget + 16 and res.evicted > 0
+    plain = drive(model, tok, [ctx, q], LocalBackend(), cfg, s.max_new_tokens)
+    shared = drive(model, tok, [ctx, q], LocalBackend(), cfg, s.max_new_tokens, prefix=prefill(model, ctx))
+    assert shared.token_ids == plain.token_ids and shared.evicted == plain.evicted
+    assert shared.peak_cache == plain.peak_cache == len(ctx)
+    dense = drive(model, tok, [ctx, q], None, None, s.max_new_tokens)
+    assert (
+        dense.evicted == 0
+        and dense.policy_calls == 0
+        and dense.peak_cache == len(ctx) + len(q) + len(dense.token_ids) - 1
+    )
+    # 2 layers x (K and V) x 2 kv heads x head_dim 8 x 4 bytes (float32)
+    assert kv_bytes_per_token(model) == 2 * 2 * 2 * 8 * 4
+    with pytest.raises(ValueError, match="prefix ids"):
+        drive(model, tok, [q, ctx], None, None, 2, prefix=prefill(model, ctx))
+
+
+def test_runs_are_recorded_and_a_restart_skips_them(tiny: Any, tmp_path: Path) -> None:
+    model, tok = tiny
+    path = tmp_path / "out.jsonl"
+    samples = _samples()
+    factory = CountingFactory()
+    first = list(iter_eval(model, tok, samples, RUNS, SETTINGS, factory, path, progress=False))
+    n_runs = len(samples) * len(RUNS)
+    assert len(first) == n_runs and factory.calls == len(samples) * (len(RUNS) - 1)  # dense needs no backend
+    lines = path.read_text().splitlines()
+    assert len(lines) == n_runs and len(load_done(path)) == n_runs
+    for rec in first:
+        assert 0.0 <= rec["score"] <= 1.0
+        if rec["policy"] != "dense":
+            assert rec["max_after_call"] <= rec["budget"] == round(0.2 * rec["total_tokens"])
+            assert rec["peak_kv_bytes"] < rec["dense_kv_bytes"]
+    # Restart: nothing is recomputed, and the records come back identical.
+    again = list(iter_eval(model, tok, samples, RUNS, SETTINGS, CountingFactory(fail=True), path, progress=False))
+    assert again == first
+
+    # Simulate a kill mid-write: drop the last two lines, leave a torn one. Only those runs are redone.
+    path.write_text("\n".join(lines[:-2]) + "\n" + lines[-2][: len(lines[-2]) // 2])
+    redo = CountingFactory()
+    third = list(iter_eval(model, tok, samples, RUNS, SETTINGS, redo, path, progress=False))
+    assert redo.calls == 2
+    assert [(r["key"], r["output"], r["score"]) for r in third] == [(r["key"], r["output"], r["score"]) for r in first]
+    assert len(load_done(path)) == n_runs
+
+
+def test_settings_change_the_key(tiny: Any) -> None:
+    s = _samples()[0]
+    other = EvalSettings(model="tiny", chunk_size=32, chat=False, base_knobs={"sinks": 2, "recent": 4})
+    assert run_key(SETTINGS, s, RUNS[1]) != run_key(other, s, RUNS[1])
+    assert run_key(SETTINGS, s, RUNS[1]) != run_key(SETTINGS, s, RUNS[2])
+
+
+def test_budget_below_protected_window_is_a_precise_error(tiny: Any, tmp_path: Path) -> None:
+    model, tok = tiny
+    tight = EvalSettings(model="tiny", chunk_size=16, chat=False, base_knobs={"sinks": 16, "recent": 64})
+    runs = expand_runs([PolicySpec("tova")], [0.9], ["oneshot"])
+    with pytest.raises(ValueError, match="not above sinks \\+ recent"):
+        list(
+            iter_eval(model, tok, _samples()[:1], runs, tight, CountingFactory(), tmp_path / "x.jsonl", progress=False)
+        )
+
+
+def test_results_file_is_plain_jsonl(tiny: Any, tmp_path: Path) -> None:
+    model, tok = tiny
+    path = tmp_path / "r.jsonl"
+    runs = expand_runs([PolicySpec("random")], [0.8], ["oneshot"])
+    list(iter_eval(model, tok, _samples()[:1], runs, SETTINGS, CountingFactory(), path, progress=False))
+    rec = json.loads(path.read_text())
+    assert rec["policy"] == "random" and rec["mode"] == "oneshot" and rec["policy_calls"] >= 2
