@@ -259,3 +259,63 @@ async def drive(c: AsyncNexusClient, sims: list[SimSession], steps: int, ref: Re
             s.apply(p, r)
         history.append(results)
     return history
+
+
+# -- a real Prometheus server --------------------------------------------------------------------
+PROMETHEUS_HINT = "prometheus not found: install it (apt: prometheus, binary /usr/bin/prometheus)"
+
+
+@dataclass
+class PrometheusProc:
+    """A running prometheus server; ``url`` is its HTTP API base."""
+
+    proc: Any
+    url: str
+    log: Path
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+@pytest.fixture
+def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[int], PrometheusProc]]:
+    """``start(port)`` runs a real prometheus scraping 127.0.0.1:port/metrics every second (job
+    ``nexus``); every started server is stopped at teardown. A missing binary FAILS the test."""
+    import shutil
+    import subprocess
+
+    from nexus_sidecar.bench.procs import free_port
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail(PROMETHEUS_HINT, pytrace=False)
+    started: list[PrometheusProc] = []
+
+    def start(scrape_port: int) -> PrometheusProc:
+        d = tmp_path / f"prom-{len(started)}"
+        d.mkdir()
+        (d / "prom.yml").write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: nexus\n    scrape_interval: 1s\n    scrape_timeout: 900ms\n"
+            f"    static_configs:\n      - targets: ['127.0.0.1:{scrape_port}']\n"
+        )
+        port = free_port()
+        log = d / "prometheus.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [binary, f"--config.file={d / 'prom.yml'}", f"--storage.tsdb.path={d / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                stdout=out, stderr=subprocess.STDOUT)
+        pp = PrometheusProc(proc, f"http://127.0.0.1:{port}", log)
+        started.append(pp)
+        return pp
+
+    yield start
+    for pp in started:
+        if pp.proc.poll() is None:
+            pp.proc.terminate()
+            try:
+                pp.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pp.proc.kill()
+                pp.proc.wait(timeout=5)
