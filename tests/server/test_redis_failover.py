@@ -254,6 +254,11 @@ def test_resume_on_redis_cluster(redis_cluster) -> None:
             for s in sims:
                 assert (await c.open_session(s.session_id, s.config)).step == 3
             await drive(c, sims, 3, ref)
+            async with http(b) as h:
+                text = (await h.get("/metrics")).text
+            assert sample_value(text, "nexus_sessions_resumed_total", tenant="default") == 4
+            assert sample_value(text, "nexus_tokens_retained", tenant="default") == \
+                sum(s.retained[0].numel() for s in sims), "the retained gauge must count resumed sessions"
             assert await c.close_session("c0") == 6
             await c.close()
             store = RedisStore.from_url(redis_cluster.url)

@@ -189,6 +189,7 @@ class SessionManager:
                         count=sum(g.pos.numel() for g in cp.state.groups), digest=cp.digest,
                         last_result=last, checkpointed_step=cp.step)
         self._hot[(tenant, session_id)] = hs
+        self.metrics.tokens_retained.labels(tenant, hs.cfg.policy).inc(hs.count)  # _unload decrements it
         self.metrics.sessions_resumed.labels(tenant).inc()
         self.metrics.sessions_open.labels(tenant).set(len(self.hot_sessions(tenant)))
         log.info("resumed session %s/%s at step %d from the store", tenant, session_id, cp.step)
