@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from nexus_sidecar.server.auth import Principal
-from nexus_sidecar.server.errors import http_status, to_status
+from nexus_sidecar.server.errors import Draining, http_status, to_status
 
 if TYPE_CHECKING:
     from nexus_sidecar.server.app import Sidecar
@@ -115,6 +115,8 @@ def build_app(sidecar: Sidecar) -> FastAPI:
     @app.delete("/v1/sessions/{session_id}", response_model=Closed, summary="Close a session")
     async def delete_session(session_id: str, caller: Caller) -> Closed:
         caller.require_write()
+        if sidecar.servicer.draining:
+            raise Draining()
         return Closed(session_id=session_id, step=await sidecar.sessions.close(caller.tenant, session_id))
 
     return app
