@@ -32,12 +32,12 @@ class PolicyConfig:
     sinks: int = 4  # first tokens, never evicted (attention sinks)
     recent: int = 16  # last tokens, never evicted
     groups: int = 1  # layer groups: 1 = one shared eviction set, L = one per layer
-    beta: float = 0.5  # walk damping: weight of second-hand (bridge) mass
+    beta: float = 0.7  # walk damping: weight of second-hand (bridge) mass
     iterations: int = 2  # walk iterations R
     fanout: int = 8  # edges kept per token F
-    gamma: float = 0.9  # EMA factor of the memory signal
-    tau: float = 4.0  # reservoir sharpness: 0 = uniform, -> inf = top-K
-    randomness: Randomness = "fixed"  # u per token fixed by hash(seed, position) or redrawn per call
+    gamma: float = 0.95  # EMA factor of the memory signal
+    tau: float = 16.0  # reservoir sharpness: 0 = uniform, -> inf = top-K
+    randomness: Randomness = "per_call"  # u redrawn per call, or fixed per token by hash(seed, position)
     seed: int = 0
     pool: int = 1  # span pooling window (odd), 1 = off
     granularity: Granularity = "token"
