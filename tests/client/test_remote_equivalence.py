@@ -87,3 +87,12 @@ def test_remote_fp16_summaries_keep_the_budget(tiny, sidecar: SidecarProc) -> No
     assert r16.calls == r32.calls and r16.bytes_sent < r32.bytes_sent
     with pytest.raises(ValueError, match="float_dtype"):
         RemoteBackend(sidecar.target, float_dtype=torch.bfloat16)
+
+
+def test_cli_sidecar_only_flags_need_sidecar() -> None:
+    from nexus_sidecar.cli import main
+
+    with pytest.raises(SystemExit, match="only apply with --sidecar"):
+        main(["generate", "--prompt", "x", "--api-key", "k"])
+    with pytest.raises(SystemExit, match="only apply with --sidecar"):
+        main(["generate", "--prompt", "x", "--wire-dtype", "fp16"])
