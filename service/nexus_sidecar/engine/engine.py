@@ -235,20 +235,18 @@ class Engine:
         G = [s.cfg.groups for s in sessions]
         ks = [inp.new_positions.shape[0] for _, inp in items]
         widths = [max(s.counts) + k for s, k in zip(sessions, ks, strict=True)]
-        R, Wx, K, F = sum(G), max(widths), max(ks), pool.fanout
-        attn = torch.zeros(R, Wx, dtype=torch.float32, device=dev)
-        last = torch.zeros(R, Wx, dtype=torch.float32, device=dev)
-        new_pos = torch.full((R, K), -1, dtype=torch.int64, device=dev)
-        edge_pos = torch.full((R, K, F), -1, dtype=torch.int64, device=dev)
-        edge_w = torch.zeros(R, K, F, dtype=torch.float32, device=dev)
-        r0 = 0
-        for g, w, k, (_, inp) in zip(G, widths, ks, items, strict=True):
-            attn[r0 : r0 + g, :w] = inp.attn
-            last[r0 : r0 + g, :w] = inp.last
-            new_pos[r0 : r0 + g, :k] = inp.new_positions
-            edge_pos[r0 : r0 + g, :k] = inp.edge_pos
-            edge_w[r0 : r0 + g, :k] = inp.edge_w
-            r0 += g
+        Wx, K, F = max(widths), max(ks), pool.fanout
+        if min(widths) == Wx and min(ks) == K:
+            # Uniform batch (the steady state of a decode loop): one concatenation per field.
+            inps = [inp for _, inp in items]
+            new_pos = torch.cat([i.new_positions.to(dev, torch.int64).expand(g, K)
+                                 for g, i in zip(G, inps, strict=True)])
+            attn = torch.cat([i.attn for i in inps]).to(dev, torch.float32)
+            last = torch.cat([i.last for i in inps]).to(dev, torch.float32)
+            edge_pos = torch.cat([i.edge_pos for i in inps]).to(dev, torch.int64)
+            edge_w = torch.cat([i.edge_w for i in inps]).to(dev, torch.float32)
+        else:
+            attn, last, new_pos, edge_pos, edge_w = self._pad_inputs(items, G, widths, ks, Wx, K, F)
         n_new = torch.tensor([k for g, k in zip(G, ks, strict=True) for _ in range(g)], device=dev)
         row_ids = [r for s in sessions for r in s.rows]
         rows = pool.rows_of(row_ids)
@@ -269,6 +267,25 @@ class Engine:
             for s in sessions:
                 s.used = [c if r in done else u for r, u, c in zip(s.rows, s.used, s.counts, strict=True)]
         return out
+
+    def _pad_inputs(self, items: list[tuple[int, StepInput]], G: list[int], widths: list[int], ks: list[int],
+                    Wx: int, K: int, F: int) -> tuple[torch.Tensor, ...]:
+        """Right-pad a ragged batch into [R, Wx] / [R, K, F] tensors (one copy per field and session)."""
+        dev, R = self.device, sum(G)
+        attn = torch.zeros(R, Wx, dtype=torch.float32, device=dev)
+        last = torch.zeros(R, Wx, dtype=torch.float32, device=dev)
+        new_pos = torch.full((R, K), -1, dtype=torch.int64, device=dev)
+        edge_pos = torch.full((R, K, F), -1, dtype=torch.int64, device=dev)
+        edge_w = torch.zeros(R, K, F, dtype=torch.float32, device=dev)
+        r0 = 0
+        for g, w, k, (_, inp) in zip(G, widths, ks, items, strict=True):
+            attn[r0 : r0 + g, :w] = inp.attn
+            last[r0 : r0 + g, :w] = inp.last
+            new_pos[r0 : r0 + g, :k] = inp.new_positions
+            edge_pos[r0 : r0 + g, :k] = inp.edge_pos
+            edge_w[r0 : r0 + g, :k] = inp.edge_w
+            r0 += g
+        return attn, last, new_pos, edge_pos, edge_w
 
     def _split_bad(self, items: list[tuple[int, StepInput]], codes: list[int], G: list[int]
                    ) -> dict[int, StepOutput | EngineError]:
