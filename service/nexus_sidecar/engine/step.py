@@ -192,8 +192,8 @@ def run_step(policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput, width
     out_pos = torch.full((R, Wx + 1), -1, dtype=torch.int64, device=dev).scatter_(1, dump, pos)[:, :Wx]
     ev_age = torch.where(sel.evict, age + 1, 0).to(torch.int32)
     out_age = torch.zeros(R, Wx + 1, dtype=torch.int32, device=dev).scatter_(1, dump, ev_age)[:, :Wx]
-    total = attn.to(torch.float64).sum(1)
-    kept = torch.where(keep, attn, 0.0).to(torch.float64).sum(1)
+    total = attn.sum(1, dtype=torch.float64)
+    kept = torch.where(keep, attn, 0.0).sum(1, dtype=torch.float64)
     retained = torch.where(total > 0, kept / total.clamp(min=1e-300), 1.0).to(torch.float32)
     return RowResult(keep=out_keep, slot_pos=out_pos, evicted_age=out_age, retained_mass=retained, count=new_count)
 

@@ -93,9 +93,9 @@ def register(cls: type[Policy]) -> type[Policy]:
 def normalize(x: torch.Tensor, over: torch.Tensor) -> torch.Tensor:
     """``x / sum(x[over])`` per row (0 where the sum is 0).
 
-    The sum runs in float64 so that padding, which changes the reduction order, cannot change
-    the float32 result (batch invariance).
+    The sum accumulates in float64 so that padding, which changes the reduction order, cannot
+    change the float32 result (batch invariance).
     """
-    total = torch.where(over, x, torch.zeros_like(x)).to(torch.float64).sum(dim=1, keepdim=True)
-    out = x.to(torch.float64) / total.clamp(min=torch.finfo(torch.float64).tiny)
-    return torch.where(total > 0, out, torch.zeros_like(out)).to(x.dtype)
+    # Accumulate in float64 (order effects of padding vanish) and divide in float64, rounding once.
+    total = torch.where(over, x, 0.0).sum(dim=1, keepdim=True, dtype=torch.float64)
+    return torch.where(total > 0, x.to(torch.float64) / total, 0.0).to(x.dtype)
