@@ -2,25 +2,33 @@
 
 No RNG state exists anywhere: the same (seed, group, unit, call) always gives the same u, on
 CPU and CUDA alike, whatever batch the session runs in (batch invariance) and after a restore
-from a checkpoint (nothing to persist). Integer ops only; values are kept below 2^32 inside
-int64 so that wrapping multiplications keep exact low bits.
+from a checkpoint (nothing to persist). The mixer is SplitMix64's finaliser in int64 torch
+arithmetic: multiplications wrap mod 2^64 (two's complement), and right shifts are made
+logical with a mask because torch shifts signed integers arithmetically.
 """
 
 from __future__ import annotations
 
 import torch
 
-_M32 = 0xFFFFFFFF
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
+_C1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_C2 = -7723592293110705685  # 0x94D049BB133111EB
+_GROUP = 0x632BE59BD9B4E019
+_CALL = 0x2545F4914F6CDD1D
 
 
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    # murmur3 finaliser: full avalanche of a 32-bit value.
-    h = h & _M32
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _M32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _M32
-    return h ^ (h >> 16)
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser (a bijection of 64-bit values with full avalanche)."""
+    x = x ^ _shr(x, 30)
+    x = x * _C1
+    x = x ^ _shr(x, 27)
+    x = x * _C2
+    return x ^ _shr(x, 31)
 
 
 def uniforms(seed: torch.Tensor, group: torch.Tensor, unit: torch.Tensor, call: torch.Tensor) -> torch.Tensor:
@@ -29,12 +37,6 @@ def uniforms(seed: torch.Tensor, group: torch.Tensor, unit: torch.Tensor, call: 
     ``seed``, ``group`` and ``call`` are int64 per row ``[R]``; ``unit`` is int64 ``[R, N]`` (token
     position or block id).
     """
-    seed = seed.to(torch.int64)
-    s_lo = (seed & _M32)[:, None]
-    s_hi = ((seed >> 32) & _M32)[:, None]
-    base = _fmix32(s_lo ^ _fmix32(s_hi ^ _fmix32(group[:, None] * 0x632BE5AB + call[:, None] * 0x9E3779B1)))
-    x = unit & _M32
-    hi_part = _fmix32(x * 0x9E3779B1 + base)  # 32 bits
-    lo_part = _fmix32((x ^ 0x5BD1E995) * 0x85EBCA6B + (base ^ 0x27D4EB2F))
-    bits = ((hi_part >> 5) << 26) | (lo_part >> 6)  # 27 + 26 = 53 bits
-    return (bits.to(torch.float64) + 0.5) * (2.0**-53)
+    key = mix64(mix64(seed.to(torch.int64) + _GOLDEN) ^ (group * _GROUP + call * _CALL))
+    x = mix64(unit * _GOLDEN + key.unsqueeze(1))
+    return (_shr(x, 11).to(torch.float64) + 0.5) * (2.0**-53)
