@@ -104,7 +104,9 @@ def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]
         for store in settings.stores:
             with (redis_process() if store == "redis" else _null()) as redis_url:
                 args = ["--store", redis_url, "--checkpoint-every", "16"] if store == "redis" else []
-                with sidecar_process(*args, "--max-batch", "64", "--max-delay-us", "500") as sc:
+                threads = str(torch.get_num_threads())
+                with sidecar_process(*args, "--max-batch", "64", "--max-delay-us", "500", "--torch-threads",
+                                     threads) as sc:
                     for _, B, N, W in (g for g in grid if g[0] == store):
                         rec: dict[str, Any] = {"B": B, "N": N, "store": store, "workers": W}
                         rec.update(asyncio.run(_run_workers(sc.target, B, N, W, settings.steps)))

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         q.add_argument("--quick", action="store_true", help="a small grid that finishes fast (CI-adjacent)")
         q.add_argument("--json", help="write results here (plus .md and .png next to it)")
         q.add_argument("--no-progress", action="store_true")
+        q.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; use 1 on a "
+                                                   "shared machine, where spinning OpenMP threads cost 10x)")
         if name in ("survival", "sweep"):
             q.add_argument("--seeds", type=int, help="streams (sessions) per setting")
             q.add_argument("--length", type=int, help="tokens per stream")
@@ -43,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
     from nexus_sidecar.bench.report import write_outputs
 
     progress = not args.no_progress
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.bench in ("survival", "sweep"):
         from nexus_sidecar.bench import survival as mod
 

@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--http-host")
     p.add_argument("--http-port", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--torch-threads", type=int, help="engine intra-op threads (0 = torch default)")
     p.add_argument("--store", help="memory | redis://host:port/db | rediss://... | redis+cluster://host:port")
     p.add_argument("--store-ttl-s", type=float, help="sliding TTL of stored sessions")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0 = on close/shutdown)")
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("nexus_sidecar")
-    names = ("grpc_host", "grpc_port", "uds", "http_host", "http_port", "device", "store", "store_ttl_s",
+    names = ("grpc_host", "grpc_port", "uds", "http_host", "http_port", "device", "torch_threads", "store",
+             "store_ttl_s",
              "checkpoint_every", "keys_file", "max_batch", "max_delay_us", "queue_size")
     settings = load_settings(args.config, **{n: getattr(args, n) for n in names})
 

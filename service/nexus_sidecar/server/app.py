@@ -55,6 +55,8 @@ class Sidecar:
         self.keys = keys if keys is not None else (
             KeyRing.from_file(settings.keys_file) if settings.keys_file else KeyRing())
         device = default_device() if settings.device == "auto" else torch.device(settings.device)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         self.engine = Engine(device)
         self.store = store or make_store(settings, self.metrics)
         self.sessions = SessionManager(self.engine, self.store, settings, self.metrics)

@@ -26,6 +26,7 @@ class ServerSettings(BaseSettings):
     http_host: str = "0.0.0.0"
     http_port: int = Field(8080, ge=0, le=65535)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    torch_threads: int = Field(0, ge=0, le=256)  # intra-op threads of the engine (0 = torch default)
     store: str = "memory"  # memory | redis://... | rediss://... | redis+cluster://...
     store_ttl_s: float = Field(3600.0, gt=0)
     store_timeout_s: float = Field(2.0, gt=0)
