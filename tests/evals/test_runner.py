@@ -137,3 +137,15 @@ def test_results_file_is_plain_jsonl(tiny: Any, tmp_path: Path) -> None:
     list(iter_eval(model, tok, _samples()[:1], runs, SETTINGS, CountingFactory(), path, progress=False))
     rec = json.loads(path.read_text())
     assert rec["policy"] == "random" and rec["mode"] == "oneshot" and rec["policy_calls"] >= 2
+
+
+def test_report_only_yields_complete_samples_and_computes_nothing(tiny: Any, tmp_path: Path) -> None:
+    model, tok = tiny
+    path = tmp_path / "p.jsonl"
+    samples = _samples()
+    list(iter_eval(model, tok, samples[:1], RUNS, SETTINGS, CountingFactory(), path, progress=False))
+    # Finish only part of the second sample: it must be left out of the report.
+    list(iter_eval(model, tok, samples[1:2], RUNS[:2], SETTINGS, CountingFactory(), path, progress=False))
+    got = list(iter_eval(model, tok, samples, RUNS, SETTINGS, CountingFactory(fail=True), path, progress=False,
+                         report_only=True))  # fmt: skip
+    assert {r["sample_id"] for r in got} == {samples[0].sample_id} and len(got) == len(RUNS)

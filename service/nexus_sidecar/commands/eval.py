@@ -77,6 +77,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", type=Path, required=True, help="output JSON path (siblings .jsonl/.md/.png/.meta.json)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="compute nothing: report the samples whose runs are all in the .jsonl (a partial run)",
+    )
     p.set_defaults(func=run)
 
 
@@ -184,7 +189,10 @@ def run(args: argparse.Namespace) -> int:
     settings = EvalSettings(model=args.model, chunk_size=args.chunk_size, chat=not args.no_chat, base_knobs=base)
     paths = _paths(args.json)
     results = list(iter_eval(loaded.model, tok, samples, runs, settings, factory, paths["jsonl"],
-                             progress=not args.no_progress, total=len(samples) * len(runs)))  # fmt: skip
+                             progress=not args.no_progress, total=len(samples) * len(runs),
+                             report_only=args.report_only))  # fmt: skip
+    if not results:
+        raise SystemExit(f"eval: no finished sample in {paths['jsonl']} (--report-only computes nothing)")
     records = report.aggregate(results)
     title = f"{args.model}, split {args.split}, lengths {','.join(map(str, args.lengths))}"
     nexus_labels = [p.label for p in policies if p.name == "nexus"] or ["nexus"]
@@ -195,7 +203,10 @@ def run(args: argparse.Namespace) -> int:
         "split": args.split,
         "lengths": args.lengths,
         "tasks": sorted({s.task for s in samples}),
-        "samples_per_task": args.samples,
+        "samples_per_task": {
+            t: len({r["sample_id"] for r in results if r["task"] == t}) for t in sorted({r["task"] for r in results})
+        },
+        "report_only": args.report_only,
         "haystack_sha256_16": {h: haystack_digest(h) for h in ("noise", "stdlib")},
         "python": sys.version.split()[0],
         "model_source": loaded.source,

@@ -248,13 +248,18 @@ def iter_eval(
     *,
     progress: bool = True,
     total: int | None = None,
+    report_only: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Yield one record per (sample, run), reusing finished ones from ``results_path`` and appending new ones.
 
     Sample-major order: each prompt is tokenized once and every run of it follows, so an interrupted
-    evaluation still has complete per-sample comparisons across policies.
+    evaluation still has complete per-sample comparisons across policies. ``report_only``: compute
+    nothing; yield the records of the samples whose runs are *all* finished (a sample with some
+    policies missing would bias the comparison) and skip the others.
     """
     done = load_done(results_path)
+    if report_only:
+        samples = [s for s in samples if all(run_key(settings, s, r) in done for r in runs)]
     bar = None
     if progress:
         from tqdm import tqdm
