@@ -91,7 +91,9 @@ class SessionPool:
     def ensure_width(self, width: int) -> None:
         """Make every row at least ``width`` arena columns wide."""
         if width > self.width:
-            self._grow(self.rows, max(width, self.width * 2))
+            # Headroom: a prefill of N tokens followed by decode steps must not regrow (and copy
+            # the whole pool) on the very next call.
+            self._grow(self.rows, max(width + width // 4 + 64, self.width * 2))
 
     def _grow(self, rows: int, width: int) -> None:
         def grown(x: torch.Tensor, fill: float | int | bool) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ class StepOutput:
     retained_mass: torch.Tensor  # float32 [G] share of this call's attention on kept slots
     evicted_age: torch.Tensor  # int32 [G, n + k] age (calls) of evicted tokens, 0 elsewhere
 
-    @property
+    @functools.cached_property
     def evicted(self) -> list[torch.Tensor]:
         """Evicted positions per group (ascending)."""
         mask = ~self.keep & (self.slot_positions >= 0)
@@ -45,6 +46,8 @@ class StepOutput:
         return int((~self.keep & (self.slot_positions >= 0)).sum())
 
     def cpu(self) -> StepOutput:
-        """A copy with every tensor on the host."""
+        """A copy with every tensor on the host (``self`` when they already are)."""
+        if self.keep.device.type == "cpu":
+            return self
         return StepOutput(self.keep.cpu(), self.slot_positions.cpu(), self.retained,
                           self.retained_mass.cpu(), self.evicted_age.cpu())
