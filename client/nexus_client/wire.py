@@ -34,6 +34,8 @@ WIRE_DTYPES: dict[int, tuple[torch.dtype, np.dtype]] = {
     pb.D_TYPE_BOOL: (torch.bool, np.dtype("?")),
 }
 _TORCH_TO_WIRE: dict[torch.dtype, int] = {t: w for w, (t, _) in WIRE_DTYPES.items()}
+_NUMPY_OF: dict[torch.dtype, np.dtype] = {torch.float32: np.dtype(np.float32), torch.int64: np.dtype(np.int64),
+                                          torch.float64: np.dtype(np.float64), torch.int32: np.dtype(np.int32)}
 
 # A shape with more elements than this is rejected before any allocation (2^40 elements is
 # far beyond any summary and keeps prod(shape) * itemsize inside int64).
@@ -84,7 +86,7 @@ def tensor_to_proto(
     return pb.Tensor(dtype=wire, shape=list(t.shape), data=data)
 
 
-def tensor_from_proto(msg: pb.Tensor, *, field: str) -> torch.Tensor:
+def tensor_from_proto(msg: pb.Tensor, *, field: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Decode a ``nexus.v1.Tensor`` into a CPU torch tensor.
 
     Raises ``WireError(field, reason)`` for an unknown dtype, a negative dimension, or a data
@@ -113,12 +115,27 @@ def tensor_from_proto(msg: pb.Tensor, *, field: str) -> torch.Tensor:
         raise WireError(field, "bool data must be bytes 0 or 1")
     # frombuffer views the immutable protobuf bytes: copy once into native byte order so the
     # tensor is writable and owns its memory.
-    out = arr.astype(np_dtype.newbyteorder("="), copy=True)
+    target = _NUMPY_OF.get(as_dtype, np_dtype.newbyteorder("=")) if as_dtype is not None else \
+        np_dtype.newbyteorder("=")
+    out = arr.astype(target, copy=True)  # one copy, straight to the dtype the caller computes in
     return torch.from_numpy(out).reshape(shape)
 
 
 _MASK32 = 0xFFFFFFFF
 _M = np.uint64(_MASK32)
+
+
+_SMALL = 32
+
+
+def _mix32(p: int) -> int:
+    """The per-position term of :func:`positions_checksum` (murmur3 fmix32 of p + golden)."""
+    h = ((p & _MASK32) + 0x9E3779B9) & _MASK32
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
 
 
 def positions_checksum(pos: torch.Tensor) -> int:
@@ -133,6 +150,9 @@ def positions_checksum(pos: torch.Tensor) -> int:
     """
     if pos.dtype.is_floating_point or pos.dtype == torch.bool or pos.is_complex():
         raise WireError("positions", f"positions must be integers, got {pos.dtype}")
+    if pos.numel() <= _SMALL:
+        # A decode step adds and evicts a handful of positions: plain ints beat array setup.
+        return sum(_mix32(p) for p in pos.reshape(-1).tolist()) & _MASK32
     # numpy uint64 arithmetic wraps mod 2^64, so the 32-bit products below are exact after the
     # mask; for the small per-step arrays numpy is ~10x cheaper per op than torch.
     h = (pos.detach().reshape(-1).to("cpu", torch.int64).numpy().astype(np.uint64) & _M) + np.uint64(0x9E3779B9)

@@ -185,3 +185,14 @@ def test_checksum_large_set_and_2d_input() -> None:
 def test_checksum_rejects_float_positions() -> None:
     with pytest.raises(WireError, match="integers"):
         positions_checksum(torch.tensor([1.0, 2.0]))
+
+
+def test_checksum_small_and_vector_paths_agree() -> None:
+    """The plain-int path (small sets) and the numpy path give the same checksum."""
+    from nexus_client import wire
+
+    pos = torch.randint(0, 2**40, (200,), generator=torch.Generator().manual_seed(3))
+    whole = wire.positions_checksum(pos)
+    by_parts = sum(wire.positions_checksum(pos[i : i + 8]) for i in range(0, 200, 8)) & 0xFFFFFFFF
+    assert whole == by_parts
+    assert wire.positions_checksum(pos[:5]) == (sum(wire._mix32(int(p)) for p in pos[:5]) & 0xFFFFFFFF)

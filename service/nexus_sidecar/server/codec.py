@@ -50,7 +50,8 @@ def config_to_proto(cfg: PolicyConfig) -> pb.PolicyConfig:
     return msg
 
 
-def _tensor(step: pb.SessionStep, name: str, allowed: tuple[int, ...], what: str) -> torch.Tensor:
+def _tensor(step: pb.SessionStep, name: str, allowed: tuple[int, ...], what: str, as_dtype: torch.dtype
+            ) -> torch.Tensor:
     if not step.HasField(name):
         raise InvalidArgument(f"steps[{step.session_id}].{name}", "is required")
     msg = getattr(step, name)
@@ -58,16 +59,17 @@ def _tensor(step: pb.SessionStep, name: str, allowed: tuple[int, ...], what: str
         raise InvalidArgument(f"steps[{step.session_id}].{name}",
                               f"dtype {pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else msg.dtype} "
                               f"not allowed; {what}")
-    return tensor_from_proto(msg, field=f"steps[{step.session_id}].{name}")
+    return tensor_from_proto(msg, field=f"steps[{step.session_id}].{name}", as_dtype=as_dtype)
 
 
 def step_input(step: pb.SessionStep) -> StepInput:
     """Decode one SessionStep's tensors (shape checks against the session are the engine's)."""
-    pos = _tensor(step, "new_positions", _INT_WIRE, "expected int32 or int64").to(torch.int64)
-    attn = _tensor(step, "attn", _FLOAT_WIRE, "expected float16 or float32").to(torch.float32)
-    last = _tensor(step, "last", _FLOAT_WIRE, "expected float16 or float32").to(torch.float32)
-    eidx = _tensor(step, "edge_index", _INT_WIRE, "expected int32 or int64").to(torch.int64)
-    ew = _tensor(step, "edge_weight", _FLOAT_WIRE, "expected float16 or float32").to(torch.float32)
+    ints, floats = "expected int32 or int64", "expected float16 or float32"
+    pos = _tensor(step, "new_positions", _INT_WIRE, ints, torch.int64)
+    attn = _tensor(step, "attn", _FLOAT_WIRE, floats, torch.float32)
+    last = _tensor(step, "last", _FLOAT_WIRE, floats, torch.float32)
+    eidx = _tensor(step, "edge_index", _INT_WIRE, ints, torch.int64)
+    ew = _tensor(step, "edge_weight", _FLOAT_WIRE, floats, torch.float32)
     return StepInput(pos, attn, last, eidx, ew)
 
 

@@ -380,7 +380,7 @@ def step_digest(st: pb.SessionStep) -> bytes:
 
     Hashing the fields directly avoids re-serializing the whole message per step.
     """
-    h = hashlib.sha256()
+    h = hashlib.blake2b(digest_size=32)
     h.update(f"{st.session_id}\x00{st.step}\x00{st.retained_count}\x00{st.retained_checksum}".encode())
     for t in (st.new_positions, st.attn, st.last, st.edge_index, st.edge_weight):
         h.update(f"\x00{t.dtype}:{list(t.shape)}:".encode())
