@@ -302,7 +302,7 @@ class SessionManager:
             hist = m.eviction_age.labels(hs.cfg.policy)
             for age in ages.tolist():
                 hist.observe(age)
-        every = self.settings.checkpoint_every
+        every = self.settings.checkpoint_cadence
         if every and hs.step - hs.checkpointed_step >= every:
             self._spawn(self.checkpoint(hs))
         return result

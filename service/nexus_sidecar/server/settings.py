@@ -30,7 +30,9 @@ class ServerSettings(BaseSettings):
     store: str = "memory"  # memory | redis://... | rediss://... | redis+cluster://...
     store_ttl_s: float = Field(3600.0, gt=0)
     store_timeout_s: float = Field(2.0, gt=0)
-    checkpoint_every: int = Field(16, ge=0)  # steps between checkpoints (0 = on close/shutdown only)
+    # Steps between checkpoints (0 = on close/idle/shutdown only). Unset: 16 with a Redis store,
+    # 0 with the memory store (its checkpoints die with the process anyway).
+    checkpoint_every: int | None = Field(None, ge=0)
     idle_session_s: float = Field(900.0, gt=0)  # hot sessions idle this long are checkpointed and unloaded
     max_batch: int = Field(64, ge=1, le=4096)
     max_delay_us: int = Field(500, ge=0, le=1_000_000)
@@ -58,6 +60,13 @@ class ServerSettings(BaseSettings):
         if v in ("auto", "cpu") or v == "cuda" or v.startswith("cuda:"):
             return v
         raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+    @property
+    def checkpoint_cadence(self) -> int:
+        """Effective steps between checkpoints."""
+        if self.checkpoint_every is not None:
+            return self.checkpoint_every
+        return 0 if self.store == "memory" else 16
 
     def redacted(self) -> dict[str, Any]:
         """Settings as a dict with passwords in URLs hidden (for the start-up log)."""
