@@ -51,7 +51,8 @@ async def _run_workers(target: str, B: int, N: int, workers: int, steps: int) ->
     work = Workload(sessions=B, prefill=N, steps=steps, k=1, config=_config(N), realistic=False)
     ws = [SimulatedWorker(f"w{i}", target, "default", None, work, seed=i) for i in range(workers)]
     t0 = time.perf_counter()
-    stats = await asyncio.gather(*(w.run() for w in ws))
+    barrier = asyncio.Barrier(workers)
+    stats = await asyncio.gather(*(w.run(barrier) for w in ws))
     wall = time.perf_counter() - t0
     lat = sorted(itertools.chain.from_iterable(s.rpc_seconds for s in stats))
     # Throughput over the decode phase: the slowest worker's decode window bounds it.

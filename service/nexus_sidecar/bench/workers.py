@@ -8,6 +8,7 @@ the service benchmark so that payload construction does not dominate what is mea
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -94,8 +95,12 @@ class SimulatedWorker:
             edge_w = self._rand_w[0, :k]
         return pack_step(ws, new, attn, last, edge_pos[None], edge_w[None], float_dtype=self.work.float_dtype)
 
-    async def run(self) -> WorkerStats:
-        """Open the sessions, prefill, decode ``steps`` calls, close; returns the stats."""
+    async def run(self, barrier: asyncio.Barrier | None = None) -> WorkerStats:
+        """Open the sessions, prefill, decode ``steps`` calls, close; returns the stats.
+
+        With a ``barrier``, every worker finishes its prefill before any starts decoding, so decode
+        latencies do not include another worker's (much larger) prefill batch.
+        """
         w = self.work
         stats = WorkerStats(self.name, self.tenant)
         sessions = []
@@ -116,6 +121,8 @@ class SimulatedWorker:
             results = await self.client.step(msgs)
             dt = time.perf_counter() - t0
             if call == 0:
+                if barrier is not None:
+                    await barrier.wait()
                 t_start = time.perf_counter()  # throughput counts decode calls only
             else:
                 stats.rpc_seconds.append(dt)
