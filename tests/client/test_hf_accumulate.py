@@ -8,11 +8,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+from nexus_client.hf.accumulate import AttentionAccumulator, top_edges
+from nexus_client.hf.capture import AttentionRecorder, ForwardCapture, capture_attention
 
-from nexus_client.hf.accumulate import AttentionAccumulator, top_edges  # noqa: E402
-from nexus_client.hf.capture import AttentionRecorder, ForwardCapture, capture_attention  # noqa: E402
+from tests.client.conftest import tiny_llama
 
 
 def test_top_edges_positions_weights_padding_and_self_exclusion() -> None:
@@ -107,16 +107,7 @@ def test_recorder_head_reduction_and_observation_window() -> None:
 @torch.inference_mode()
 def test_capture_matches_eager_output_attentions() -> None:
     """The capturing attention gives the same logits as sdpa and the same probabilities as eager."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=128,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(2048)
     ids = torch.randint(0, 128, (1, 12))
     pos = torch.arange(12)[None]
     model.set_attn_implementation("eager")

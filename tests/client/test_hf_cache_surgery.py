@@ -13,11 +13,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
+from nexus_client.hf.cache_surgery import apply_keep_mask, cache_lengths
+from nexus_client.hf.capture import ATTN_IMPL, AttentionRecorder, capture_attention
 
-from nexus_client.hf.cache_surgery import apply_keep_mask, cache_lengths  # noqa: E402
-from nexus_client.hf.capture import ATTN_IMPL, AttentionRecorder, capture_attention  # noqa: E402
+from tests.client.conftest import tiny_llama
 
 PROMPT_LEN = 24
 NEW = 3
@@ -25,17 +26,7 @@ NEW = 3
 
 @pytest.fixture(scope="module")
 def tiny() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=128,
-        max_position_embeddings=256,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(256)
 
 
 def _prefill(model, ids):

@@ -8,29 +8,20 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
+from nexus_client.hf.backends import LocalBackend, PolicyBackend
+from nexus_client.hf.cache_surgery import cache_lengths
+from nexus_client.hf.generate import generate
 
-from nexus_client.hf.backends import LocalBackend, PolicyBackend  # noqa: E402
-from nexus_client.hf.cache_surgery import cache_lengths  # noqa: E402
-from nexus_client.hf.generate import generate  # noqa: E402
+from tests.client.conftest import tiny_llama
 
 PROMPT = [int(x) for x in torch.randint(3, 128, (70,), generator=torch.Generator().manual_seed(5))]
 
 
 @pytest.fixture(scope="module")
 def tiny() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=128,
-        max_position_embeddings=512,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(512)
 
 
 def _cfg(**kw):

