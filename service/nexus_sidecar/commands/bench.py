@@ -8,7 +8,7 @@ HELP = """\
 Benchmarks. Each prints a table, and with --json PATH writes PATH, PATH.md (table) and a PNG.
 
   survival  which planted tokens (subtle, bridge, strong) each policy still holds at the end of
-            synthetic attention streams, at 80%% and 90%% eviction, with 95%% CIs over seeds
+            synthetic attention streams, at 80% and 90% eviction, with 95% CIs over seeds
   sweep     the same for nexus, one knob at a time around the defaults (how the defaults were chosen)
   engine    time per batched engine call and session-steps/s across B, N, F, R for every policy
   service   end-to-end gRPC throughput and latency against a bare gRPC echo and the engine alone
