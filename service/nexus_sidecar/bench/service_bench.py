@@ -152,11 +152,11 @@ def plot(payload: dict[str, Any], path: str) -> None:
     recs = payload["records"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for store in sorted({r["store"] for r in recs}):
-        pts = sorted((r["B"], r) for r in recs if r["store"] == store)
+        pts = sorted(((r["B"], r) for r in recs if r["store"] == store), key=lambda p: p[0])
         xs = [p[0] for p in pts]
         a.plot(xs, [p[1]["service_session_steps_per_s"] for p in pts], marker="o", label=f"service ({store})")
         b.plot(xs, [p[1]["p99_ms"] for p in pts], marker="o", label=f"p99 ({store})")
-    pts = sorted((r["B"], r) for r in recs)
+    pts = sorted({r["B"]: r for r in recs}.items())
     a.plot([p[0] for p in pts], [p[1]["engine_session_steps_per_s"] for p in pts], "k--", label="engine alone")
     b.plot([p[0] for p in pts], [p[1]["echo_p99_ms"] for p in pts], "k:", label="echo p99")
     for ax, title in ((a, "session-steps/s"), (b, "step RPC latency (ms)")):
