@@ -42,6 +42,18 @@ T = TypeVar("T")
 
 
 @dataclass
+class _Series:
+    """Metric children of one (tenant, policy)."""
+
+    seen: Any
+    evicted: Any
+    retained: Any
+    ratio: Any
+    mass: Any
+    age: Any
+
+
+@dataclass
 class _Planned:
     """A validated step waiting for the engine."""
 
@@ -84,6 +96,7 @@ class SessionManager:
         self._hot: dict[tuple[str, str], HotSession] = {}
         self._loading: dict[tuple[str, str], asyncio.Future[HotSession]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._series_cache: dict[tuple[str, str], _Series] = {}
         self.batcher = MicroBatcher(self._run_batch, metrics, max_batch=settings.max_batch,
                                     max_delay_us=settings.max_delay_us, queue_size=settings.queue_size)
 
@@ -288,24 +301,34 @@ class SessionManager:
         before = hs.count
         hs.step, hs.checksum, hs.count = st.step, checksum, result.retained_count
         hs.digest, hs.last_result = plan.digest, result
-        m, labels = self.metrics, (hs.tenant, hs.cfg.policy)
+        m = self._series(hs)
         k = inp.new_positions.numel()
-        m.tokens_seen.labels(*labels).inc(k)
+        m.seen.inc(k)
         evicted = before + G * k - hs.count
-        m.tokens_evicted.labels(*labels).inc(evicted)
-        m.tokens_retained.labels(*labels).inc(hs.count - before)
-        m.retention_ratio.labels(*labels).observe(hs.count / max(1, before + G * k))
+        m.evicted.inc(evicted)
+        m.retained.inc(hs.count - before)
+        m.ratio.observe(hs.count / max(1, before + G * k))
         for mass in out.retained_mass.tolist():
-            m.retained_mass.labels(*labels).observe(mass)
+            m.mass.observe(mass)
         if evicted:
-            ages = out.evicted_age[out.evicted_age > 0]
-            hist = m.eviction_age.labels(hs.cfg.policy)
-            for age in ages.tolist():
-                hist.observe(age)
+            for age in out.evicted_age[out.evicted_age > 0].tolist():
+                m.age.observe(age)
         every = self.settings.checkpoint_cadence
         if every and hs.step - hs.checkpointed_step >= every:
             self._spawn(self.checkpoint(hs))
         return result
+
+    def _series(self, hs: HotSession) -> _Series:
+        """The session's labelled metric children (looked up once per tenant and policy)."""
+        key = (hs.tenant, hs.cfg.policy)
+        series = self._series_cache.get(key)
+        if series is None:
+            m = self.metrics
+            series = self._series_cache[key] = _Series(
+                seen=m.tokens_seen.labels(*key), evicted=m.tokens_evicted.labels(*key),
+                retained=m.tokens_retained.labels(*key), ratio=m.retention_ratio.labels(*key),
+                mass=m.retained_mass.labels(*key), age=m.eviction_age.labels(hs.cfg.policy))
+        return series
 
     # -- durability ---------------------------------------------------------------------------
     async def checkpoint(self, hs: HotSession) -> bool:
