@@ -15,8 +15,14 @@ def machine() -> dict[str, Any]:
     """Where the numbers came from (quoted next to every table)."""
     import torch
 
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
     info: dict[str, Any] = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
