@@ -76,6 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torch CPU threads (default 1: on a shared 2-core box 2 threads ran 3-5x slower, measured)",
     )
     p.add_argument("--json", type=Path, required=True, help="output JSON path (siblings .jsonl/.md/.png/.meta.json)")
+    p.add_argument(
+        "--runs",
+        type=Path,
+        default=None,
+        help="per-run resume log (default: the --json path with .jsonl); several reports may share one",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--report-only",
@@ -188,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"eval: {exc}") from None
     settings = EvalSettings(model=args.model, chunk_size=args.chunk_size, chat=not args.no_chat, base_knobs=base)
     paths = _paths(args.json)
+    if args.runs is not None:
+        paths["jsonl"] = args.runs
     results = list(iter_eval(loaded.model, tok, samples, runs, settings, factory, paths["jsonl"],
                              progress=not args.no_progress, total=len(samples) * len(runs),
                              report_only=args.report_only))  # fmt: skip

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import fields
 
+import numpy as np
 import torch
 from nexus_client.v1 import sidecar_pb2 as pb
-from nexus_client.wire import positions_checksum, tensor_from_proto, tensor_to_proto
+from nexus_client.wire import positions_checksum, tensor_from_proto
 
 from nexus_sidecar.engine import PolicyConfig, StepInput, StepOutput
 from nexus_sidecar.server.errors import InvalidArgument
@@ -76,11 +77,15 @@ def step_input(step: pb.SessionStep) -> StepInput:
 def session_result(session_id: str, step: int, out: StepOutput, checksum: int) -> pb.SessionResult:
     """Encode an engine output (keep mask + evicted positions per group)."""
     out = out.cpu()
-    evicted = [pb.GroupEvictions(group=g, positions=tensor_to_proto(p.to(torch.int32)))
+    # Built straight from numpy: this runs once per session-step on the event loop.
+    keep = np.ascontiguousarray(out.keep.numpy())
+    evicted = [pb.GroupEvictions(group=g, positions=pb.Tensor(dtype=pb.D_TYPE_INT32, shape=[p.numel()],
+                                                              data=p.numpy().astype("<i4").tobytes()))
                for g, p in enumerate(out.evicted)]
     return pb.SessionResult(
-        session_id=session_id, step=step, keep=tensor_to_proto(out.keep, torch.bool), evicted=evicted,
-        retained_count=sum(out.retained), retained_checksum=checksum,
+        session_id=session_id, step=step, keep=pb.Tensor(dtype=pb.D_TYPE_BOOL, shape=list(keep.shape),
+                                                         data=keep.tobytes()),
+        evicted=evicted, retained_count=sum(out.retained), retained_checksum=checksum,
     )
 
 
