@@ -7,15 +7,4 @@ so the engine tests run single-threaded and restore the setting afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def _single_thread_torch() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

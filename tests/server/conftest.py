@@ -50,14 +50,6 @@ KEYS_FILE_TEXT = (
 SMALL = {"policy": "nexus", "budget": 24, "sinks": 2, "recent": 4, "fanout": 4, "seed": 7}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread_torch() -> Iterator[None]:
-    """Tiny tensors: torch's intra-op pool only adds contention on a small shared box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def keys_file(tmp_path: Path) -> Path:
