@@ -95,8 +95,11 @@ async def _echo(target: str, B: int, N: int, workers: int, calls: int) -> dict[s
 
 def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]:
     """Measure the grid; returns the JSON payload."""
+    import gc
+
     from tqdm import tqdm
 
+    gc.freeze()  # the load generator, like the sidecar, keeps its start-up heap out of the cyclic GC
     grid = list(itertools.product(settings.stores, settings.batch_sizes, settings.slots, settings.workers))
     records = []
     engine_ref: dict[tuple[int, int], dict[str, Any]] = {}
