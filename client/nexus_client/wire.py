@@ -95,8 +95,8 @@ def tensor_from_proto(msg: pb.Tensor, *, field: str, as_dtype: torch.dtype | Non
     if msg.dtype not in WIRE_DTYPES:
         raise WireError(field, f"unknown or unspecified dtype {_dtype_name(msg.dtype)}")
     np_dtype = WIRE_DTYPES[msg.dtype][1]
-    shape = tuple(int(d) for d in msg.shape)
-    if any(d < 0 for d in shape):
+    shape = tuple(msg.shape)  # repeated int64: already Python ints (no per-element generator: hot path)
+    if shape and min(shape) < 0:
         raise WireError(field, f"negative dimension in shape {list(shape)}")
     numel = math.prod(shape)
     if numel > _MAX_ELEMENTS:
