@@ -8,7 +8,6 @@ store test would let CI pass without ever touching Redis.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+from nexus_sidecar.bench.procs import free_port, stop_process
 
 _INSTALL_HINT = (
     "redis-server/redis-cli not found: run scripts/install_system_deps.sh (apt: redis-server redis-tools)"
@@ -29,13 +29,6 @@ def _require(binary: str) -> str:
     if path is None:
         pytest.fail(_INSTALL_HINT, pytrace=False)
     return path
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -61,13 +54,7 @@ class RedisProc:
 
     def stop(self) -> None:
         """Terminate the server (idempotent)."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc, timeout=5)
 
 
 def _start_redis(tmp: Path, *extra: str) -> RedisProc:

@@ -276,7 +276,7 @@ def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[int], PrometheusPro
     import shutil
     import subprocess
 
-    from nexus_sidecar.bench.procs import free_port
+    from nexus_sidecar.bench.procs import free_port, stop_process
 
     binary = shutil.which("prometheus")
     if binary is None:
@@ -304,10 +304,4 @@ def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[int], PrometheusPro
 
     yield start
     for pp in started:
-        if pp.proc.poll() is None:
-            pp.proc.terminate()
-            try:
-                pp.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pp.proc.kill()
-                pp.proc.wait(timeout=5)
+        stop_process(pp.proc, timeout=10)

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from nexus_client.hf.capture import ForwardCapture
+from nexus_client.packing import top_edges
+
+__all__ = ["AttentionAccumulator", "StepTensors", "top_edges"]
 
 
 @dataclass
@@ -31,37 +34,6 @@ class StepTensors:
     last: torch.Tensor
     edge_pos: torch.Tensor
     edge_w: torch.Tensor
-
-
-def top_edges(
-    rows: torch.Tensor, slot_positions: torch.Tensor, fanout: int, exclude_self: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``fanout`` attended slots of each of the last ``q`` slots' query rows.
-
-    ``rows``: ``[q, L]`` attention rows of the q newest slots (the last q of ``slot_positions``,
-    ``[L]``). Returns ``(edge_pos [q, F] int64, edge_w [q, F] float32)`` with absolute positions,
-    padded with ``-1``/``0`` where a row has fewer than F positive weights. A token's attention to
-    itself is dropped when ``exclude_self``: a self-loop says nothing about *other* tokens and would
-    only inflate the token's own walk score.
-    """
-    q, length = rows.shape
-    if slot_positions.shape != (length,):
-        raise ValueError(f"slot_positions has shape {tuple(slot_positions.shape)}, rows have {length} slots")
-    if q > length:
-        raise ValueError(f"{q} query rows but only {length} slots")
-    w = rows.float().clone()
-    if exclude_self:
-        self_idx = torch.arange(length - q, length, device=w.device)
-        w[torch.arange(q, device=w.device), self_idx] = 0.0
-    f = min(fanout, length)
-    vals, idx = torch.topk(w, f, dim=-1)
-    pos = slot_positions.to(w.device)[idx]
-    valid = vals > 0
-    edge_pos = torch.full((q, fanout), -1, dtype=torch.int64, device=w.device)
-    edge_w = torch.zeros((q, fanout), dtype=torch.float32, device=w.device)
-    edge_pos[:, :f] = torch.where(valid, pos, torch.full_like(pos, -1))
-    edge_w[:, :f] = torch.where(valid, vals, torch.zeros_like(vals))
-    return edge_pos, edge_w
 
 
 class AttentionAccumulator:

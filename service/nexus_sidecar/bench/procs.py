@@ -45,7 +45,8 @@ def wait_serving(target: str, timeout: float = 60.0, proc: subprocess.Popen[byte
     raise TimeoutError(f"{target} not SERVING after {timeout}s")
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM, wait ``timeout`` s, then SIGKILL (idempotent; also for the tests' servers)."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -80,7 +81,7 @@ def sidecar_process(*args: str, env: dict[str, str] | None = None, timeout: floa
         wait_serving(f"127.0.0.1:{gport}", timeout, proc)
         yield SidecarProc(proc, gport, hport)
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @contextlib.contextmanager
@@ -93,7 +94,7 @@ def echo_process(timeout: float = 30.0) -> Iterator[str]:
         wait_serving(f"127.0.0.1:{port}", timeout, proc)
         yield f"127.0.0.1:{port}"
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @contextlib.contextmanager
@@ -115,4 +116,4 @@ def redis_process() -> Iterator[str]:
                 time.sleep(0.05)
             yield f"redis://127.0.0.1:{port}/0"
         finally:
-            _stop(proc)
+            stop_process(proc)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from nexus_client.packing import top_edges
 
 from nexus_sidecar.bench.report import ci95, machine
 from nexus_sidecar.bench.streams import BRIDGE, KINDS, STRONG, SUBTLE, StreamSpec, attention_rows, plant_kinds
@@ -47,11 +48,7 @@ def run_stream(cfg: PolicyConfig, spec: StreamSpec, seeds: Iterable[int], every:
         for h, (kind, hub_of), g in zip(handles, planted, gens, strict=True):
             slots = torch.cat([eng.positions(h)[0], new])
             rows = attention_rows(slots, new, kind, hub_of, g)  # [k, W]
-            top_w, top_i = rows.topk(min(F, slots.numel()), dim=1)
-            edge_pos = torch.full((new.numel(), F), -1, dtype=torch.int64)
-            edge_w = torch.zeros(new.numel(), F)
-            edge_pos[:, : top_i.shape[1]] = torch.where(top_w > 0, slots[top_i], -1)
-            edge_w[:, : top_w.shape[1]] = top_w
+            edge_pos, edge_w = top_edges(rows, slots, F, exclude_self=False)
             items[h] = StepInput(new, rows.sum(0, keepdim=True), rows[-1:], edge_pos[None], edge_w[None])
         eng.step(items)
     out = []

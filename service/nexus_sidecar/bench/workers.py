@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from nexus_client.client import AsyncNexusClient, ClientOptions
-from nexus_client.packing import WorkerSession, pack_step, unpack_result
+from nexus_client.packing import WorkerSession, pack_step, top_edges, unpack_result
 from nexus_client.v1 import sidecar_pb2 as pb
 
 from nexus_sidecar.bench.streams import BRIDGE, STRONG, SUBTLE, StreamSpec, attention_rows, plant_kinds
@@ -81,11 +81,7 @@ class SimulatedWorker:
             kind, hub_of = self.kinds[idx]
             rows = attention_rows(slots, new, kind, hub_of, self.g)
             attn, last = rows.sum(0, keepdim=True), rows[-1:]
-            top_w, top_i = rows.topk(min(fan, slots.numel()), dim=1)
-            edge_pos = torch.full((k, fan), -1, dtype=torch.int64)
-            edge_w = torch.zeros(k, fan)
-            edge_pos[:, : top_i.shape[1]] = torch.where(top_w > 0, slots[top_i], -1)
-            edge_w[:, : top_w.shape[1]] = top_w
+            edge_pos, edge_w = top_edges(rows, slots, fan, exclude_self=False)
         else:
             attn = self._rand_attn[:, : slots.numel()]
             last = attn

@@ -81,7 +81,7 @@ class Engine:
             pool.edge["edge_idx"][r, :n] = torch.where(has, col, own)
             pool.edge["edge_w"][r, :n] = torch.where(has, ew, 0.0)
             pool.used[r] = pool.count[r] = n
-        s.counts = s.used = [int(g.pos.numel()) for g in state.groups]
+        s.counts = [int(g.pos.numel()) for g in state.groups]
         s.used = list(s.counts)
         s.tokens_seen, s.tokens_evicted = state.tokens_seen, state.tokens_evicted
         return h
@@ -252,11 +252,11 @@ class Engine:
         rows = pool.rows_of(row_ids)
         used_max = max(max(s.used) for s in sessions)
         inp_rows = RowInput(new_pos, n_new, attn, last, edge_pos, edge_w)
-        codes = validate_rows(pool, rows, inp_rows, used_max)
+        codes, target_col = validate_rows(pool, rows, inp_rows, used_max)
         if bool(codes.any()):
             return self._split_bad(items, codes.cpu().tolist(), G)
         width = max(max(u) + k for u, k in zip((s.used for s in sessions), ks, strict=True))
-        res = run_step(policy, pool, rows, inp_rows, width)
+        res = run_step(policy, pool, rows, inp_rows, target_col, width)
         out = self._outputs(items, sessions, G, widths, ks, res)
         # Compact rows whose holes exceed the allowance (host mirrors are exact after the sync).
         todo = [r for s in sessions for r, u, c in zip(s.rows, s.used, s.counts, strict=True)

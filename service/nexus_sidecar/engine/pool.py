@@ -151,6 +151,7 @@ class SessionPool:
         target_alive = alive.gather(1, eidx.reshape(rows.numel(), -1)).reshape(eidx.shape)
         live_edge = target_alive & (ew > 0)
         moved_self = dest.unsqueeze(-1).expand_as(eidx)
+        # Live edges follow their target; the others become the "no edge" convention (own column).
         new_idx = torch.where(live_edge, dest.gather(1, eidx.reshape(rows.numel(), -1)).reshape(eidx.shape),
                               moved_self)
         new_w = torch.where(live_edge, ew, torch.zeros_like(ew))
@@ -163,10 +164,7 @@ class SessionPool:
 
         for n, (_, fill) in _SLOT_FIELDS.items():
             self.slot[n][rows] = move(self.slot[n][rows], fill)
-        # Edges of moved tokens: a dead token's self-edges are garbage in the dump column.
+        # Dead tokens' edges land in the dump column; freed columns get the fresh-row fill.
         self.edge["edge_idx"][rows] = move(new_idx, 0)
         self.edge["edge_w"][rows] = move(new_w, 0.0)
-        fix = self.edge["edge_idx"][rows]
-        own = torch.arange(width, device=self.device).view(1, -1, 1).expand_as(fix)
-        self.edge["edge_idx"][rows] = torch.where(self.edge["edge_w"][rows] > 0, fix, own)
         self.used[rows] = self.count[rows]

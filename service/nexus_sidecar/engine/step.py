@@ -57,10 +57,12 @@ ROW_ERRORS = {
 }
 
 
-def validate_rows(pool: SessionPool, rows: Rows, inp: RowInput, used_max: int) -> torch.Tensor:
-    """Per-row error code (int64 [R], 0 = valid) for value checks; changes nothing.
+def validate_rows(pool: SessionPool, rows: Rows, inp: RowInput, used_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Value checks on the device; changes nothing. Shapes are checked by the caller on the host.
 
-    Shapes are checked by the caller on the host; this checks values on the device.
+    Returns the per-row error code (int64 [R], 0 = valid) and, as a by-product of checking that
+    every edge target is in the cache, each edge target's arena column (int64 [R, K, F]; only
+    meaningful where the target is a valid position), which :func:`run_step` reuses.
     """
     R, K = inp.new_pos.shape
     dev = inp.attn.device
@@ -76,7 +78,7 @@ def validate_rows(pool: SessionPool, rows: Rows, inp: RowInput, used_max: int) -
     ew = inp.edge_w.reshape(R, -1)
     flag((~torch.isfinite(ew) | (ew < 0)).any(1), 5)
     live = torch.arange(K, device=dev) < inp.n_new.unsqueeze(1)
-    used = rows.get(pool.used.unsqueeze(1), 1).squeeze(1)
+    used = pool.used[rows.index]
     width = max(used_max, 1)
     pos = rows.get(pool.slot["pos"], width).contiguous()
     alive = rows.get(pool.slot["alive"], width)
@@ -95,11 +97,13 @@ def validate_rows(pool: SessionPool, rows: Rows, inp: RowInput, used_max: int) -
     ok = (tgt == -1) | ((old_ok | new_ok) & (tgt >= 0) & (tgt <= src))
     ok = ok | ~live.unsqueeze(-1).expand_as(inp.edge_pos).reshape(R, -1)
     flag(~ok.all(1), 6)
-    return code
+    # Retained targets keep their arena column; the j-th new token will sit at column used + j.
+    target_col = torch.where(old_ok, idx, used.unsqueeze(1) + new_idx).reshape(inp.edge_pos.shape)
+    return code, target_col
 
 
-def _insert(pool: SessionPool, rows: Rows, inp: RowInput, width: int, fixed_u: bool) -> None:
-    """Append the new tokens at the right of each row's arena (edges mapped to arena columns)."""
+def _insert(pool: SessionPool, rows: Rows, inp: RowInput, target_col: torch.Tensor, fixed_u: bool) -> None:
+    """Append the new tokens at the right of each row's arena (edges to the columns ``validate_rows`` found)."""
     R, K = inp.new_pos.shape
     dev = inp.attn.device
     used = pool.used[rows.index]
@@ -117,10 +121,6 @@ def _insert(pool: SessionPool, rows: Rows, inp: RowInput, width: int, fixed_u: b
         u = uniforms(p["seed"][rows.index], p["group"][rows.index], inp.new_pos.clamp(min=0),
                      torch.zeros(R, dtype=torch.int64, device=dev))
         pool.slot["gumbel"][r_idx, c_idx] = gumbel(u[live])
-    # Edge targets: positions -> arena columns (positions are ascending along the arena).
-    pos = rows.get(pool.slot["pos"], width).contiguous()
-    tgt = inp.edge_pos.reshape(R, -1).contiguous()
-    target_col = torch.searchsorted(pos, tgt).clamp(max=width - 1).reshape(inp.edge_pos.shape)
     has = (inp.edge_pos >= 0) & (inp.edge_w > 0)
     own = col.unsqueeze(-1).expand_as(target_col)
     pool.edge["edge_idx"][r_idx, c_idx] = torch.where(has, target_col, own)[live]
@@ -129,14 +129,16 @@ def _insert(pool: SessionPool, rows: Rows, inp: RowInput, width: int, fixed_u: b
     pool.count[rows.index] += inp.n_new
 
 
-def run_step(policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput, width: int) -> RowResult:
-    """Advance R rows by one call. ``width`` >= max(used + n_new) over the rows (host-known)."""
+def run_step(policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput, target_col: torch.Tensor,
+             width: int) -> RowResult:
+    """Advance R rows by one call. ``width`` >= max(used + n_new) over the rows (host-known);
+    ``target_col`` is what :func:`validate_rows` returned for this input."""
     cfg = policy.cfg
     dev = inp.attn.device
     R, Wx = inp.attn.shape
     pool.ensure_width(width)
     token_fixed = cfg.randomness == "fixed" and cfg.granularity == "token" and policy.sampled
-    _insert(pool, rows, inp, width, token_fixed)
+    _insert(pool, rows, inp, target_col, token_fixed)
     p = {name: pool.params[name][rows.index] for name in pool.params}
     pos = rows.get(pool.slot["pos"], width)
     alive = rows.get(pool.slot["alive"], width).clone()  # the pool's copy is overwritten below
@@ -165,12 +167,11 @@ def run_step(policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput, width
     ctx = ScoreContext(attn=attn, last=last, memory=memory, age=age, valid=alive, cand=cand, walk=run_walk,
                        slot_order=slot_order)
     scores = policy.score(ctx)
-    used = pool.used[rows.index]
-    arena = torch.arange(width, device=dev).unsqueeze(0) < used.unsqueeze(1)
     # Fixed randomness: a token keeps its lottery ticket for life; per_call: a fresh draw each call.
     call = p["call"] if cfg.randomness == "per_call" else torch.zeros_like(p["call"])
     sel = select(
-        scores.weight, alive, protected, torch.where(arena, pos, INT64_MAX), n, p["budget"], p["slack"],
+        # Arena columns past ``used`` always hold the int64-max padding position (pool invariant).
+        scores.weight, alive, protected, pos, n, p["budget"], p["slack"],
         p["seed"], p["group"], call,
         tau=policy.tau() if policy.sampled else None,
         pool=cfg.pool,

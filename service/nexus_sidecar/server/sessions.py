@@ -8,6 +8,7 @@ per-session order holds, and a batch never carries two steps of one session.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -202,7 +203,7 @@ class SessionManager:
                         count=sum(g.pos.numel() for g in cp.state.groups), digest=cp.digest,
                         last_result=last, checkpointed_step=cp.step)
         self._hot[(tenant, session_id)] = hs
-        self.metrics.tokens_retained.labels(tenant, hs.cfg.policy).inc(hs.count)  # _unload decrements it
+        self._series(hs).retained.inc(hs.count)  # _unload decrements it
         self.metrics.sessions_resumed.labels(tenant).inc()
         self.metrics.sessions_open.labels(tenant).set(len(self.hot_sessions(tenant)))
         log.info("resumed session %s/%s at step %d from the store", tenant, session_id, cp.step)
@@ -223,8 +224,7 @@ class SessionManager:
             del self._hot[key]
             await self.on_engine(self.engine.close, hs.handle)
             self.metrics.sessions_open.labels(hs.tenant).set(len(self.hot_sessions(hs.tenant)))
-            seen_policy = self.metrics.tokens_retained.labels(hs.tenant, hs.cfg.policy)
-            seen_policy.dec(hs.count)
+            self._series(hs).retained.dec(hs.count)
 
     # -- stepping -----------------------------------------------------------------------------
     async def step_many(self, tenant: str, steps: list[pb.SessionStep], deadline: float | None
@@ -233,9 +233,9 @@ class SessionManager:
         if not steps:
             raise InvalidArgument("steps", "is empty")
         ids = [s.session_id for s in steps]
-        dupes = {i for i in ids if ids.count(i) > 1}
-        if dupes:
-            raise InvalidArgument("steps", f"session {sorted(dupes)[0]!r} appears more than once in one request")
+        if len(set(ids)) != len(ids):
+            dupes = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
+            raise InvalidArgument("steps", f"session {dupes[0]!r} appears more than once in one request")
         sessions = [await self.get(tenant, sid) for sid in ids]
         # Shielded: once a step may reach the engine it is committed even if the caller goes away
         # (RPC deadline or cancel). Otherwise the engine state advances without the session's
