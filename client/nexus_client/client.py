@@ -18,10 +18,9 @@ import grpc
 from nexus_client.errors import SidecarError, from_rpc_error
 from nexus_client.v1 import sidecar_pb2 as pb
 from nexus_client.v1 import sidecar_pb2_grpc as pb_grpc
+from nexus_client.wire import GRANULARITY, RANDOMNESS
 
 T = TypeVar("T")
-_RANDOMNESS = {"fixed": pb.RANDOMNESS_FIXED, "per_call": pb.RANDOMNESS_PER_CALL}
-_GRANULARITY = {"token": pb.GRANULARITY_TOKEN, "block": pb.GRANULARITY_BLOCK}
 
 
 @dataclass(frozen=True)
@@ -55,9 +54,9 @@ def config_message(config: Mapping[str, Any] | None) -> pb.PolicyConfig:
         if name == "policy":
             msg.policy = value
         elif name == "randomness":
-            msg.randomness = _RANDOMNESS[value]
+            msg.randomness = RANDOMNESS[value]
         elif name == "granularity":
-            msg.granularity = _GRANULARITY[value]
+            msg.granularity = GRANULARITY[value]
         elif name == "seed":
             msg.seed = int(value) & ((1 << 64) - 1)
         else:

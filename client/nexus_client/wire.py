@@ -16,6 +16,8 @@ import torch
 from nexus_client.v1 import sidecar_pb2 as pb
 
 __all__ = [
+    "GRANULARITY",
+    "RANDOMNESS",
     "WIRE_DTYPES",
     "WireError",
     "positions_checksum",
@@ -34,6 +36,11 @@ WIRE_DTYPES: dict[int, tuple[torch.dtype, np.dtype]] = {
     pb.D_TYPE_BOOL: (torch.bool, np.dtype("?")),
 }
 _TORCH_TO_WIRE: dict[torch.dtype, int] = {t: w for w, (t, _) in WIRE_DTYPES.items()}
+
+# PolicyConfig enum names (as the engine spells them) <-> wire enum values; shared by the client
+# (building requests) and the server (reading them).
+RANDOMNESS: dict[str, int] = {"fixed": pb.RANDOMNESS_FIXED, "per_call": pb.RANDOMNESS_PER_CALL}
+GRANULARITY: dict[str, int] = {"token": pb.GRANULARITY_TOKEN, "block": pb.GRANULARITY_BLOCK}
 _NUMPY_OF: dict[torch.dtype, np.dtype] = {torch.float32: np.dtype(np.float32), torch.int64: np.dtype(np.int64),
                                           torch.float64: np.dtype(np.float64), torch.int32: np.dtype(np.int32)}
 

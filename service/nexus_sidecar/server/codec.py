@@ -8,15 +8,15 @@ from dataclasses import fields
 import numpy as np
 import torch
 from nexus_client.v1 import sidecar_pb2 as pb
-from nexus_client.wire import positions_checksum, tensor_from_proto
+from nexus_client.wire import GRANULARITY, RANDOMNESS, positions_checksum, tensor_from_proto
 
 from nexus_sidecar.engine import PolicyConfig, StepInput, StepOutput
 from nexus_sidecar.server.errors import InvalidArgument
 
 _FLOAT_WIRE = (pb.D_TYPE_FLOAT16, pb.D_TYPE_FLOAT32)
 _INT_WIRE = (pb.D_TYPE_INT32, pb.D_TYPE_INT64)
-_RANDOMNESS = {pb.RANDOMNESS_FIXED: "fixed", pb.RANDOMNESS_PER_CALL: "per_call"}
-_GRANULARITY = {pb.GRANULARITY_TOKEN: "token", pb.GRANULARITY_BLOCK: "block"}
+_RANDOMNESS = {v: k for k, v in RANDOMNESS.items()}
+_GRANULARITY = {v: k for k, v in GRANULARITY.items()}
 _OPTIONAL_NUMBERS = ("budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma",
                      "tau", "seed", "pool", "block_size")
 
@@ -46,8 +46,8 @@ def config_to_proto(cfg: PolicyConfig) -> pb.PolicyConfig:
             if f.name == "seed":
                 value &= (1 << 64) - 1
             setattr(msg, f.name, value)
-    msg.randomness = {v: k for k, v in _RANDOMNESS.items()}[cfg.randomness]
-    msg.granularity = {v: k for k, v in _GRANULARITY.items()}[cfg.granularity]
+    msg.randomness = RANDOMNESS[cfg.randomness]
+    msg.granularity = GRANULARITY[cfg.granularity]
     return msg
 
 
