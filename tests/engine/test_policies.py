@@ -173,3 +173,55 @@ def test_random_ignores_weights_but_keeps_budget() -> None:
     attn = [100.0, 0.01, 0.01, 0.01, 0.01, 0.01]
     hits = sum(0 in _one_call("random", attn, attn, budget=3, seed=s) for s in range(40))
     assert 5 <= hits <= 35  # expected 20 (3 of 6 evicted uniformly); P(outside) < 1e-4
+
+
+def _observer_counts(retained: int, k: int) -> torch.Tensor:
+    """Queries of a k-token call that can see each slot: k for the retained, k - j for the j-th new."""
+    return torch.tensor([float(k)] * retained + [float(k - j) for j in range(k)])
+
+
+@pytest.mark.parametrize("policy", ["nexus", "nexus_topk"])
+def test_attn_reduce_mean_equals_sum_of_per_observer_mass(policy: str) -> None:
+    # "mean" must be exactly "sum" fed with each slot's mass divided by its observer count:
+    # two sessions, one of each, stay identical call after call (evictions and retained slots).
+    base = PolicyConfig(policy=policy, budget=24, sinks=2, recent=3, fanout=4, seed=5)
+    eng = Engine("cpu")
+    h_mean = eng.open(base.with_(attn_reduce="mean"))
+    h_sum = eng.open(base)
+    rng = np.random.default_rng(11)
+    pos, differs = 0, False
+    for _ in range(25):
+        k = int(rng.integers(1, 9))
+        before = eng.positions(h_mean)
+        assert [p.tolist() for p in before] == [p.tolist() for p in eng.positions(h_sum)]
+        inp = random_input(rng, before, np.arange(pos, pos + k), base.fanout)
+        n_prev = int(before[0].numel())
+        divided = inp.attn.clone()
+        divided[0, : n_prev + k] /= _observer_counts(n_prev, k)
+        differs |= not torch.equal(divided, inp.attn)
+        out = eng.step({h_mean: inp, h_sum: StepInput(inp.new_positions, divided, inp.last, inp.edge_pos,
+                                                       inp.edge_w)})
+        assert evicted_lists(out[h_mean]) == evicted_lists(out[h_sum])
+        pos += k
+    assert differs  # the stream did exercise multi-token calls
+
+
+def test_attn_reduce_mean_removes_the_causal_bias_of_a_chunk() -> None:
+    # One 8-token call: slot 0..3 old (seen by all 8 queries), 4..11 new. Summed mass makes the old
+    # slot 1 (mass 0.8 over 8 queries = 0.1 each) beat the new slot 10 (0.3 from its 2 queries,
+    # 0.15 each); per observer, slot 10 is the one attended more.
+    cfg = PolicyConfig(policy="nexus_topk", budget=11, sinks=0, recent=0, fanout=1, beta=0.0)
+    kept_last: dict[str, bool] = {}
+    for reduce in ("sum", "mean"):
+        eng = Engine("cpu")
+        h = eng.open(cfg.with_(attn_reduce=reduce))
+        # A first call with no mass: the old slots start with no memory of their own.
+        eng.step({h: StepInput(torch.arange(4), torch.zeros(1, 4), torch.zeros(1, 4),
+                               torch.full((1, 4, 1), -1), torch.zeros(1, 4, 1))})
+        attn = torch.tensor([[2.0, 0.8, 2.0, 2.0, 1.6, 1.4, 1.2, 1.0, 0.9, 0.8, 0.3, 0.5]])
+        out = eng.step({h: StepInput(torch.arange(4, 12), attn, torch.zeros(1, 12),
+                                     torch.full((1, 8, 1), -1), torch.zeros(1, 8, 1))})[h]
+        (gone,) = evicted_lists(out)
+        assert len(gone) == 1
+        kept_last[reduce] = gone == [1]
+    assert kept_last == {"sum": False, "mean": True}

@@ -49,6 +49,11 @@ def test_policy_spec_parsing() -> None:
     for bad in ("nexus:pool", "nexus:pool=x", ":pool=3"):
         with pytest.raises(ValueError):
             PolicySpec.parse(bad)
+    # Word values reach enum knobs; every knob is checked against PolicyConfig before any run.
+    assert dict(PolicySpec.parse("nexus:attn_reduce=mean").knobs) == {"attn_reduce": "mean"}
+    for bad, field in (("nexus:attn_reduce=avg", "attn_reduce"), ("nexus:pool=4", "pool"), ("tova:colour=1", "colour")):
+        with pytest.raises(ValueError, match=field):
+            PolicySpec.parse(bad)
     assert [(r.policy.name, r.eviction, r.mode) for r in RUNS][:2] == [
         ("dense", 0.0, "dense"),
         ("tova", 0.8, "streaming"),

@@ -104,6 +104,28 @@ def test_invalid_argument_names_the_field() -> None:
     arun(body())
 
 
+def test_attn_reduce_travels_both_ways_and_an_unknown_value_names_the_field() -> None:
+    from nexus_sidecar.engine.errors import ConfigError
+    from nexus_sidecar.server.codec import config_from_proto, config_to_proto
+
+    async def body() -> None:
+        async with running_sidecar() as sc:
+            c = client(sc)
+            opened = await c.open_session("m1", {**SMALL, "attn_reduce": "mean"})
+            assert opened.config.attn_reduce == pb.ATTN_REDUCE_MEAN
+            assert (await c.get_session("m1")).config.attn_reduce == pb.ATTN_REDUCE_MEAN
+            default = await c.open_session("d1", SMALL)
+            assert default.config.attn_reduce == pb.ATTN_REDUCE_SUM  # the effective default is echoed
+            await c.close()
+
+    arun(body())
+    cfg = config_from_proto(pb.PolicyConfig(attn_reduce=pb.ATTN_REDUCE_MEAN), "nexus")
+    assert cfg.attn_reduce == "mean" and config_from_proto(config_to_proto(cfg), "nexus") == cfg
+    with pytest.raises(ConfigError) as err:
+        config_from_proto(pb.PolicyConfig(attn_reduce=7), "nexus")  # a value from a newer client
+    assert err.value.field == "attn_reduce"
+
+
 # -- NOT_FOUND, FAILED_PRECONDITION, ALREADY_EXISTS -------------------------------------------------
 def test_not_found_for_unknown_sessions() -> None:
     async def body() -> None:

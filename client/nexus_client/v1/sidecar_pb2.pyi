@@ -28,6 +28,12 @@ class Granularity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GRANULARITY_UNSPECIFIED: _ClassVar[Granularity]
     GRANULARITY_TOKEN: _ClassVar[Granularity]
     GRANULARITY_BLOCK: _ClassVar[Granularity]
+
+class AttnReduce(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ATTN_REDUCE_UNSPECIFIED: _ClassVar[AttnReduce]
+    ATTN_REDUCE_SUM: _ClassVar[AttnReduce]
+    ATTN_REDUCE_MEAN: _ClassVar[AttnReduce]
 D_TYPE_UNSPECIFIED: DType
 D_TYPE_FLOAT16: DType
 D_TYPE_FLOAT32: DType
@@ -41,6 +47,9 @@ RANDOMNESS_PER_CALL: Randomness
 GRANULARITY_UNSPECIFIED: Granularity
 GRANULARITY_TOKEN: Granularity
 GRANULARITY_BLOCK: Granularity
+ATTN_REDUCE_UNSPECIFIED: AttnReduce
+ATTN_REDUCE_SUM: AttnReduce
+ATTN_REDUCE_MEAN: AttnReduce
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -53,7 +62,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PolicyConfig(_message.Message):
-    __slots__ = ("policy", "budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma", "tau", "randomness", "seed", "pool", "granularity", "block_size")
+    __slots__ = ("policy", "budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma", "tau", "randomness", "seed", "pool", "granularity", "block_size", "attn_reduce")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     SLACK_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +79,7 @@ class PolicyConfig(_message.Message):
     POOL_FIELD_NUMBER: _ClassVar[int]
     GRANULARITY_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ATTN_REDUCE_FIELD_NUMBER: _ClassVar[int]
     policy: str
     budget: int
     slack: int
@@ -86,7 +96,8 @@ class PolicyConfig(_message.Message):
     pool: int
     granularity: Granularity
     block_size: int
-    def __init__(self, policy: _Optional[str] = ..., budget: _Optional[int] = ..., slack: _Optional[int] = ..., sinks: _Optional[int] = ..., recent: _Optional[int] = ..., groups: _Optional[int] = ..., beta: _Optional[float] = ..., iterations: _Optional[int] = ..., fanout: _Optional[int] = ..., gamma: _Optional[float] = ..., tau: _Optional[float] = ..., randomness: _Optional[_Union[Randomness, str]] = ..., seed: _Optional[int] = ..., pool: _Optional[int] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., block_size: _Optional[int] = ...) -> None: ...
+    attn_reduce: AttnReduce
+    def __init__(self, policy: _Optional[str] = ..., budget: _Optional[int] = ..., slack: _Optional[int] = ..., sinks: _Optional[int] = ..., recent: _Optional[int] = ..., groups: _Optional[int] = ..., beta: _Optional[float] = ..., iterations: _Optional[int] = ..., fanout: _Optional[int] = ..., gamma: _Optional[float] = ..., tau: _Optional[float] = ..., randomness: _Optional[_Union[Randomness, str]] = ..., seed: _Optional[int] = ..., pool: _Optional[int] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., block_size: _Optional[int] = ..., attn_reduce: _Optional[_Union[AttnReduce, str]] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("session_id", "config")

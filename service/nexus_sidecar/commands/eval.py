@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
     from nexus_sidecar.evals import report
     from nexus_sidecar.evals.haystacks import haystack_digest
-    from nexus_sidecar.evals.runner import EvalSettings, PolicySpec, _number, expand_runs, iter_eval
+    from nexus_sidecar.evals.runner import EvalSettings, PolicySpec, check_knobs, expand_runs, iter_eval, knob_value
 
     if args.tasks is None:
         args.tasks = _names(QUICK_TASKS if args.quick else DEFAULT_TASKS)
@@ -167,8 +167,9 @@ def run(args: argparse.Namespace) -> int:
         key, sep, raw = part.partition("=")
         if not sep:
             raise SystemExit(f"eval: --knobs part {part!r} is not key=value")
-        base[key] = _number(raw, f"--knobs {key}")
+        base[key] = knob_value(raw)
     try:
+        check_knobs("nexus", base, "--knobs")
         policies = [PolicySpec.parse(p) for p in args.policies]
         runs = expand_runs(policies, args.eviction, args.modes)
     except ValueError as exc:

@@ -11,6 +11,7 @@ from nexus_sidecar.engine.errors import ConfigError
 
 Randomness = Literal["fixed", "per_call"]
 Granularity = Literal["token", "block"]
+AttnReduce = Literal["sum", "mean"]
 
 # Slot indices are packed into the low bits of int64 selection keys (see selection.py).
 MAX_SLOTS = 1 << 21
@@ -42,6 +43,10 @@ class PolicyConfig:
     pool: int = 1  # span pooling window (odd), 1 = off
     granularity: Granularity = "token"
     block_size: int = 16
+    # How Nexus reads a multi-token call's attention: "sum" over the call's queries, or "mean" per
+    # slot over the queries that could see it (causal masking lets more queries see older slots,
+    # so a sum favours old tokens the way H2O's accumulation does). Equal for one-token calls.
+    attn_reduce: AttnReduce = "sum"
 
     def validate(self) -> PolicyConfig:
         """Raise :class:`ConfigError` naming the first bad field; return self when valid."""
@@ -69,6 +74,8 @@ class PolicyConfig:
             raise ConfigError("tau", f"must be a number >= 0 (inf = top-K), got {self.tau!r}")
         if self.randomness not in ("fixed", "per_call"):
             raise ConfigError("randomness", f"must be 'fixed' or 'per_call', got {self.randomness!r}")
+        if self.attn_reduce not in ("sum", "mean"):
+            raise ConfigError("attn_reduce", f"must be 'sum' or 'mean', got {self.attn_reduce!r}")
         if self.granularity not in ("token", "block"):
             raise ConfigError("granularity", f"must be 'token' or 'block', got {self.granularity!r}")
         need = self.protected_capacity()
@@ -96,7 +103,7 @@ class PolicyConfig:
         """Sessions whose keys are equal can be advanced by one batched engine call."""
         return (
             self.policy, self.beta, self.iterations, self.fanout, self.gamma, self.tau,
-            self.randomness, self.pool, self.granularity, self.block_size,
+            self.randomness, self.pool, self.granularity, self.block_size, self.attn_reduce,
         )
 
     def with_(self, **changes: Any) -> PolicyConfig:

@@ -47,7 +47,11 @@ class PolicySpec:
 
     @classmethod
     def parse(cls, text: str) -> PolicySpec:
-        """Parse ``name[:key=value]*``; values are int, float, or ``inf`` (tau)."""
+        """Parse ``name[:key=value]*``; values are int, float (``inf`` for tau) or a word (``attn=mean``).
+
+        Knobs are checked against the engine's ``PolicyConfig`` here, so a typo fails before the
+        model loads, naming the field, instead of after hours of other runs.
+        """
         name, *parts = text.strip().split(":")
         if not name:
             raise ValueError(f"empty policy name in {text!r}")
@@ -56,19 +60,34 @@ class PolicySpec:
             key, sep, raw = part.partition("=")
             if not sep or not key or not raw:
                 raise ValueError(f"policy {text!r}: knob {part!r} is not key=value")
-            knobs[key] = _number(raw, f"policy {text!r}: knob {key}")
+            knobs[key] = knob_value(raw)
+        if name != DENSE:
+            check_knobs(name, knobs, f"policy {text!r}")
         return cls(name, tuple(sorted(knobs.items())))
 
 
-def _number(raw: str, what: str) -> int | float:
+def knob_value(raw: str) -> int | float | str:
+    """``"5"`` -> 5, ``"0.7"``/``"inf"`` -> float, anything else stays a string (enum knobs)."""
     try:
         return int(raw)
     except ValueError:
         pass
     try:
-        return float(raw)  # accepts 'inf'
+        return float(raw)
     except ValueError:
-        raise ValueError(f"{what}: {raw!r} is not a number") from None
+        return raw
+
+
+def check_knobs(policy: str, knobs: dict[str, Any], what: str) -> None:
+    """Raise ``ValueError`` naming the field when ``knobs`` are not valid ``PolicyConfig`` values."""
+    from nexus_sidecar.engine.config import MAX_SLOTS, PolicyConfig
+    from nexus_sidecar.engine.errors import ConfigError
+
+    fixed = {"policy": policy, "budget": MAX_SLOTS // 2}  # the budget is set per run from the eviction rate
+    try:
+        PolicyConfig.from_dict({**knobs, **fixed})
+    except ConfigError as exc:
+        raise ValueError(f"{what}: {exc}") from None
 
 
 @dataclass

@@ -39,7 +39,9 @@ class ScoreContext:
 
     ``attn``/``last`` are the call's inputs aligned with slots; ``memory`` and ``age`` are the
     per-slot state *before* this call (new slots: 0); ``cand`` marks evictable slots (valid and
-    not protected); ``walk`` runs the Nexus walk from a direct-mass distribution.
+    not protected); ``walk`` runs the Nexus walk from a direct-mass distribution; ``observers``
+    (float, >= 1) counts the call's queries that could attend to each slot under causal masking:
+    all ``k`` new queries for a retained slot, ``k - j`` for the call's ``j``-th new token.
     """
 
     attn: torch.Tensor
@@ -50,6 +52,7 @@ class ScoreContext:
     cand: torch.Tensor
     walk: Callable[[torch.Tensor], torch.Tensor]
     slot_order: SlotOrder
+    observers: torch.Tensor
 
 
 @dataclass

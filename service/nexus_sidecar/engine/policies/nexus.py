@@ -13,11 +13,16 @@ from nexus_sidecar.engine.policies.base import Policy, ScoreContext, Scores, nor
 def nexus_scores(policy: Policy, ctx: ScoreContext) -> Scores:
     """Memory = bias-corrected EMA of walk scores; reaction = the last query's row.
 
+    With ``attn_reduce="mean"`` the direct mass of each slot is first divided by the number of the
+    call's queries that could attend to it (see :class:`ScoreContext`), removing the causal bias
+    of summed multi-token calls towards older slots.
+
     Each signal is normalised over the candidate slots before the max, because walk scores sum
     to more than one and would otherwise swamp the last row (measured: DESIGN.md section 2).
     """
     gamma = policy.cfg.gamma
-    d = normalize(ctx.attn, ctx.valid)
+    attn = ctx.attn / ctx.observers if policy.cfg.attn_reduce == "mean" else ctx.attn
+    d = normalize(attn, ctx.valid)
     s = ctx.walk(d)
     memory = gamma * ctx.memory + (1.0 - gamma) * s
     age = (ctx.age + 1).to(memory.dtype)
