@@ -18,7 +18,7 @@ import grpc
 from nexus_client.errors import SidecarError, from_rpc_error
 from nexus_client.v1 import sidecar_pb2 as pb
 from nexus_client.v1 import sidecar_pb2_grpc as pb_grpc
-from nexus_client.wire import ATTN_REDUCE, GRANULARITY, RANDOMNESS
+from nexus_client.wire import ATTN_REDUCE, GRANULARITY, POOL_REDUCE, RANDOMNESS
 
 T = TypeVar("T")
 
@@ -59,6 +59,8 @@ def config_message(config: Mapping[str, Any] | None) -> pb.PolicyConfig:
             msg.granularity = GRANULARITY[value]
         elif name == "attn_reduce":
             msg.attn_reduce = ATTN_REDUCE[value]
+        elif name == "pool_reduce":
+            msg.pool_reduce = POOL_REDUCE[value]
         elif name == "seed":
             msg.seed = int(value) & ((1 << 64) - 1)
         else:

@@ -18,6 +18,7 @@ from nexus_client.v1 import sidecar_pb2 as pb
 __all__ = [
     "ATTN_REDUCE",
     "GRANULARITY",
+    "POOL_REDUCE",
     "RANDOMNESS",
     "WIRE_DTYPES",
     "WireError",
@@ -43,6 +44,7 @@ _TORCH_TO_WIRE: dict[torch.dtype, int] = {t: w for w, (t, _) in WIRE_DTYPES.item
 RANDOMNESS: dict[str, int] = {"fixed": pb.RANDOMNESS_FIXED, "per_call": pb.RANDOMNESS_PER_CALL}
 GRANULARITY: dict[str, int] = {"token": pb.GRANULARITY_TOKEN, "block": pb.GRANULARITY_BLOCK}
 ATTN_REDUCE: dict[str, int] = {"sum": pb.ATTN_REDUCE_SUM, "mean": pb.ATTN_REDUCE_MEAN}
+POOL_REDUCE: dict[str, int] = {"max": pb.POOL_REDUCE_MAX, "mean": pb.POOL_REDUCE_MEAN}
 _NUMPY_OF: dict[torch.dtype, np.dtype] = {torch.float32: np.dtype(np.float32), torch.int64: np.dtype(np.int64),
                                           torch.float64: np.dtype(np.float64), torch.int32: np.dtype(np.int32)}
 

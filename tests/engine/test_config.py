@@ -25,6 +25,7 @@ BAD: list[tuple[str, object]] = [
     ("gamma", 1.0), ("gamma", -1e-9), ("gamma", math.nan),
     ("tau", -1.0), ("tau", math.nan), ("tau", -math.inf), ("tau", "4"),
     ("randomness", "sometimes"), ("granularity", "page"), ("attn_reduce", "avg"), ("attn_reduce", None),
+    ("pool_reduce", "sum"),
 ]
 
 
@@ -108,7 +109,7 @@ def test_batch_key_separates_structural_fields_only() -> None:
     other_randomness = "fixed" if cfg.randomness == "per_call" else "per_call"
     for structural in ({"policy": "h2o"}, {"beta": 0.1}, {"iterations": 3}, {"gamma": 0.5}, {"tau": 1.0},
                        {"randomness": other_randomness}, {"pool": 3}, {"granularity": "block"}, {"block_size": 32},
-                       {"attn_reduce": "mean"}):
+                       {"attn_reduce": "mean"}, {"pool_reduce": "mean"}):
         assert cfg.with_(**structural).batch_key() != cfg.batch_key(), structural
 
 

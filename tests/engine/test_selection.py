@@ -15,7 +15,8 @@ from nexus_sidecar.engine.selection import select, span_pool
 
 def _select(weight: torch.Tensor, budget: int | list[int], *, tau: float | None, seeds: torch.Tensor | None = None,
             protected: torch.Tensor | None = None, n: list[int] | None = None, slack: int = 0, pool: int = 1,
-            block_size: int | None = None, slot_pos: torch.Tensor | None = None, call: int = 0) -> torch.Tensor:
+            block_size: int | None = None, slot_pos: torch.Tensor | None = None, call: int = 0,
+            pool_reduce: str = "max") -> torch.Tensor:
     rows, width = weight.shape
     n_t = torch.tensor(n if n is not None else [width] * rows, dtype=torch.int64)
     valid = torch.arange(width)[None, :] < n_t[:, None]
@@ -27,7 +28,7 @@ def _select(weight: torch.Tensor, budget: int | list[int], *, tau: float | None,
         torch.full((rows,), slack, dtype=torch.int64),
         seeds if seeds is not None else torch.zeros(rows, dtype=torch.int64),
         torch.zeros(rows, dtype=torch.int64), torch.full((rows,), call, dtype=torch.int64),
-        tau=tau, pool=pool, block_size=block_size,
+        tau=tau, pool=pool, block_size=block_size, pool_reduce=pool_reduce,
     )
     assert not (sel.evict & ~valid).any()
     return sel.evict
@@ -166,6 +167,26 @@ def test_span_pool_spreads_to_neighbours_but_not_from_protected() -> None:
     pooled = span_pool(w, cand, 3)
     assert pooled.tolist() == [[0.0, 0.0, 7.0, 7.0, 7.0, 0.0, 0.0]]
     assert torch.equal(span_pool(w, cand, 1), torch.where(cand, w, 0.0))
+
+
+def test_span_pool_mean_averages_over_evictable_neighbours_only() -> None:
+    w = torch.tensor([[100.0, 3.0, 0.0, 6.0, 0.0, 0.0, 9.0]])
+    cand = torch.tensor([[False, True, True, True, True, True, True]])
+    pooled = span_pool(w, cand, 3, reduce="mean")
+    # Slot 1's window holds the protected sink (not counted) and slots 1-2: (3 + 0) / 2.
+    # The last slot's window is clipped: (0 + 9) / 2.
+    assert pooled.tolist() == [[0.0, 1.5, 3.0, 2.0, 2.0, 3.0, 4.5]]
+    assert torch.equal(span_pool(w, cand, 1, reduce="mean"), torch.where(cand, w, 0.0))
+
+
+def test_mean_pooling_prefers_a_region_attended_throughout_over_a_lone_peak() -> None:
+    # A lone peak (slot 1) vs a uniformly attended 3-token span (slots 5-7): max-pooling keeps the
+    # peak's neighbourhood, mean-pooling keeps the span (SnapKV's smoothing).
+    w = torch.tensor([[0.0, 0.0, 0.6, 0.0, 0.0, 0.0, 0.4, 0.4, 0.4, 0.0, 0.0]])
+    by_max = _select(w, 3, tau=None, pool=3).tolist()[0]
+    by_mean = _select(w, 3, tau=None, pool=3, pool_reduce="mean").tolist()[0]
+    assert [i for i, e in enumerate(by_max) if not e] == [1, 2, 3]
+    assert [i for i, e in enumerate(by_mean) if not e] == [6, 7, 8]
 
 
 def test_pooling_keeps_a_multi_token_entity_together() -> None:

@@ -104,26 +104,30 @@ def test_invalid_argument_names_the_field() -> None:
     arun(body())
 
 
-def test_attn_reduce_travels_both_ways_and_an_unknown_value_names_the_field() -> None:
+def test_reduce_knobs_travel_both_ways_and_an_unknown_value_names_the_field() -> None:
     from nexus_sidecar.engine.errors import ConfigError
     from nexus_sidecar.server.codec import config_from_proto, config_to_proto
 
     async def body() -> None:
         async with running_sidecar() as sc:
             c = client(sc)
-            opened = await c.open_session("m1", {**SMALL, "attn_reduce": "mean"})
+            opened = await c.open_session("m1", {**SMALL, "attn_reduce": "mean", "pool": 3, "pool_reduce": "mean"})
             assert opened.config.attn_reduce == pb.ATTN_REDUCE_MEAN
+            assert opened.config.pool_reduce == pb.POOL_REDUCE_MEAN and opened.config.pool == 3
             assert (await c.get_session("m1")).config.attn_reduce == pb.ATTN_REDUCE_MEAN
             default = await c.open_session("d1", SMALL)
             assert default.config.attn_reduce == pb.ATTN_REDUCE_SUM  # the effective default is echoed
+            assert default.config.pool_reduce == pb.POOL_REDUCE_MAX
             await c.close()
 
     arun(body())
-    cfg = config_from_proto(pb.PolicyConfig(attn_reduce=pb.ATTN_REDUCE_MEAN), "nexus")
-    assert cfg.attn_reduce == "mean" and config_from_proto(config_to_proto(cfg), "nexus") == cfg
-    with pytest.raises(ConfigError) as err:
-        config_from_proto(pb.PolicyConfig(attn_reduce=7), "nexus")  # a value from a newer client
-    assert err.value.field == "attn_reduce"
+    cfg = config_from_proto(pb.PolicyConfig(attn_reduce=pb.ATTN_REDUCE_MEAN, pool_reduce=pb.POOL_REDUCE_MEAN), "nexus")
+    assert (cfg.attn_reduce, cfg.pool_reduce) == ("mean", "mean")
+    assert config_from_proto(config_to_proto(cfg), "nexus") == cfg
+    for field in ("attn_reduce", "pool_reduce"):
+        with pytest.raises(ConfigError) as err:
+            config_from_proto(pb.PolicyConfig(**{field: 7}), "nexus")  # a value from a newer client
+        assert err.value.field == field
 
 
 # -- NOT_FOUND, FAILED_PRECONDITION, ALREADY_EXISTS -------------------------------------------------

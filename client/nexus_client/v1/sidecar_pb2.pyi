@@ -34,6 +34,12 @@ class AttnReduce(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ATTN_REDUCE_UNSPECIFIED: _ClassVar[AttnReduce]
     ATTN_REDUCE_SUM: _ClassVar[AttnReduce]
     ATTN_REDUCE_MEAN: _ClassVar[AttnReduce]
+
+class PoolReduce(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POOL_REDUCE_UNSPECIFIED: _ClassVar[PoolReduce]
+    POOL_REDUCE_MAX: _ClassVar[PoolReduce]
+    POOL_REDUCE_MEAN: _ClassVar[PoolReduce]
 D_TYPE_UNSPECIFIED: DType
 D_TYPE_FLOAT16: DType
 D_TYPE_FLOAT32: DType
@@ -50,6 +56,9 @@ GRANULARITY_BLOCK: Granularity
 ATTN_REDUCE_UNSPECIFIED: AttnReduce
 ATTN_REDUCE_SUM: AttnReduce
 ATTN_REDUCE_MEAN: AttnReduce
+POOL_REDUCE_UNSPECIFIED: PoolReduce
+POOL_REDUCE_MAX: PoolReduce
+POOL_REDUCE_MEAN: PoolReduce
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -62,7 +71,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PolicyConfig(_message.Message):
-    __slots__ = ("policy", "budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma", "tau", "randomness", "seed", "pool", "granularity", "block_size", "attn_reduce")
+    __slots__ = ("policy", "budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma", "tau", "randomness", "seed", "pool", "granularity", "block_size", "attn_reduce", "pool_reduce")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     SLACK_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +89,7 @@ class PolicyConfig(_message.Message):
     GRANULARITY_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     ATTN_REDUCE_FIELD_NUMBER: _ClassVar[int]
+    POOL_REDUCE_FIELD_NUMBER: _ClassVar[int]
     policy: str
     budget: int
     slack: int
@@ -97,7 +107,8 @@ class PolicyConfig(_message.Message):
     granularity: Granularity
     block_size: int
     attn_reduce: AttnReduce
-    def __init__(self, policy: _Optional[str] = ..., budget: _Optional[int] = ..., slack: _Optional[int] = ..., sinks: _Optional[int] = ..., recent: _Optional[int] = ..., groups: _Optional[int] = ..., beta: _Optional[float] = ..., iterations: _Optional[int] = ..., fanout: _Optional[int] = ..., gamma: _Optional[float] = ..., tau: _Optional[float] = ..., randomness: _Optional[_Union[Randomness, str]] = ..., seed: _Optional[int] = ..., pool: _Optional[int] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., block_size: _Optional[int] = ..., attn_reduce: _Optional[_Union[AttnReduce, str]] = ...) -> None: ...
+    pool_reduce: PoolReduce
+    def __init__(self, policy: _Optional[str] = ..., budget: _Optional[int] = ..., slack: _Optional[int] = ..., sinks: _Optional[int] = ..., recent: _Optional[int] = ..., groups: _Optional[int] = ..., beta: _Optional[float] = ..., iterations: _Optional[int] = ..., fanout: _Optional[int] = ..., gamma: _Optional[float] = ..., tau: _Optional[float] = ..., randomness: _Optional[_Union[Randomness, str]] = ..., seed: _Optional[int] = ..., pool: _Optional[int] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., block_size: _Optional[int] = ..., attn_reduce: _Optional[_Union[AttnReduce, str]] = ..., pool_reduce: _Optional[_Union[PoolReduce, str]] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("session_id", "config")

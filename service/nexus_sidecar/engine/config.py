@@ -12,6 +12,7 @@ from nexus_sidecar.engine.errors import ConfigError
 Randomness = Literal["fixed", "per_call"]
 Granularity = Literal["token", "block"]
 AttnReduce = Literal["sum", "mean"]
+PoolReduce = Literal["max", "mean"]
 
 # Slot indices are packed into the low bits of int64 selection keys (see selection.py).
 MAX_SLOTS = 1 << 21
@@ -41,6 +42,7 @@ class PolicyConfig:
     randomness: Randomness = "per_call"  # u redrawn per call, or fixed per token by hash(seed, position)
     seed: int = 0
     pool: int = 1  # span pooling window (odd), 1 = off
+    pool_reduce: PoolReduce = "max"  # a slot weighs the max of its window, or its mean (SnapKV-like)
     granularity: Granularity = "token"
     block_size: int = 16
     # How Nexus reads a multi-token call's attention: "sum" over the call's queries, or "mean" per
@@ -74,6 +76,8 @@ class PolicyConfig:
             raise ConfigError("tau", f"must be a number >= 0 (inf = top-K), got {self.tau!r}")
         if self.randomness not in ("fixed", "per_call"):
             raise ConfigError("randomness", f"must be 'fixed' or 'per_call', got {self.randomness!r}")
+        if self.pool_reduce not in ("max", "mean"):
+            raise ConfigError("pool_reduce", f"must be 'max' or 'mean', got {self.pool_reduce!r}")
         if self.attn_reduce not in ("sum", "mean"):
             raise ConfigError("attn_reduce", f"must be 'sum' or 'mean', got {self.attn_reduce!r}")
         if self.granularity not in ("token", "block"):
@@ -104,6 +108,7 @@ class PolicyConfig:
         return (
             self.policy, self.beta, self.iterations, self.fanout, self.gamma, self.tau,
             self.randomness, self.pool, self.granularity, self.block_size, self.attn_reduce,
+            self.pool_reduce,
         )
 
     def with_(self, **changes: Any) -> PolicyConfig:

@@ -8,6 +8,7 @@ sort keys so that one ``topk`` finds the lowest keys exactly, with deterministic
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,20 +30,33 @@ class Selection:
     need: torch.Tensor  # int64 [R]: slots that had to be removed (0 = under budget + slack)
 
 
-def span_pool(weight: torch.Tensor, cand: torch.Tensor, pool: int, slot_order: SlotOrder | None = None
-              ) -> torch.Tensor:
-    """Max-pool candidate weights over ``pool`` neighbouring slots (1 = identity).
+def span_pool(weight: torch.Tensor, cand: torch.Tensor, pool: int, slot_order: SlotOrder | None = None,
+              reduce: str = "max") -> torch.Tensor:
+    """Pool candidate weights over ``pool`` neighbouring slots (1 = identity).
 
-    Protected and padding slots contribute 0, so a heavily attended sink cannot shield its
-    neighbours; a multi-token entity survives or goes as a whole.
+    ``reduce="max"``: a slot weighs the max of its window, so a peak shields its neighbours and a
+    multi-token entity survives or goes as a whole. ``"mean"``: the average over the window's
+    candidate slots (SnapKV's smoothing), which favours regions that are attended throughout.
+    Protected and padding slots contribute nothing (a heavily attended sink cannot shield its
+    neighbours, and the mean does not depend on how much padding a batch adds).
     """
     w = torch.where(cand & (weight > 0), weight, torch.zeros_like(weight))
     if pool <= 1:
         return w
-    def maxpool(x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool1d(x.unsqueeze(1), pool, stride=1, padding=pool // 2).squeeze(1)
 
-    pooled = maxpool(w) if slot_order is None else slot_order.apply(maxpool, w)
+    def order(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return fn(x) if slot_order is None else slot_order.apply(fn, x)
+
+    if reduce == "mean":
+        def window_sum(x: torch.Tensor) -> torch.Tensor:
+            return F.avg_pool1d(x.unsqueeze(1), pool, stride=1, padding=pool // 2).squeeze(1) * pool
+
+        pooled = order(window_sum, w) / order(window_sum, cand.to(w.dtype)).clamp(min=1.0)
+    else:
+        def maxpool(x: torch.Tensor) -> torch.Tensor:
+            return F.max_pool1d(x.unsqueeze(1), pool, stride=1, padding=pool // 2).squeeze(1)
+
+        pooled = order(maxpool, w)
     return torch.where(cand, pooled, torch.zeros_like(pooled))
 
 
@@ -91,6 +105,7 @@ def select(
     tau: float | None,
     pool: int,
     block_size: int | None,
+    pool_reduce: str = "max",
     noise: torch.Tensor | None = None,
     slot_order: SlotOrder | None = None,
 ) -> Selection:
@@ -109,7 +124,7 @@ def select(
         return Selection(evict=torch.zeros_like(valid), need=need)
 
     cand = valid & ~protected
-    w = span_pool(weight, cand, pool, slot_order)
+    w = span_pool(weight, cand, pool, slot_order, pool_reduce)
     if block_size is None:
         seg = None
         unit_w, unit_cand, unit_label = w, cand, slot_pos

@@ -177,6 +177,7 @@ def run_step(policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput, targe
         p["seed"], p["group"], call,
         tau=policy.tau() if policy.sampled else None,
         pool=cfg.pool,
+        pool_reduce=cfg.pool_reduce,
         block_size=cfg.block_size if cfg.granularity == "block" else None,
         noise=rows.get(pool.slot["gumbel"], width) if token_fixed else None,
         slot_order=slot_order,

@@ -8,7 +8,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 from nexus_client.v1 import sidecar_pb2 as pb
-from nexus_client.wire import ATTN_REDUCE, GRANULARITY, RANDOMNESS, positions_checksum, tensor_from_proto
+from nexus_client.wire import ATTN_REDUCE, GRANULARITY, POOL_REDUCE, RANDOMNESS, positions_checksum, tensor_from_proto
 
 from nexus_sidecar.engine import PolicyConfig, StepInput, StepOutput
 from nexus_sidecar.server.errors import InvalidArgument
@@ -18,6 +18,7 @@ _INT_WIRE = (pb.D_TYPE_INT32, pb.D_TYPE_INT64)
 _RANDOMNESS = {v: k for k, v in RANDOMNESS.items()}
 _GRANULARITY = {v: k for k, v in GRANULARITY.items()}
 _ATTN_REDUCE = {v: k for k, v in ATTN_REDUCE.items()}
+_POOL_REDUCE = {v: k for k, v in POOL_REDUCE.items()}
 _OPTIONAL_NUMBERS = ("budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma",
                      "tau", "seed", "pool", "block_size")
 
@@ -37,6 +38,8 @@ def config_from_proto(msg: pb.PolicyConfig, default_policy: str) -> PolicyConfig
         values["granularity"] = _GRANULARITY.get(msg.granularity, str(msg.granularity))
     if msg.attn_reduce:
         values["attn_reduce"] = _ATTN_REDUCE.get(msg.attn_reduce, str(msg.attn_reduce))
+    if msg.pool_reduce:
+        values["pool_reduce"] = _POOL_REDUCE.get(msg.pool_reduce, str(msg.pool_reduce))
     return PolicyConfig(**values).validate()  # type: ignore[arg-type]
 
 
@@ -52,6 +55,7 @@ def config_to_proto(cfg: PolicyConfig) -> pb.PolicyConfig:
     msg.randomness = RANDOMNESS[cfg.randomness]
     msg.granularity = GRANULARITY[cfg.granularity]
     msg.attn_reduce = ATTN_REDUCE[cfg.attn_reduce]
+    msg.pool_reduce = POOL_REDUCE[cfg.pool_reduce]
     return msg
 
 
