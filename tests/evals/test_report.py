@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nexus_sidecar.evals.report import aggregate, ci95, markdown, plot, verdict, wilson
+from nexus_sidecar.evals.report import aggregate, ci95, markdown, paired, plot, verdict, wilson
 
 
 def _run(
@@ -59,6 +59,39 @@ def test_verdict_checks_both_claims() -> None:
         _run("nexus", 0.8, "oneshot", t, 1.0) for t in ("passkey", "cwe")
     ]
     assert verdict(aggregate(perfect), "nexus", 0.8)["modes"]["oneshot"]["within_0.01_of_dense"]
+
+
+def test_paired_difference_pairs_samples_and_bootstraps_a_ci() -> None:
+    def runs(policy: str, scores: list[float]) -> list[dict[str, Any]]:
+        return [{**_run(policy, 0.8, "streaming", "passkey", s), "sample_id": f"passkey/{i}"}
+                for i, s in enumerate(scores)]  # fmt: skip
+
+    a = runs("nexus", [1.0] * 20 + [0.0] * 20)
+    b = runs("tova", [0.0] * 10 + [1.0] * 10 + [0.0] * 20)  # same hard samples, 10 fewer wins
+    res = paired(a + b, ("nexus", 0.8, "streaming"), ("tova", 0.8, "streaming"))
+    assert res is not None and res["n"] == 40 and (res["wins"], res["losses"]) == (10, 0)
+    assert res["diff"] == pytest.approx(0.25)
+    assert 0.1 < res["ci95"][0] < 0.25 < res["ci95"][1] < 0.4  # all differences >= 0: CI above 0
+    assert paired(a + b, ("nexus", 0.8, "streaming"), ("tova", 0.8, "streaming")) == res  # seeded
+    tie = paired(a + a[:0] + runs("h2o", [1.0] * 20 + [0.0] * 20), ("nexus", 0.8, "streaming"),
+                 ("h2o", 0.8, "streaming"))  # fmt: skip
+    assert tie is not None and tie["diff"] == 0.0 and tie["ci95"] == [0.0, 0.0]
+    assert paired(a, ("nexus", 0.8, "streaming"), ("snapkv", 0.8, "streaming")) is None
+    # Only the samples both ran are compared; tasks filter the samples.
+    assert paired(a + b[:5], ("nexus", 0.8, "streaming"), ("tova", 0.8, "streaming"))["n"] == 5
+    assert paired(a + b, ("nexus", 0.8, "streaming"), ("tova", 0.8, "streaming"), tasks={"cwe"}) is None
+
+
+def test_verdict_pairs_runs_and_counts_pooled_top_k_baselines() -> None:
+    runs = [{**r, "sample_id": f"{r['task']}/{i % 2}"} for i, r in enumerate(_runs())]
+    runs += [{**_run("tova:pool=5", 0.8, "oneshot", t, 1.0), "sample_id": f"{t}/{i}"}
+             for t in ("passkey", "cwe") for i in range(2)]  # fmt: skip
+    v = verdict(aggregate(runs), "nexus", 0.8, runs)["modes"]["oneshot"]
+    assert v["best_topk_baseline"] == "tova:pool=5" and not v["beats_best_topk_on_retrieval"]
+    p = v["paired"]
+    assert p["dense_minus_nexus"]["n"] == 4 and p["dense_minus_nexus"]["diff"] == pytest.approx(0.125)
+    assert p["nexus_minus_best_topk_retrieval"]["n"] == 2 and p["nexus_minus_best_topk_retrieval"]["diff"] == 0.0
+    assert p["nexus_minus_topk_ablation"] is None  # no nexus_topk ran
 
 
 def test_markdown_and_plot(tmp_path: Path) -> None:

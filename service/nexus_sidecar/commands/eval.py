@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     records = report.aggregate(results)
     title = f"{args.model}, split {args.split}, lengths {','.join(map(str, args.lengths))}"
     nexus_labels = [p.label for p in policies if p.name == "nexus"] or ["nexus"]
-    verdicts = {(lbl, ev): report.verdict(records, lbl, ev) for lbl in nexus_labels for ev in args.eviction}
+    verdicts = {(lbl, ev): report.verdict(records, lbl, ev, results) for lbl in nexus_labels for ev in args.eviction}
     meta = {
         "command": " ".join(["nexus-sidecar", *sys.argv[1:]]) if sys.argv[0].endswith("nexus-sidecar") else None,
         "settings": dataclasses.asdict(settings),

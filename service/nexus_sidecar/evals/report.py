@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,16 +87,48 @@ def _lookup(records: list[dict[str, Any]]) -> dict[tuple[str, float, str, str], 
     return {(r["policy"], r["eviction"], r["mode"], r["task"]): r for r in records}
 
 
-def verdict(records: list[dict[str, Any]], nexus: str = "nexus", eviction: float = 0.8) -> dict[str, Any]:
+def paired(runs: Iterable[dict[str, Any]], a: tuple[str, float, str], b: tuple[str, float, str],
+           tasks: Collection[str] | None = None, resamples: int = 10_000, seed: int = 0) -> dict[str, Any] | None:
+    """Mean per-sample difference ``a - b`` (each a ``(policy, eviction, mode)``) over the samples both ran.
+
+    Pairing removes the between-sample variance (a hard sample is hard for every policy), so this
+    is the fair test of "A beats B" on the same samples; the 95% CI is a percentile bootstrap over
+    samples with a fixed seed (reproducible). ``None`` when no sample has both runs.
+    """
+    import numpy as np
+
+    score: dict[tuple[str, float, str], dict[str, float]] = {a: {}, b: {}}
+    for r in runs:
+        key = (r["policy"], float(r["eviction"]), r["mode"])
+        if key in score and (tasks is None or r["task"] in tasks):
+            score[key][r["sample_id"]] = float(r["score"])
+    common = sorted(set(score[a]) & set(score[b]))
+    if not common:
+        return None
+    d = np.array([score[a][s] - score[b][s] for s in common])
+    means = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"diff": round(float(d.mean()), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)],
+            "n": len(common), "wins": int((d > 0).sum()), "losses": int((d < 0).sum())}
+
+
+def verdict(records: list[dict[str, Any]], nexus: str = "nexus", eviction: float = 0.8,
+            runs: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The two claims, checked per mode: |nexus - dense| <= 0.01 on average, and nexus > best top-K on retrieval.
 
     Retrieval score = mean of the per-task scores over :data:`RETRIEVAL_TASKS` present in the records.
+    Top-K baselines are every label whose policy is in :data:`TOPK_BASELINES` (pooled variants
+    included). With the per-run ``runs``, each comparison also gets a paired difference with a
+    bootstrap CI (:func:`paired`): dense - nexus on all tasks, nexus - best top-K on retrieval, and
+    nexus - its top-K ablation (``nexus_topk`` with the same knobs) on all tasks when that ran.
     """
     idx = _lookup(records)
     dense = idx.get(("dense", 0.0, "dense", "average"))
     out: dict[str, Any] = {"nexus_policy": nexus, "eviction": eviction, "modes": {}}
     modes = sorted({r["mode"] for r in records if r["mode"] != "dense"})
     tasks = sorted({r["task"] for r in records if r["task"].split("-")[0] in RETRIEVAL_TASKS})
+    labels = sorted({r["policy"] for r in records if r["policy"].split(":")[0] in TOPK_BASELINES})
+    ablation = ":".join(["nexus_topk", *nexus.split(":")[1:]])
 
     def retrieval(policy: str, mode: str) -> float | None:
         vals = [idx[(policy, eviction, mode, t)]["score"] for t in tasks if (policy, eviction, mode, t) in idx]
@@ -106,7 +138,7 @@ def verdict(records: list[dict[str, Any]], nexus: str = "nexus", eviction: float
         nx = idx.get((nexus, eviction, mode, "average"))
         if nx is None:
             continue
-        base = {p: retrieval(p, mode) for p in TOPK_BASELINES}
+        base = {p: retrieval(p, mode) for p in labels}
         base = {p: v for p, v in base.items() if v is not None}
         best = max(base, key=lambda p: base[p]) if base else None
         nx_ret = retrieval(nexus, mode)
@@ -120,6 +152,14 @@ def verdict(records: list[dict[str, Any]], nexus: str = "nexus", eviction: float
             "best_topk_retrieval": None if best is None else round(base[best], 4),
             "beats_best_topk_on_retrieval": bool(best is not None and nx_ret is not None and nx_ret > base[best]),
         }
+        if runs is not None:
+            me = (nexus, eviction, mode)
+            out["modes"][mode]["paired"] = {
+                "dense_minus_nexus": paired(runs, ("dense", 0.0, "dense"), me),
+                "nexus_minus_best_topk_retrieval": None if best is None else paired(runs, me, (best, eviction, mode),
+                                                                                    tasks),
+                "nexus_minus_topk_ablation": paired(runs, me, (ablation, eviction, mode)),
+            }
     return out
 
 
