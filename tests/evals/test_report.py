@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nexus_sidecar.evals.report import aggregate, ci95, markdown, paired, plot, verdict, wilson
+from nexus_sidecar.evals.report import aggregate, ci95, markdown, paired, plot, verdict, verdict_markdown, wilson
 
 
 def _run(
@@ -92,6 +92,10 @@ def test_verdict_pairs_runs_and_counts_pooled_top_k_baselines() -> None:
     assert p["dense_minus_nexus"]["n"] == 4 and p["dense_minus_nexus"]["diff"] == pytest.approx(0.125)
     assert p["nexus_minus_best_topk_retrieval"]["n"] == 2 and p["nexus_minus_best_topk_retrieval"]["diff"] == 0.0
     assert p["nexus_minus_topk_ablation"] is None  # no nexus_topk ran
+    table = verdict_markdown([verdict(aggregate(runs), "nexus", 0.8, runs)])
+    row = table.splitlines()[2]
+    assert row.startswith("| nexus | 0.8 | oneshot | 0.875 | 1.000 | +0.125 [") and "(1/0, n=4)" in row
+    assert "tova:pool=5 (1.000)" in row and row.endswith("| no | - |")
 
 
 def test_markdown_and_plot(tmp_path: Path) -> None:

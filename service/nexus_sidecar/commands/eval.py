@@ -233,7 +233,9 @@ def run(args: argparse.Namespace) -> int:
     args.json.write_text(json.dumps(records, indent=1) + "\n")
     paths["meta"].write_text(json.dumps(meta, indent=1, default=str) + "\n")
     md = report.markdown(records, title)
-    md += "\n## verdict\n\n```json\n" + json.dumps(meta["verdict"], indent=1) + "\n```\n"
+    md += "\n## verdict\n\n" + report.verdict_markdown(meta["verdict"])
+    md += "\n<details><summary>verdict as JSON</summary>\n\n```json\n" + json.dumps(meta["verdict"], indent=1)
+    md += "\n```\n\n</details>\n"
     paths["md"].write_text(md)
     report.plot(records, paths["png"], title)
     print(md)

@@ -163,6 +163,33 @@ def verdict(records: list[dict[str, Any]], nexus: str = "nexus", eviction: float
     return out
 
 
+def _diff(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return "-"
+    return f"{p['diff']:+.3f} [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] ({p['wins']}/{p['losses']}, n={p['n']})"
+
+
+def verdict_markdown(verdicts: Iterable[dict[str, Any]]) -> str:
+    """The verdicts of :func:`verdict` as one table; paired columns read ``diff [95% CI] (wins/losses, n)``."""
+    head = ["nexus policy", "eviction", "mode", "nexus avg", "dense avg", "dense - nexus (paired)",
+            "within 0.01", "nexus retrieval", "best top-K (retrieval)", "nexus - best top-K, retrieval (paired)",
+            "beats it", "nexus - its top-K ablation (paired)"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in verdicts:
+        for mode, m in sorted(v["modes"].items()):
+            p = m.get("paired", {})
+            best = m["best_topk_baseline"]
+            best = "-" if best is None else f"{best} ({m['best_topk_retrieval']:.3f})"
+            cells = [v["nexus_policy"], f"{v['eviction']:g}", mode, f"{m['nexus_average']:.3f}",
+                     "-" if m["dense_average"] is None else f"{m['dense_average']:.3f}",
+                     _diff(p.get("dense_minus_nexus")), "yes" if m["within_0.01_of_dense"] else "no",
+                     "-" if m["nexus_retrieval"] is None else f"{m['nexus_retrieval']:.3f}", best,
+                     _diff(p.get("nexus_minus_best_topk_retrieval")),
+                     "yes" if m["beats_best_topk_on_retrieval"] else "no", _diff(p.get("nexus_minus_topk_ablation"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _mib(b: int) -> str:
     return f"{b / 2**20:.2f}"
 
