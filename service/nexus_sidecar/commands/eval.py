@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", type=_names, default=None, help=f"comma list (default: {DEFAULT_TASKS})")
     p.add_argument("--lengths", type=_ints, default=[512], help="context lengths in tokens, comma list (default 512)")
     p.add_argument("--policies", type=_names, default=_names(DEFAULT_POLICIES),
-                   help="comma list; knobs per policy as name:key=value (e.g. nexus:pool=5:tau=8)")  # fmt: skip
+                   help="comma list; knobs per policy as name:key=value, any PolicyConfig field, checked "
+                        "before the model loads (e.g. nexus:pool=7:pool_reduce=mean, nexus:tau=inf)")  # fmt: skip
     p.add_argument("--eviction", type=_floats, default=None, help="eviction rates, comma list (default 0.8,0.9)")
     p.add_argument("--modes", type=_names, default=["streaming", "oneshot"], help="streaming,oneshot")
     p.add_argument("--samples", type=int, default=None, help="samples per task (default 8; 2 with --quick)")
