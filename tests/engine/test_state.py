@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 
@@ -189,3 +190,23 @@ def test_bad_config_inside_the_blob() -> None:
     with pytest.raises(StateError) as err:
         SessionState.from_bytes(_with_crc(bytes(body2)))
     assert err.value.field == "state.config"
+
+
+def test_a_blob_written_before_the_reduce_knobs_existed_restores_with_their_defaults() -> None:
+    # Rolling upgrade: checkpoints in Redis may predate attn_reduce / pool_reduce. Their config JSON
+    # lacks both keys; it must restore with the defaults (the behaviour it was written under).
+    s = _stream(groups=1)
+    run_checked(s, 6)
+    snap = s.engine.snapshot(s.handle)
+    body = bytearray(snap.to_bytes()[:-4])
+    cfg = snap.config.to_json().encode()
+    start = body.index(cfg)
+    old = json.loads(cfg)
+    del old["attn_reduce"], old["pool_reduce"]
+    old_cfg = json.dumps(old, sort_keys=True).encode()
+    body[start : start + len(cfg)] = old_cfg
+    struct.pack_into("<I", body, 8, len(old_cfg))
+    restored = SessionState.from_bytes(_with_crc(bytes(body)))
+    assert restored.config == snap.config and (restored.config.attn_reduce, restored.config.pool_reduce) == (
+        "sum", "max")
+    assert restored.to_bytes() == snap.to_bytes()  # re-written in the new layout, nothing else changed
