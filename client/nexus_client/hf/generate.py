@@ -135,6 +135,7 @@ def generate(
             position_ids=positions[None].to(device),
             cache=cache,
             use_cache=True,
+            logits_to_keep=1,  # only the last position is read: skips the LM head on prefill chunks
         )
         cap = recorder.finish()
         for g in range(groups):
