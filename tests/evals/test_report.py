@@ -98,6 +98,17 @@ def test_verdict_pairs_runs_and_counts_pooled_top_k_baselines() -> None:
     assert "tova:pool=5 (1.000)" in row and row.endswith("| no | - |")
 
 
+def test_answer_kept_is_averaged_and_shown_only_when_recorded() -> None:
+    assert "answer tokens kept" not in markdown(aggregate(_runs()))
+    runs = [{**r, "answer_kept": 0.5 if r["policy"] == "nexus" else None} for r in _runs()]
+    runs[-1]["answer_kept"] = 1.0  # one tova sample recorded it
+    recs = {(r["policy"], r["task"]): r for r in aggregate(runs)}
+    assert recs[("nexus", "average")]["answer_kept"] == 0.5 and recs[("tova", "average")]["answer_kept"] == 1.0
+    assert recs[("dense", "average")]["answer_kept"] is None
+    md = markdown(aggregate(runs))
+    assert "answer tokens kept" in md and "| 0.500 |" in md and md.count("| - |") >= 1
+
+
 def test_markdown_and_plot(tmp_path: Path) -> None:
     recs = aggregate(_runs())
     md = markdown(recs, "t")

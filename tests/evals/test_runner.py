@@ -177,3 +177,54 @@ def test_remote_sidecar_gives_the_same_records_as_in_process(tiny: Any, tmp_path
     keys = ("key", "output", "score", "evicted", "peak_cache", "max_after_call", "policy_calls")
     assert [tuple(r[k] for k in keys) for r in far] == [tuple(r[k] for k in keys) for r in local]
     assert all(r["evicted"] > 0 for r in local)
+
+
+def _fast_word_tokenizer(samples: list[Any]) -> Any:
+    """A real ``tokenizers`` fast tokenizer (word level; gives character offsets) over the samples' words."""
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for s in samples for text in (s.context, s.question, s.answer_prefix)
+                    for w in re.findall(r"\w+|[^\w\s]+", text)})  # fmt: skip
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    assert len(vocab) < 512  # the tiny model's vocabulary
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="[EOS]")
+
+
+def test_answer_tokens_kept_measures_the_evidence_left_at_question_time(tiny: Any) -> None:
+    from nexus_sidecar.evals.runner import answer_positions, run_one
+
+    model, word_tok = tiny
+    samples = generate_samples(["passkey", "vartrack"], 64, "dev", 1)
+    tok = _fast_word_tokenizer(samples)
+    for sample in samples:
+        ctx, q = prompt_segments(tok, sample, chat=False)
+        pos = answer_positions(tok, sample, ctx, chat=False)
+        assert pos, sample.sample_id
+        # The marked tokens are exactly the answer's occurrences (passkey: the key is written twice).
+        found = tok.decode([ctx[p] for p in pos]).split()
+        assert set(found) == set(sample.answers) and len(found) == sample.context.count(sample.answers[0])
+        dense, evicting = (run_one(model, tok, sample, r, SETTINGS, LocalBackend, (ctx, q))
+                           for r in (RUNS[0], RUNS[1]))  # fmt: skip
+        assert dense["answer_tokens"] == len(pos) and dense["answer_kept"] == 1.0
+        assert evicting["answer_tokens"] == len(pos) and 0.0 <= evicting["answer_kept"] <= 1.0
+    # A tokenizer without character offsets gets no number rather than a made-up one.
+    ctx, q = prompt_segments(word_tok, samples[0], chat=False)
+    assert answer_positions(word_tok, samples[0], ctx, chat=False) is None
+    rec = run_one(model, word_tok, samples[0], RUNS[1], SETTINGS, LocalBackend, (ctx, q))
+    assert rec["answer_tokens"] is None and rec["answer_kept"] is None
+
+
+def test_retained_before_last_is_what_the_question_saw(tiny: Any) -> None:
+    model, _ = tiny
+    segs = [list(range(3, 40)), list(range(40, 60)), [61, 62, 63]]
+    cfg = {"policy": "tova", "budget": 24, "sinks": 2, "recent": 4, "groups": 1}
+    res = drive(model, None, segs, LocalBackend(), cfg, 2)
+    kept = res.retained_before_last
+    assert len(kept) == 24 and kept == sorted(kept) and kept[:2] == [0, 1] and kept[-4:] == [53, 54, 55, 56]
+    dense = drive(model, None, segs, None, None, 2)
+    assert dense.retained_before_last == list(range(57))

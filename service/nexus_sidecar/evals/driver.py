@@ -73,6 +73,8 @@ class DriveResult:
     ``peak_cache``: the largest cache length (tokens, max over layers) held at any moment, including
     the transient peak right after a segment's forward pass and before its policy call.
     ``max_after_call``: the largest cache length right after a policy call (<= budget).
+    ``retained_before_last``: the positions in the cache right before the last segment (the
+    question) was fed, i.e. what survived the context.
     """
 
     token_ids: list[int]
@@ -83,6 +85,7 @@ class DriveResult:
     evicted: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    retained_before_last: list[int] = field(default_factory=list)
 
 
 def kv_bytes_per_token(model: Any) -> int:
@@ -174,12 +177,15 @@ def drive(
 
     t_start = time.perf_counter()
     generated: list[int] = []
+    before_last: list[int] = []
     with capture_attention(model, recorder):
         session = backend.open(cfg) if backend is not None else None
         try:
             pos = 0
             logits = None
             for i, seg in enumerate(segs):
+                if i == len(segs) - 1:
+                    before_last = slots[0].tolist()
                 positions = torch.arange(pos, pos + seg.numel(), dtype=torch.int64)
                 if i == 0 and prefix is not None:
                     slots[0] = positions
@@ -217,4 +223,5 @@ def drive(
         evicted=stats["evicted"],
         seconds=time.perf_counter() - t_start + (prefix.seconds if prefix is not None else 0.0),
         timings=t,
+        retained_before_last=before_last,
     )

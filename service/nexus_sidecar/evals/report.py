@@ -54,6 +54,7 @@ def _record(policy: str, eviction: float, mode: str, task: str, rows: list[dict[
     scores = [float(r["score"]) for r in rows]
     lo, hi = ci95(scores)
     peak = max(int(r["peak_kv_bytes"]) for r in rows)
+    kept = [float(r["answer_kept"]) for r in rows if r.get("answer_kept") is not None]
     dense = max(int(r["dense_kv_bytes"]) for r in rows)
     return {
         "policy": policy,
@@ -67,6 +68,9 @@ def _record(policy: str, eviction: float, mode: str, task: str, rows: list[dict[
         "dense_kv_bytes": dense,
         "kv_ratio": round(peak / dense, 4) if dense else None,
         "seconds_per_sample": round(sum(float(r["seconds"]) for r in rows) / len(rows), 3),
+        # Mean fraction of the answer's context tokens still cached when the question arrived
+        # (over the samples that recorded it; None for logs written before it was recorded).
+        "answer_kept": round(sum(kept) / len(kept), 4) if kept else None,
     }
 
 
@@ -195,10 +199,12 @@ def _mib(b: int) -> str:
 
 
 def markdown(records: list[dict[str, Any]], title: str = "") -> str:
-    """One table per (mode, eviction): policies x tasks (score, n in the header), average with CI, KV MiB."""
+    """One table per (mode, eviction): policies x tasks (score, n in the header), average with CI, KV MiB,
+    and (when the runs recorded it) the mean fraction of answer tokens kept until the question."""
     idx = _lookup(records)
     tasks = sorted({r["task"] for r in records if r["task"] != "average"})
     dense_rows = [r for r in records if r["policy"] == "dense"]
+    with_kept = any(r.get("answer_kept") is not None for r in records)
     lines = [f"# {title}" if title else ""]
     settings = sorted({(r["mode"], r["eviction"]) for r in records if r["policy"] != "dense"})
     if not settings and dense_rows:
@@ -208,6 +214,8 @@ def markdown(records: list[dict[str, Any]], title: str = "") -> str:
         ns = {t: max((r["n"] for r in records if r["task"] == t and r["mode"] == mode), default=0) for t in tasks}
         lines += ["", f"## mode {mode}, eviction {ev:g}", ""]
         head = ["policy", *[f"{t} (n={ns[t]})" for t in tasks], "average [95% CI]", "peak KV MiB", "dense KV MiB"]
+        if with_kept:
+            head.append("answer tokens kept")
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         keys = ([("dense", 0.0, "dense")] if dense_rows and mode != "dense" else []) + [(p, ev, mode) for p in policies]
@@ -218,6 +226,8 @@ def markdown(records: list[dict[str, Any]], title: str = "") -> str:
             cells = [p] + [f"{idx[(p, e, m, t)]['score']:.3f}" if (p, e, m, t) in idx else "-" for t in tasks]
             cells += [f"{avg['score']:.3f} [{avg['ci95'][0]:.2f}, {avg['ci95'][1]:.2f}]",
                       _mib(avg["peak_kv_bytes"]), _mib(avg["dense_kv_bytes"])]  # fmt: skip
+            if with_kept:
+                cells.append("-" if avg.get("answer_kept") is None else f"{avg['answer_kept']:.3f}")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines).strip() + "\n"
 

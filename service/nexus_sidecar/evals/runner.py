@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -136,13 +137,8 @@ def run_key(settings: EvalSettings, sample: Sample, run: RunSpec) -> str:
     return f"{settings.fingerprint()}|{sample.sample_id}|{run.policy.label}|{run.eviction:g}|{run.mode}"
 
 
-def prompt_segments(tokenizer: Any, sample: Sample, chat: bool = True) -> tuple[list[int], list[int]]:
-    """Token ids of (context, question part) of ``sample``.
-
-    With ``chat`` the tokenizer's chat template wraps ``context + question`` as one user turn and
-    the answer prefix opens the assistant turn; the ids are split where the question starts (the
-    two halves are tokenized separately, so nothing of the question leaks into the context stream).
-    """
+def _prompt_text(tokenizer: Any, sample: Sample, chat: bool) -> tuple[str, int]:
+    """The whole prompt text and the character index where the context ends."""
     user = sample.context + "\n\n" + sample.question
     if chat and getattr(tokenizer, "chat_template", None):
         full = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
@@ -150,7 +146,38 @@ def prompt_segments(tokenizer: Any, sample: Sample, chat: bool = True) -> tuple[
     else:
         full = user + "\n"
     full += sample.answer_prefix
-    cut = full.index(sample.context) + len(sample.context)
+    return full, full.index(sample.context) + len(sample.context)
+
+
+def answer_positions(tokenizer: Any, sample: Sample, ctx: Sequence[int], chat: bool = True) -> list[int] | None:
+    """Positions (indices into the context segment ``ctx``) of the tokens that overlap an occurrence
+    of an answer string in the context: the evidence the question will need.
+
+    ``None`` when the tokenizer gives no character offsets (slow tokenizers), so no number is made up.
+    Occurrences are whole words/numbers (``12345`` does not match inside ``123456``).
+    """
+    full, cut = _prompt_text(tokenizer, sample, chat)
+    try:
+        enc = tokenizer(full[:cut], add_special_tokens=False, return_offsets_mapping=True)
+        offsets = list(enc["offset_mapping"])
+    except (TypeError, KeyError, NotImplementedError):
+        return None
+    shift = len(ctx) - len(offsets)  # a BOS the caller prepended
+    start = full.index(sample.context)
+    spans = [(m.start(), m.end()) for a in sample.answers if a
+             for m in re.finditer(rf"(?<!\w){re.escape(a)}(?!\w)", full[start:cut])]  # fmt: skip
+    spans = [(start + s, start + e) for s, e in spans]
+    return [shift + i for i, (s, e) in enumerate(offsets) if any(s < se and e > ss for ss, se in spans)]
+
+
+def prompt_segments(tokenizer: Any, sample: Sample, chat: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of (context, question part) of ``sample``.
+
+    With ``chat`` the tokenizer's chat template wraps ``context + question`` as one user turn and
+    the answer prefix opens the assistant turn; the ids are split where the question starts (the
+    two halves are tokenized separately, so nothing of the question leaks into the context stream).
+    """
+    full, cut = _prompt_text(tokenizer, sample, chat)
     ctx = tokenizer(full[:cut], add_special_tokens=False).input_ids
     q = tokenizer(full[cut:], add_special_tokens=False).input_ids
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -228,6 +255,8 @@ def run_one(
         backend = backend_factory()
     shared = prefix if run.mode != "streaming" else None
     res = drive(model, tokenizer, segs, backend, cfg, sample.max_new_tokens, stop_ids=stop_ids, prefix=shared)
+    evidence = answer_positions(tokenizer, sample, ctx, settings.chat)
+    kept = set(res.retained_before_last)
     return {
         "key": run_key(settings, sample, run),
         "model": settings.model,
@@ -252,6 +281,10 @@ def run_one(
         "kv_bytes_per_token": per_token,
         "policy_calls": res.policy_calls,
         "evicted": res.evicted,
+        # The answer's occurrences in the context, and the fraction of their tokens still cached
+        # when the question arrives: a needle-survival signal even where every answer is wrong.
+        "answer_tokens": None if evidence is None else len(evidence),
+        "answer_kept": None if not evidence else round(sum(p in kept for p in evidence) / len(evidence), 4),
         "seconds": round(res.seconds, 3),
     }
 
