@@ -50,3 +50,52 @@ def test_quick_like_run_on_smollm2_writes_every_output(tmp_path: Path) -> None:
     assert main(argv) == 0
     assert time.perf_counter() - t1 < first
     assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 4
+
+
+def _tiny_model_dir(path: Path) -> Path:
+    """A random tiny Llama and a word-level fast tokenizer saved as a local model dir (``--model DIR``)."""
+    import torch
+    from nexus_sidecar.evals.haystacks import NOISE_SENTENCES
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = sorted({w for s in NOISE_SENTENCES for w in s.replace(".", " . ").split()})
+    words += ["VAR", "=", "pass", "key", "is", "What", "?", "the", "value", "of", ":", "Remember", "it"]
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys(words))}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    return path
+
+
+def test_jobs_deal_samples_to_shard_processes_and_merge_their_logs(tmp_path: Path) -> None:
+    model = _tiny_model_dir(tmp_path / "tiny")
+    base = ["eval", "--model", str(model), "--tasks", "passkey,vartrack", "--lengths", "64", "--samples", "3",
+            "--split", "dev", "--policies", "dense,tova,nexus", "--eviction", "0.8", "--modes", "streaming",
+            "--chunk-size", "16", "--sinks", "2", "--recent", "4", "--no-chat", "--no-progress"]  # fmt: skip
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert main([*base, "--json", str(one)]) == 0
+    assert main([*base, "--jobs", "2", "--json", str(two)]) == 0
+
+    def log(p: Path) -> dict[str, dict]:
+        return {r["key"]: r for r in map(json.loads, p.with_suffix(".jsonl").read_text().splitlines())}
+
+    a, b = log(one), log(two)
+    assert len(a) == 6 * 3 and set(a) == set(b)  # 6 samples x (dense + tova + nexus), each exactly once
+    for key in a:
+        assert {k: b[key][k] for k in ("budget", "context_tokens", "total_tokens")} == {
+            k: a[key][k] for k in ("budget", "context_tokens", "total_tokens")}
+    assert not list(tmp_path.glob("two.jsonl.shard-*")), "shard logs are merged and removed"
+    assert json.loads(two.read_text()) and two.with_suffix(".md").stat().st_size > 0
+    # A rerun with --jobs finds every run done (the shards read the main log): nothing is added.
+    before = two.with_suffix(".jsonl").read_text()
+    assert main([*base, "--jobs", "2", "--json", str(two)]) == 0
+    assert two.with_suffix(".jsonl").read_text() == before
+    with pytest.raises(SystemExit, match="--shard must be K/N"):
+        main([*base, "--shard", "2/2", "--json", str(two)])
+    with pytest.raises(SystemExit, match="--jobs must be >= 1"):
+        main([*base, "--jobs", "0", "--json", str(two)])

@@ -83,6 +83,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="per-run resume log (default: the --json path with .jsonl); several reports may share one",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes: samples are dealt to N children (each loads the model and uses --threads "
+        "threads), their run logs merged, then the reports written (default 1)",
+    )
+    p.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # K/N: one child of --jobs
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--report-only",
@@ -121,6 +129,27 @@ def backend_factory(args: argparse.Namespace) -> Any:
     return lambda: LocalBackend(engine=engine)
 
 
+def _shard_argv(args: argparse.Namespace, log: Path, k: int, n: int) -> list[str]:
+    """The command line of shard ``k`` of ``n``: this run's resolved settings, plus ``--shard``."""
+    argv = [sys.executable, "-m", "nexus_sidecar.cli", "eval", "--model", args.model, "--split", args.split,
+            "--lengths", ",".join(map(str, args.lengths)), "--policies", ",".join(args.policies),
+            "--eviction", ",".join(f"{e:g}" for e in args.eviction), "--modes", ",".join(args.modes),
+            "--samples", str(args.samples), "--start", str(args.start), "--chunk-size", str(args.chunk_size),
+            "--sinks", str(args.sinks), "--recent", str(args.recent), "--device", args.device,
+            "--threads", str(args.threads), "--max-new-tokens", str(args.max_new_tokens),
+            "--json", str(args.json), "--runs", str(log), "--shard", f"{k}/{n}", "--no-progress"]  # fmt: skip
+    if args.dataset_file is not None:
+        argv += ["--dataset-file", str(args.dataset_file)]
+    else:
+        argv += ["--tasks", ",".join(args.tasks)]
+    for flag, value in (("--knobs", args.knobs), ("--metric", args.metric), ("--sidecar", args.sidecar)):
+        if value:
+            argv += [flag, value]
+    if args.no_chat:
+        argv.append("--no-chat")
+    return argv
+
+
 def _paths(json_path: Path) -> dict[str, Path]:
     stem = json_path.with_suffix("")
     return {k: Path(f"{stem}{ext}") for k, ext in
@@ -154,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
     from nexus_sidecar.evals import report
     from nexus_sidecar.evals.haystacks import haystack_digest
     from nexus_sidecar.evals.runner import EvalSettings, PolicySpec, check_knobs, expand_runs, iter_eval, knob_value
+    from nexus_sidecar.evals.shards import parse_shard, run_shards, shard_log
 
     if args.tasks is None:
         args.tasks = _names(QUICK_TASKS if args.quick else DEFAULT_TASKS)
@@ -183,6 +213,25 @@ def run(args: argparse.Namespace) -> int:
             parse_task(t)
     except ValueError as exc:
         raise SystemExit(f"eval: {exc}") from None
+    shard = None
+    try:
+        if args.shard is not None:
+            shard = parse_shard(args.shard)
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    except ValueError as exc:
+        raise SystemExit(f"eval: {exc}") from None
+    paths = _paths(args.json)
+    if args.runs is not None:
+        paths["jsonl"] = args.runs
+    if args.jobs > 1 and shard is None and not args.report_only:
+        try:
+            added = run_shards(lambda k, n: _shard_argv(args, paths["jsonl"], k, n), paths["jsonl"], args.jobs,
+                               progress=not args.no_progress)  # fmt: skip
+        except RuntimeError as exc:
+            raise SystemExit(f"eval: {exc}") from None
+        print(f"eval: {args.jobs} shards added {added} runs to {paths['jsonl']}; writing the reports", file=sys.stderr)
+        args.report_only = True  # every run is in the main log now
     factory = backend_factory(args)  # before the model loads: a bad --sidecar fails fast
 
     import torch
@@ -202,9 +251,12 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"eval: {exc}") from None
     settings = EvalSettings(model=args.model, chunk_size=args.chunk_size, chat=not args.no_chat, base_knobs=base)
-    paths = _paths(args.json)
-    if args.runs is not None:
-        paths["jsonl"] = args.runs
+    if shard is not None:  # a child of --jobs: its share of the samples, into its own log, no reports
+        k, n = shard
+        for _ in iter_eval(loaded.model, tok, samples[k::n], runs, settings, factory, shard_log(paths["jsonl"], k, n),
+                           progress=False, known=[paths["jsonl"]]):  # fmt: skip
+            pass
+        return 0
     results = list(iter_eval(loaded.model, tok, samples, runs, settings, factory, paths["jsonl"],
                              progress=not args.no_progress, total=len(samples) * len(runs),
                              report_only=args.report_only))  # fmt: skip

@@ -205,6 +205,22 @@ def load_done(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
+def merge_logs(parts: Sequence[Path], into: Path) -> int:
+    """Append to ``into`` every finished run of ``parts`` whose key it lacks; returns how many.
+
+    Used after parallel shards: each wrote its own log, so no two processes ever append to one file.
+    """
+    have = load_done(into)
+    added = 0
+    for part in parts:
+        for key, rec in load_done(part).items():
+            if key not in have:
+                _append(into, rec)
+                have[key] = rec
+                added += 1
+    return added
+
+
 def _last_byte(path: Path) -> bytes:
     with path.open("rb") as f:
         f.seek(-1, os.SEEK_END)
@@ -301,15 +317,20 @@ def iter_eval(
     progress: bool = True,
     total: int | None = None,
     report_only: bool = False,
+    known: Sequence[Path] = (),
 ) -> Iterator[dict[str, Any]]:
     """Yield one record per (sample, run), reusing finished ones from ``results_path`` and appending new ones.
 
     Sample-major order: each prompt is tokenized once and every run of it follows, so an interrupted
     evaluation still has complete per-sample comparisons across policies. ``report_only``: compute
     nothing; yield the records of the samples whose runs are *all* finished (a sample with some
-    policies missing would bias the comparison) and skip the others.
+    policies missing would bias the comparison) and skip the others. ``known``: other logs whose
+    finished runs count as done too (read only: a parallel shard reads the main log, writes its own).
     """
     done = load_done(results_path)
+    for path in known:
+        for key, rec in load_done(path).items():
+            done.setdefault(key, rec)
     if report_only:
         samples = [s for s in samples if all(run_key(settings, s, r) in done for r in runs)]
     bar = None
