@@ -18,7 +18,7 @@ import grpc
 from nexus_client.errors import SidecarError, from_rpc_error
 from nexus_client.v1 import sidecar_pb2 as pb
 from nexus_client.v1 import sidecar_pb2_grpc as pb_grpc
-from nexus_client.wire import ATTN_REDUCE, GRANULARITY, POOL_REDUCE, RANDOMNESS
+from nexus_client.wire import ENUM_FIELDS
 
 T = TypeVar("T")
 
@@ -53,14 +53,8 @@ def config_message(config: Mapping[str, Any] | None) -> pb.PolicyConfig:
     for name, value in (config or {}).items():
         if name == "policy":
             msg.policy = value
-        elif name == "randomness":
-            msg.randomness = RANDOMNESS[value]
-        elif name == "granularity":
-            msg.granularity = GRANULARITY[value]
-        elif name == "attn_reduce":
-            msg.attn_reduce = ATTN_REDUCE[value]
-        elif name == "pool_reduce":
-            msg.pool_reduce = POOL_REDUCE[value]
+        elif name in ENUM_FIELDS:
+            setattr(msg, name, ENUM_FIELDS[name][value])
         elif name == "seed":
             msg.seed = int(value) & ((1 << 64) - 1)
         else:

@@ -17,6 +17,7 @@ from nexus_client.v1 import sidecar_pb2 as pb
 
 __all__ = [
     "ATTN_REDUCE",
+    "ENUM_FIELDS",
     "GRANULARITY",
     "POOL_REDUCE",
     "RANDOMNESS",
@@ -45,6 +46,11 @@ RANDOMNESS: dict[str, int] = {"fixed": pb.RANDOMNESS_FIXED, "per_call": pb.RANDO
 GRANULARITY: dict[str, int] = {"token": pb.GRANULARITY_TOKEN, "block": pb.GRANULARITY_BLOCK}
 ATTN_REDUCE: dict[str, int] = {"sum": pb.ATTN_REDUCE_SUM, "mean": pb.ATTN_REDUCE_MEAN}
 POOL_REDUCE: dict[str, int] = {"max": pb.POOL_REDUCE_MAX, "mean": pb.POOL_REDUCE_MEAN}
+# Every enum-valued PolicyConfig field and its map: a new enum knob is one line here, not a branch in
+# the client's request builder and two in the server's codec.
+ENUM_FIELDS: dict[str, dict[str, int]] = {
+    "randomness": RANDOMNESS, "granularity": GRANULARITY, "attn_reduce": ATTN_REDUCE, "pool_reduce": POOL_REDUCE,
+}
 _NUMPY_OF: dict[torch.dtype, np.dtype] = {torch.float32: np.dtype(np.float32), torch.int64: np.dtype(np.int64),
                                           torch.float64: np.dtype(np.float64), torch.int32: np.dtype(np.int32)}
 

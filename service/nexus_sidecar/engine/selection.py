@@ -8,7 +8,6 @@ sort keys so that one ``topk`` finds the lowest keys exactly, with deterministic
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 
 from nexus_sidecar.engine.config import MAX_SLOTS
 from nexus_sidecar.engine.hashing import uniforms
-from nexus_sidecar.engine.policies.base import SlotOrder
+from nexus_sidecar.engine.policies.base import SlotOrder, window_mean
 
 INT64_MAX = torch.iinfo(torch.int64).max
 _SLOT_BITS = int(math.log2(MAX_SLOTS))
@@ -44,19 +43,13 @@ def span_pool(weight: torch.Tensor, cand: torch.Tensor, pool: int, slot_order: S
     if pool <= 1:
         return w
 
-    def order(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return fn(x) if slot_order is None else slot_order.apply(fn, x)
-
     if reduce == "mean":
-        def window_sum(x: torch.Tensor) -> torch.Tensor:
-            return F.avg_pool1d(x.unsqueeze(1), pool, stride=1, padding=pool // 2).squeeze(1) * pool
-
-        pooled = order(window_sum, w) / order(window_sum, cand.to(w.dtype)).clamp(min=1.0)
+        pooled = window_mean(w, cand, pool, slot_order)
     else:
         def maxpool(x: torch.Tensor) -> torch.Tensor:
             return F.max_pool1d(x.unsqueeze(1), pool, stride=1, padding=pool // 2).squeeze(1)
 
-        pooled = order(maxpool, w)
+        pooled = maxpool(w) if slot_order is None else slot_order.apply(maxpool, w)
     return torch.where(cand, pooled, torch.zeros_like(pooled))
 
 

@@ -164,10 +164,8 @@ def run_step(policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput, targe
             return d
 
     slot_order = SlotOrder(ext, alive, Wx)
-    # Queries of this call that could see each slot: k for retained slots, k - j for the j-th new one.
-    observers = torch.minimum(n.unsqueeze(1) - ext, inp.n_new.unsqueeze(1)).clamp(min=1).to(attn.dtype)
     ctx = ScoreContext(attn=attn, last=last, memory=memory, age=age, valid=alive, cand=cand, walk=run_walk,
-                       slot_order=slot_order, observers=observers)
+                       slot_order=slot_order, count=n, n_new=inp.n_new)
     scores = policy.score(ctx)
     # Fixed randomness: a token keeps its lottery ticket for life; per_call: a fresh draw each call.
     call = p["call"] if cfg.randomness == "per_call" else torch.zeros_like(p["call"])

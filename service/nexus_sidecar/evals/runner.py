@@ -241,11 +241,14 @@ def _append(path: Path, rec: dict[str, Any]) -> None:
 def run_one(
     model: Any, tokenizer: Any, sample: Sample, run: RunSpec, settings: EvalSettings,
     backend_factory: BackendFactory, segments: tuple[list[int], list[int]], prefix: Prefix | None = None,
+    evidence: list[int] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Run one sample under one (policy, eviction, mode) and return its record (not yet written).
 
     Dense and one-shot runs feed ``[context, question]`` and may share the context ``prefix``
     (:func:`~nexus_sidecar.evals.driver.prefill`); streaming runs feed the context chunk by chunk.
+    ``evidence``: the sample's :func:`answer_positions`, when the caller computed them once for all
+    its runs (else they are computed here).
     """
     ctx, q = segments
     total = len(ctx) + len(q) + sample.max_new_tokens
@@ -271,7 +274,8 @@ def run_one(
         backend = backend_factory()
     shared = prefix if run.mode != "streaming" else None
     res = drive(model, tokenizer, segs, backend, cfg, sample.max_new_tokens, stop_ids=stop_ids, prefix=shared)
-    evidence = answer_positions(tokenizer, sample, ctx, settings.chat)
+    if evidence is None:
+        evidence = answer_positions(tokenizer, sample, ctx, settings.chat)
     kept = set(res.retained_before_last)
     return {
         "key": run_key(settings, sample, run),
@@ -341,6 +345,7 @@ def iter_eval(
     try:
         for sample in samples:
             segments: tuple[list[int], list[int]] | None = None
+            evidence: list[int] | None = None
             prefix: Prefix | None = None
             for run in runs:
                 key = run_key(settings, sample, run)
@@ -348,9 +353,10 @@ def iter_eval(
                 if rec is None:
                     if segments is None:
                         segments = prompt_segments(tokenizer, sample, settings.chat)
+                        evidence = answer_positions(tokenizer, sample, segments[0], settings.chat)
                     if prefix is None and run.mode != "streaming":
                         prefix = prefill(model, segments[0])
-                    rec = run_one(model, tokenizer, sample, run, settings, backend_factory, segments, prefix)
+                    rec = run_one(model, tokenizer, sample, run, settings, backend_factory, segments, prefix, evidence)
                     _append(results_path, rec)
                     done[key] = rec
                 if bar is not None:

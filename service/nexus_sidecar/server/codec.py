@@ -8,17 +8,14 @@ from dataclasses import fields
 import numpy as np
 import torch
 from nexus_client.v1 import sidecar_pb2 as pb
-from nexus_client.wire import ATTN_REDUCE, GRANULARITY, POOL_REDUCE, RANDOMNESS, positions_checksum, tensor_from_proto
+from nexus_client.wire import ENUM_FIELDS, positions_checksum, tensor_from_proto
 
 from nexus_sidecar.engine import PolicyConfig, StepInput, StepOutput
 from nexus_sidecar.server.errors import InvalidArgument
 
 _FLOAT_WIRE = (pb.D_TYPE_FLOAT16, pb.D_TYPE_FLOAT32)
 _INT_WIRE = (pb.D_TYPE_INT32, pb.D_TYPE_INT64)
-_RANDOMNESS = {v: k for k, v in RANDOMNESS.items()}
-_GRANULARITY = {v: k for k, v in GRANULARITY.items()}
-_ATTN_REDUCE = {v: k for k, v in ATTN_REDUCE.items()}
-_POOL_REDUCE = {v: k for k, v in POOL_REDUCE.items()}
+_ENUM_NAMES = {field: {v: k for k, v in names.items()} for field, names in ENUM_FIELDS.items()}
 _OPTIONAL_NUMBERS = ("budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma",
                      "tau", "seed", "pool", "block_size")
 
@@ -32,14 +29,10 @@ def config_from_proto(msg: pb.PolicyConfig, default_policy: str) -> PolicyConfig
             if name == "seed":
                 value = value - (1 << 64) if value >= (1 << 63) else value  # uint64 on the wire
             values[name] = value
-    if msg.randomness:
-        values["randomness"] = _RANDOMNESS.get(msg.randomness, str(msg.randomness))
-    if msg.granularity:
-        values["granularity"] = _GRANULARITY.get(msg.granularity, str(msg.granularity))
-    if msg.attn_reduce:
-        values["attn_reduce"] = _ATTN_REDUCE.get(msg.attn_reduce, str(msg.attn_reduce))
-    if msg.pool_reduce:
-        values["pool_reduce"] = _POOL_REDUCE.get(msg.pool_reduce, str(msg.pool_reduce))
+    for name, names in _ENUM_NAMES.items():
+        value = getattr(msg, name)
+        if value:  # 0 = UNSPECIFIED: the engine default; an unknown number fails validation by name
+            values[name] = names.get(value, str(value))
     return PolicyConfig(**values).validate()  # type: ignore[arg-type]
 
 
@@ -52,10 +45,8 @@ def config_to_proto(cfg: PolicyConfig) -> pb.PolicyConfig:
             if f.name == "seed":
                 value &= (1 << 64) - 1
             setattr(msg, f.name, value)
-    msg.randomness = RANDOMNESS[cfg.randomness]
-    msg.granularity = GRANULARITY[cfg.granularity]
-    msg.attn_reduce = ATTN_REDUCE[cfg.attn_reduce]
-    msg.pool_reduce = POOL_REDUCE[cfg.pool_reduce]
+    for name, names in ENUM_FIELDS.items():
+        setattr(msg, name, names[getattr(cfg, name)])
     return msg
 
 

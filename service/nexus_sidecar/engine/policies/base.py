@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from nexus_sidecar.engine.config import PolicyConfig
 
@@ -39,9 +40,8 @@ class ScoreContext:
 
     ``attn``/``last`` are the call's inputs aligned with slots; ``memory`` and ``age`` are the
     per-slot state *before* this call (new slots: 0); ``cand`` marks evictable slots (valid and
-    not protected); ``walk`` runs the Nexus walk from a direct-mass distribution; ``observers``
-    (float, >= 1) counts the call's queries that could attend to each slot under causal masking:
-    all ``k`` new queries for a retained slot, ``k - j`` for the call's ``j``-th new token.
+    not protected); ``walk`` runs the Nexus walk from a direct-mass distribution; ``count`` and
+    ``n_new`` ([R]) are each row's slots in this call and how many of them are new.
     """
 
     attn: torch.Tensor
@@ -52,7 +52,17 @@ class ScoreContext:
     cand: torch.Tensor
     walk: Callable[[torch.Tensor], torch.Tensor]
     slot_order: SlotOrder
-    observers: torch.Tensor
+    count: torch.Tensor
+    n_new: torch.Tensor
+
+    def observers(self) -> torch.Tensor:
+        """[R, W] float >= 1: the call's queries that could attend to each slot under causal masking,
+        all ``k`` new queries for a retained slot, ``k - j`` for the call's ``j``-th new token.
+
+        Computed on demand: only policies that read attention per query pay for it.
+        """
+        seen_by = torch.minimum(self.count.unsqueeze(1) - self.slot_order.ext, self.n_new.unsqueeze(1))
+        return seen_by.clamp(min=1).to(self.attn.dtype)
 
 
 @dataclass
@@ -91,6 +101,22 @@ def register(cls: type[Policy]) -> type[Policy]:
     """Class decorator: the registry line of a policy."""
     POLICIES[cls.name] = cls
     return cls
+
+
+def window_mean(x: torch.Tensor, members: torch.Tensor, k: int, slot_order: SlotOrder | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the ``members`` among each slot's ``k`` centred neighbours (in slot order).
+
+    ``x`` must be 0 outside ``members``; dividing by the members actually in the window (not by
+    ``k``) keeps the result independent of padding and of clipped windows at the row ends.
+    """
+
+    def window_sum(v: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool1d(v.unsqueeze(1), k, stride=1, padding=k // 2).squeeze(1) * k
+
+    def ordered(v: torch.Tensor) -> torch.Tensor:
+        return window_sum(v) if slot_order is None else slot_order.apply(window_sum, v)
+
+    return ordered(x) / ordered(members.to(x.dtype)).clamp(min=1.0)
 
 
 def normalize(x: torch.Tensor, over: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from nexus_sidecar.engine.policies.base import Policy, ScoreContext, Scores, register
+from nexus_sidecar.engine.policies.base import Policy, ScoreContext, Scores, register, window_mean
 
 
 @register
@@ -64,15 +63,7 @@ class SnapKV(Policy):
 
     def score(self, ctx: ScoreContext) -> Scores:
         """Weight = window attention averaged over the live neighbours (in slot order)."""
-        k = self.kernel
-
-        def window_sum(x: torch.Tensor) -> torch.Tensor:
-            return F.avg_pool1d(x.unsqueeze(1), k, stride=1, padding=k // 2).squeeze(1) * k
-
-        # sum / count of live neighbours: independent of how much padding the batch adds.
-        total = ctx.slot_order.apply(window_sum, ctx.attn)
-        count = ctx.slot_order.apply(window_sum, ctx.valid.to(ctx.attn.dtype))
-        return Scores(weight=total / count.clamp(min=1.0), memory=ctx.memory)
+        return Scores(weight=window_mean(ctx.attn, ctx.valid, self.kernel, ctx.slot_order), memory=ctx.memory)
 
 
 @register

@@ -21,7 +21,7 @@ def nexus_scores(policy: Policy, ctx: ScoreContext) -> Scores:
     to more than one and would otherwise swamp the last row (measured: DESIGN.md section 2).
     """
     gamma = policy.cfg.gamma
-    attn = ctx.attn / ctx.observers if policy.cfg.attn_reduce == "mean" else ctx.attn
+    attn = ctx.attn / ctx.observers() if policy.cfg.attn_reduce == "mean" else ctx.attn
     d = normalize(attn, ctx.valid)
     s = ctx.walk(d)
     memory = gamma * ctx.memory + (1.0 - gamma) * s
