@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nexus_client.v1 import sidecar_pb2 as pb
-from nexus_client.wire import positions_checksum, tensor_from_proto, tensor_to_proto
+from nexus_client.wire import int_wire_dtype, positions_checksum, tensor_from_proto, tensor_to_proto
 
 
 @dataclass
@@ -39,10 +39,11 @@ def pack_step(ws: WorkerSession, new_positions: torch.Tensor, attn: torch.Tensor
     return pb.SessionStep(
         session_id=ws.session_id, step=ws.step + 1 if step is None else step,
         retained_count=ws.retained_count, retained_checksum=ws.retained_checksum,
-        new_positions=tensor_to_proto(new_positions.to(torch.int32), field="new_positions"),
+        # int32 while positions fit, int64 beyond 2^31 - 1 (exact; never wrapped).
+        new_positions=tensor_to_proto(new_positions, int_wire_dtype(new_positions), field="new_positions"),
         attn=tensor_to_proto(attn, float_dtype, field="attn"),
         last=tensor_to_proto(last, float_dtype, field="last"),
-        edge_index=tensor_to_proto(edge_pos.to(torch.int32), field="edge_index"),
+        edge_index=tensor_to_proto(edge_pos, int_wire_dtype(edge_pos), field="edge_index"),
         edge_weight=tensor_to_proto(edge_w, float_dtype, field="edge_weight"),
     )
 
@@ -55,8 +56,8 @@ def unpack_result(result: pb.SessionResult) -> tuple[torch.Tensor, list[torch.Te
 
 
 def checksum_of(positions: list[torch.Tensor]) -> int:
-    """The sidecar's retained-positions checksum of a worker's groups."""
-    return sum(positions_checksum(p) for p in positions) & 0xFFFFFFFF
+    """The sidecar's retained-positions checksum of a worker's groups (64-bit, summed mod 2^64)."""
+    return sum(positions_checksum(p) for p in positions) & ((1 << 64) - 1)
 
 
 def top_edges(

@@ -20,9 +20,11 @@ __all__ = [
     "ENUM_FIELDS",
     "GRANULARITY",
     "POOL_REDUCE",
+    "POSITION_LIMIT",
     "RANDOMNESS",
     "WIRE_DTYPES",
     "WireError",
+    "int_wire_dtype",
     "positions_checksum",
     "tensor_from_proto",
     "tensor_to_proto",
@@ -53,6 +55,11 @@ ENUM_FIELDS: dict[str, dict[str, int]] = {
 }
 _NUMPY_OF: dict[torch.dtype, np.dtype] = {torch.float32: np.dtype(np.float32), torch.int64: np.dtype(np.int64),
                                           torch.float64: np.dtype(np.float64), torch.int32: np.dtype(np.int32)}
+
+# Positions are exact int64 end to end and must lie in [0, POSITION_LIMIT): the headroom above
+# 2^62 keeps padding sentinels (int64 max) and "position + k" arithmetic clear of overflow.
+POSITION_LIMIT = 1 << 62
+_INT32_MAX = (1 << 31) - 1
 
 # A shape with more elements than this is rejected before any allocation (2^40 elements is
 # far beyond any summary and keeps prod(shape) * itemsize inside int64).
@@ -138,45 +145,48 @@ def tensor_from_proto(msg: pb.Tensor, *, field: str, as_dtype: torch.dtype | Non
     return torch.from_numpy(out).reshape(shape)
 
 
-_MASK32 = 0xFFFFFFFF
-_M = np.uint64(_MASK32)
+def int_wire_dtype(t: torch.Tensor) -> torch.dtype:
+    """int32 when every value of ``t`` fits (half the bytes), else int64: positions stay exact."""
+    if t.numel() == 0:
+        return torch.int32
+    lo, hi = torch.aminmax(t.detach().reshape(-1).to(torch.int64))
+    return torch.int32 if int(lo) >= -_INT32_MAX - 1 and int(hi) <= _INT32_MAX else torch.int64
 
 
+_MASK64 = (1 << 64) - 1
+_GOLDEN64 = 0x9E3779B97F4A7C15
 _SMALL = 32
 
 
-def _mix32(p: int) -> int:
-    """The per-position term of :func:`positions_checksum` (murmur3 fmix32 of p + golden)."""
-    h = ((p & _MASK32) + 0x9E3779B9) & _MASK32
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _MASK32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
+def _mix64(p: int) -> int:
+    """The per-position term of :func:`positions_checksum` (splitmix64 finalizer of p + golden)."""
+    z = ((p & _MASK64) + _GOLDEN64) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 def positions_checksum(pos: torch.Tensor) -> int:
-    """Order-independent uint32 checksum of a set of non-negative int positions.
+    """Order-independent 64-bit digest of a set of int positions (an int in [0, 2^64)).
 
-    Each position (taken mod 2^32) goes through the murmur3 32-bit finalizer after adding the
-    golden-ratio constant, and the mixed values are summed mod 2^32. The sum makes it
-    independent of order; the non-linear mix makes it sensitive to *which* positions are held
-    (a linear ``a * p + c`` per element would only check the count and the sum of positions,
-    so {1, 4} and {2, 3} would collide). Computed in int64 torch, no Python loop. An empty set
-    gives 0. Worker and sidecar must use this same function.
+    Each position (as a 64-bit two's-complement integer, so no two positions of [0, 2^62) share a
+    term) goes through the splitmix64 finalizer after adding the 64-bit golden-ratio constant,
+    and the mixed values are summed mod 2^64. The sum makes it independent of order and lets both
+    sides update it per step (add the new positions' terms, subtract the evicted ones'); the
+    bijective non-linear mix makes it sensitive to *which* positions are held, so two different
+    sets agree with probability ~2^-64 (a 32-bit sum of positions taken mod 2^32 could not tell
+    2^32 + 19 from 19). Computed without a Python loop for large sets. An empty set gives 0.
+    Worker and sidecar must use this same function.
     """
     if pos.dtype.is_floating_point or pos.dtype == torch.bool or pos.is_complex():
         raise WireError("positions", f"positions must be integers, got {pos.dtype}")
     if pos.numel() <= _SMALL:
         # A decode step adds and evicts a handful of positions: plain ints beat array setup.
-        return sum(_mix32(p) for p in pos.reshape(-1).tolist()) & _MASK32
-    # numpy uint64 arithmetic wraps mod 2^64, so the 32-bit products below are exact after the
-    # mask; for the small per-step arrays numpy is ~10x cheaper per op than torch.
-    h = (pos.detach().reshape(-1).to("cpu", torch.int64).numpy().astype(np.uint64) & _M) + np.uint64(0x9E3779B9)
-    h &= _M
-    h ^= h >> np.uint64(16)
-    h = (h * np.uint64(0x85EBCA6B)) & _M
-    h ^= h >> np.uint64(13)
-    h = (h * np.uint64(0xC2B2AE35)) & _M
-    h ^= h >> np.uint64(16)
-    return int(h.sum(dtype=np.uint64)) & _MASK32
+        return sum(_mix64(p) for p in pos.reshape(-1).tolist()) & _MASK64
+    # numpy uint64 array arithmetic wraps mod 2^64 (exactly the splitmix64 arithmetic); for the
+    # small per-step arrays numpy is ~10x cheaper per op than torch.
+    z = pos.detach().reshape(-1).to("cpu", torch.int64).numpy().view(np.uint64) + np.uint64(_GOLDEN64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return int(z.sum(dtype=np.uint64))

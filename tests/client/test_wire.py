@@ -135,40 +135,46 @@ def test_empty_tensor_round_trip() -> None:
 
 # --- positions_checksum -------------------------------------------------------------------
 
-_M = 0xFFFFFFFF
+_M = (1 << 64) - 1
 
 
-def _fmix_ref(p: int) -> int:
-    """Pure-Python reference of the per-position mix (murmur3 fmix32 of p + golden ratio)."""
-    h = (p + 0x9E3779B9) & _M
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _M
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _M
-    h ^= h >> 16
-    return h
+def _mix_ref(p: int) -> int:
+    """Pure-Python reference of the per-position mix (splitmix64 finalizer of p + golden ratio)."""
+    z = ((p & _M) + 0x9E3779B97F4A7C15) & _M
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M
+    return z ^ (z >> 31)
 
 
 def _checksum_ref(positions: list[int]) -> int:
-    return sum(_fmix_ref(p & _M) for p in positions) & _M
+    return sum(_mix_ref(p) for p in positions) & _M
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(min_value=0, max_value=2**31 - 1), max_size=200))
+@given(st.lists(st.integers(min_value=0, max_value=2**62 - 1), max_size=200))
 def test_checksum_matches_reference_and_ignores_order(positions: list[int]) -> None:
     expected = _checksum_ref(positions)
     assert positions_checksum(torch.tensor(positions, dtype=torch.int64)) == expected
     shuffled = positions[:]
     random.Random(0).shuffle(shuffled)
-    assert positions_checksum(torch.tensor(shuffled, dtype=torch.int32)) == expected
-    assert 0 <= expected < 2**32
+    assert positions_checksum(torch.tensor(shuffled, dtype=torch.int64)) == expected
+    assert 0 <= expected < 2**64
 
 
 def test_checksum_known_values() -> None:
     # Pinned so a worker in another language can check its implementation.
     assert positions_checksum(torch.tensor([], dtype=torch.int64)) == 0
-    assert positions_checksum(torch.tensor([0])) == _fmix_ref(0)
-    assert positions_checksum(torch.tensor([1, 4])) == 4014002355
+    assert positions_checksum(torch.tensor([0])) == _mix_ref(0) == 0xE220A8397B1DCDAF
+    assert positions_checksum(torch.tensor([1, 4])) == (_mix_ref(1) + _mix_ref(4)) & _M
+    assert positions_checksum(torch.tensor([0], dtype=torch.int32)) == positions_checksum(torch.tensor([0]))
+
+
+def test_checksum_tells_positions_2_32_apart() -> None:
+    # The old 32-bit sum worked mod 2^32: 19 and 2^32 + 19 had the same term, so a position wrapped
+    # as int32 on the wire went unnoticed. The 64-bit digest tells them (and int64 max) apart.
+    for p in (19, 2**31 + 11, 2**62 - 1):
+        assert positions_checksum(torch.tensor([p])) != positions_checksum(torch.tensor([p + 2**32]))
+    assert positions_checksum(torch.tensor([2**63 - 1])) != positions_checksum(torch.tensor([-1]))
 
 
 def test_checksum_detects_same_count_and_sum() -> None:
@@ -193,6 +199,6 @@ def test_checksum_small_and_vector_paths_agree() -> None:
 
     pos = torch.randint(0, 2**40, (200,), generator=torch.Generator().manual_seed(3))
     whole = wire.positions_checksum(pos)
-    by_parts = sum(wire.positions_checksum(pos[i : i + 8]) for i in range(0, 200, 8)) & 0xFFFFFFFF
+    by_parts = sum(wire.positions_checksum(pos[i : i + 8]) for i in range(0, 200, 8)) & _M
     assert whole == by_parts
-    assert wire.positions_checksum(pos[:5]) == (sum(wire._mix32(int(p)) for p in pos[:5]) & 0xFFFFFFFF)
+    assert wire.positions_checksum(pos[:5]) == (sum(wire._mix64(int(p)) for p in pos[:5]) & _M)

@@ -6,6 +6,7 @@ import json
 import struct
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from nexus_sidecar.engine import POLICIES, Engine, PolicyConfig, SessionState, StateError
@@ -210,3 +211,23 @@ def test_a_blob_written_before_the_reduce_knobs_existed_restores_with_their_defa
     assert restored.config == snap.config and (restored.config.attn_reduce, restored.config.pool_reduce) == (
         "sum", "max")
     assert restored.to_bytes() == snap.to_bytes()  # re-written in the new layout, nothing else changed
+
+
+def test_a_v1_blob_with_int32_edges_reads_as_int64() -> None:
+    # v1 stored edge target positions as i32; v2 as i64 (positions above 2^31 - 1 are exact).
+    s = _stream(groups=1)
+    run_checked(s, 6)
+    snap = s.engine.snapshot(s.handle)
+    g = snap.groups[0]
+    n, fan = g.pos.numel(), snap.config.fanout
+    v2 = snap.to_bytes()[:-4]
+    # Rewrite the group arrays with i32 edges and version 1.
+    head_len = len(v2) - (4 + n * (8 + 4 + 4) + n * fan * (8 + 4))
+    arrays = v2[head_len + 4:]
+    edges_at = n * 16
+    epos = np.frombuffer(arrays, dtype="<i8", count=n * fan, offset=edges_at).astype("<i4").tobytes()
+    v1 = bytearray(v2[:head_len + 4] + arrays[:edges_at] + epos + arrays[edges_at + n * fan * 8:])
+    struct.pack_into("<H", v1, 4, 1)
+    restored = SessionState.from_bytes(_with_crc(bytes(v1)))
+    assert restored.groups[0].edge_pos.dtype == torch.int64
+    assert restored.to_bytes() == snap.to_bytes()

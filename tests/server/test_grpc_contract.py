@@ -13,7 +13,7 @@ import torch
 from nexus_client.errors import SidecarError
 from nexus_client.packing import pack_step
 from nexus_client.v1 import sidecar_pb2 as pb
-from nexus_client.wire import tensor_to_proto
+from nexus_client.wire import tensor_from_proto, tensor_to_proto
 from nexus_sidecar.engine import StepInput
 from nexus_sidecar.server.app import Sidecar
 
@@ -169,9 +169,9 @@ def test_failed_precondition_out_of_order_and_mismatch() -> None:
             assert f"worker holds {good.msg.retained_count - 1} tokens" in msg, msg
             assert f"sidecar holds {good.msg.retained_count}" in msg and "at step 3" in msg, msg
             wrong.CopyFrom(good.msg)
-            wrong.retained_checksum = (good.msg.retained_checksum + 1) & 0xFFFFFFFF
+            wrong.retained_checksum = (good.msg.retained_checksum + 1) % 2**64
             msg = await expect_error(c.step([wrong]), FP)
-            assert f"{wrong.retained_checksum:#010x}" in msg and f"{good.msg.retained_checksum:#010x}" in msg, msg
+            assert f"{wrong.retained_checksum:#018x}" in msg and f"{good.msg.retained_checksum:#018x}" in msg, msg
 
             # The session is untouched: the correct step 4 applies.
             r = await c.step([good.msg])
@@ -399,7 +399,8 @@ def test_multi_session_step_matches_the_engine() -> None:
                 snap = await c.get_session(sim.session_id)
                 assert snap.step == 10
                 for gi, g in enumerate(snap.groups):
-                    pos = torch.frombuffer(bytearray(g.positions.data), dtype=torch.int32).tolist()
+                    pos = tensor_from_proto(g.positions, field="positions").tolist()
+                    assert g.positions.dtype == pb.D_TYPE_INT64
                     assert pos == sim.retained[gi].tolist()
                     assert pos == ref.engine.positions(ref.handles[sim.session_id])[gi].tolist()
             await c.close()

@@ -164,7 +164,7 @@ class Engine:
             epos = torch.where(live_edge, pos[g].gather(0, eidx[g].reshape(-1)).reshape(eidx[g].shape), -1)
             groups.append(GroupState(
                 pos=pos[g][a].clone(), age=(s.calls - birth[g][a]).to(torch.int32), memory=mem[g][a].clone(),
-                edge_pos=epos[a].to(torch.int32), edge_w=torch.where(live_edge, ew[g], 0.0)[a].clone(),
+                edge_pos=epos[a].to(torch.int64), edge_w=torch.where(live_edge, ew[g], 0.0)[a].clone(),
             ))
         return SessionState(s.cfg, s.calls, s.tokens_seen, s.tokens_evicted, groups)
 

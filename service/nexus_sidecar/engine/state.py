@@ -1,15 +1,17 @@
 """A session's state outside the pool, and its versioned byte layout.
 
-Layout v1 (all little-endian)::
+Layout v2 (all little-endian)::
 
     magic  b"NXSS"      4 bytes
-    version u16 = 1, flags u16 = 0
+    version u16 = 2, flags u16 = 0
     config_len u32, config JSON (utf-8, sorted keys)
     calls u64, tokens_seen u64, tokens_evicted u64
     groups u32, fanout u32
     per group: count u32, pos i64[count], age i32[count], memory f32[count],
-               edge_pos i32[count*F], edge_w f32[count*F]
+               edge_pos i64[count*F], edge_w f32[count*F]
     crc32 u32 of everything before it
+
+v1 is the same with edge_pos i32 (positions above 2^31 - 1 did not fit); it is still read.
 
 Redis stores this blob as is; the CRC turns a truncated or bit-flipped value into a precise
 :class:`StateError` instead of a wrong eviction.
@@ -28,7 +30,8 @@ from nexus_sidecar.engine.config import PolicyConfig
 from nexus_sidecar.engine.errors import EngineError, StateError
 
 MAGIC = b"NXSS"
-VERSION = 1
+VERSION = 2
+_EDGE_DTYPE = {1: np.int32, 2: np.int64}  # edge target positions per layout version
 _HEAD = struct.Struct("<4sHHI")
 _COUNTERS = struct.Struct("<QQQII")
 
@@ -40,7 +43,7 @@ class GroupState:
     pos: torch.Tensor  # int64 [n]
     age: torch.Tensor  # int32 [n]
     memory: torch.Tensor  # float32 [n]
-    edge_pos: torch.Tensor  # int32 [n, F]
+    edge_pos: torch.Tensor  # int64 [n, F] target positions, -1 = none
     edge_w: torch.Tensor  # float32 [n, F]
 
 
@@ -65,7 +68,7 @@ class SessionState:
             parts.append(_np(g.pos, np.int64))
             parts.append(_np(g.age, np.int32))
             parts.append(_np(g.memory, np.float32))
-            parts.append(_np(g.edge_pos, np.int32))
+            parts.append(_np(g.edge_pos, np.int64))
             parts.append(_np(g.edge_w, np.float32))
         body = b"".join(parts)
         return body + struct.pack("<I", zlib.crc32(body))
@@ -88,8 +91,9 @@ class SessionState:
         magic, version, _flags, cfg_len = _HEAD.unpack_from(body, 0)
         if magic != MAGIC:
             raise StateError("state", f"bad magic {magic!r}, expected {MAGIC!r}")
-        if version != VERSION:
-            raise StateError("state", f"unsupported layout version {version} (this build reads {VERSION})")
+        if version not in _EDGE_DTYPE:
+            raise StateError("state", f"unsupported layout version {version} (this build reads 1..{VERSION})")
+        edge_dtype = _EDGE_DTYPE[version]
         off = _HEAD.size
         import json
 
@@ -105,7 +109,7 @@ class SessionState:
             (n,) = struct.unpack_from("<I", body, off)
             off += 4
             arrays = []
-            for dtype, size in ((np.int64, n), (np.int32, n), (np.float32, n), (np.int32, n * fan),
+            for dtype, size in ((np.int64, n), (np.int32, n), (np.float32, n), (edge_dtype, n * fan),
                                 (np.float32, n * fan)):
                 nbytes = size * np.dtype(dtype).itemsize
                 if off + nbytes > len(body):
@@ -113,6 +117,7 @@ class SessionState:
                 arrays.append(torch.from_numpy(np.frombuffer(body, dtype=dtype, count=size, offset=off).copy()))
                 off += nbytes
             pos, age, mem, epos, ew = arrays
+            epos = epos.to(torch.int64)
             groups.append(GroupState(pos, age, mem, epos.reshape(n, fan), ew.reshape(n, fan)))
         if off != len(body):
             raise StateError("state", f"{len(body) - off} trailing bytes after the last group")

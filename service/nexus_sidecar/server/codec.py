@@ -8,7 +8,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 from nexus_client.v1 import sidecar_pb2 as pb
-from nexus_client.wire import ENUM_FIELDS, positions_checksum, tensor_from_proto
+from nexus_client.wire import ENUM_FIELDS, POSITION_LIMIT, positions_checksum, tensor_from_proto
 
 from nexus_sidecar.engine import PolicyConfig, StepInput, StepOutput
 from nexus_sidecar.server.errors import InvalidArgument
@@ -66,11 +66,25 @@ def step_input(step: pb.SessionStep) -> StepInput:
     """Decode one SessionStep's tensors (shape checks against the session are the engine's)."""
     ints, floats = "expected int32 or int64", "expected float16 or float32"
     pos = _tensor(step, "new_positions", _INT_WIRE, ints, torch.int64)
+    _check_range(step, "new_positions", pos, 0)
     attn = _tensor(step, "attn", _FLOAT_WIRE, floats, torch.float32)
     last = _tensor(step, "last", _FLOAT_WIRE, floats, torch.float32)
     eidx = _tensor(step, "edge_index", _INT_WIRE, ints, torch.int64)
+    _check_range(step, "edge_index", eidx, -1)
     ew = _tensor(step, "edge_weight", _FLOAT_WIRE, floats, torch.float32)
     return StepInput(pos, attn, last, eidx, ew)
+
+
+def _check_range(step: pb.SessionStep, name: str, t: torch.Tensor, low: int) -> None:
+    """Positions are exact int64 in [0, 2^62) (``low`` = -1 admits the "no edge" marker)."""
+    if t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t.reshape(-1))
+    if int(lo) < low or int(hi) >= POSITION_LIMIT:
+        bad = int(lo) if int(lo) < low else int(hi)
+        raise InvalidArgument(f"steps[{step.session_id}].{name}",
+                              f"position {bad} outside [{low}, 2^62)" if low == 0 else
+                              f"position {bad} outside [0, 2^62) (or -1 for no edge)")
 
 
 def session_result(session_id: str, step: int, out: StepOutput, checksum: int) -> pb.SessionResult:
@@ -78,8 +92,8 @@ def session_result(session_id: str, step: int, out: StepOutput, checksum: int) -
     out = out.cpu()
     # Built straight from numpy: this runs once per session-step on the event loop.
     keep = np.ascontiguousarray(out.keep.numpy())
-    evicted = [pb.GroupEvictions(group=g, positions=pb.Tensor(dtype=pb.D_TYPE_INT32, shape=[p.numel()],
-                                                              data=p.numpy().astype("<i4").tobytes()))
+    evicted = [pb.GroupEvictions(group=g, positions=pb.Tensor(dtype=pb.D_TYPE_INT64, shape=[p.numel()],
+                                                              data=p.numpy().astype("<i8").tobytes()))
                for g, p in enumerate(out.evicted)]
     return pb.SessionResult(
         session_id=session_id, step=step, keep=pb.Tensor(dtype=pb.D_TYPE_BOOL, shape=list(keep.shape),
@@ -89,10 +103,18 @@ def session_result(session_id: str, step: int, out: StepOutput, checksum: int) -
 
 
 def checksum_after(before: int, groups: int, new_positions: torch.Tensor, out: StepOutput) -> int:
-    """Running checksum: it is a sum of per-position hashes, so add the new and subtract the evicted."""
+    """Running checksum: it is a sum of per-position hashes mod 2^64, so add the new and subtract the evicted."""
     added = groups * positions_checksum(new_positions)
     removed = sum(positions_checksum(p) for p in out.cpu().evicted)
-    return (before + added - removed) & 0xFFFFFFFF
+    return (before + added - removed) & MASK64
+
+
+MASK64 = (1 << 64) - 1
+
+
+def checksum_of(positions: list[torch.Tensor]) -> int:
+    """The retained-positions checksum of a session's groups (summed mod 2^64)."""
+    return sum(positions_checksum(p) for p in positions) & MASK64
 
 
 def weight_summary(weights: torch.Tensor) -> pb.WeightSummary:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 from nexus_client.v1 import sidecar_pb2 as pb
-from nexus_client.wire import positions_checksum, tensor_to_proto
+from nexus_client.wire import tensor_to_proto
 
 from nexus_sidecar.engine import Engine, EngineError, PolicyConfig, StepInput, StepOutput
 from nexus_sidecar.server import codec
@@ -282,7 +282,7 @@ class SessionManager:
         if st.retained_count != hs.count or st.retained_checksum != hs.checksum:
             raise StateMismatch(
                 f"session {hs.session_id!r} before step {st.step}: worker holds {st.retained_count} tokens "
-                f"(checksum {st.retained_checksum:#010x}), sidecar holds {hs.count} (checksum {hs.checksum:#010x}) "
+                f"(checksum {st.retained_checksum:#018x}), sidecar holds {hs.count} (checksum {hs.checksum:#018x}) "
                 f"at step {hs.step}; the worker's cache and the sidecar's state diverged (failover to an older "
                 "checkpoint?). Reopen the session or rebuild the worker's cache.")
         inp = codec.step_input(st)
@@ -381,7 +381,7 @@ class SessionManager:
             seen, evicted = self.engine.stats(hs.handle)
         groups = []
         for g, (p, w) in enumerate(zip(positions, weights, strict=True)):
-            gr = pb.GroupRetention(group=g, positions=tensor_to_proto(p.to(torch.int32)),
+            gr = pb.GroupRetention(group=g, positions=tensor_to_proto(p.to(torch.int64)),
                                    weight_summary=codec.weight_summary(w))
             if include_weights:
                 gr.weights.CopyFrom(tensor_to_proto(w.to(torch.float32)))
@@ -389,7 +389,7 @@ class SessionManager:
         return pb.GetSessionResponse(
             session_id=session_id, config=codec.config_to_proto(hs.cfg), step=hs.step, groups=groups,
             tokens_seen=seen, tokens_evicted=evicted, retained_count=hs.count,
-            retained_checksum=sum(positions_checksum(p) for p in positions) & 0xFFFFFFFF,
+            retained_checksum=codec.checksum_of(positions),
         )
 
     async def list_ids(self, tenant: str) -> list[str]:
