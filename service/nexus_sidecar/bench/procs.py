@@ -70,18 +70,24 @@ class SidecarProc:
 
 
 @contextlib.contextmanager
-def sidecar_process(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> Iterator[SidecarProc]:
-    """Start ``nexus-sidecar serve`` on free loopback ports with extra ``args``; stop it after."""
-    gport, hport = free_port(), free_port()
+def sidecar_process(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0,
+                    log_path: str | os.PathLike[str] | None = None, ports: tuple[int, int] | None = None
+                    ) -> Iterator[SidecarProc]:
+    """Start ``nexus-sidecar serve`` on free loopback ports (or ``ports``: gRPC, HTTP) with extra
+    ``args``; stop it after. ``log_path`` receives its output (else a pipe, read on failure)."""
+    gport, hport = ports or (free_port(), free_port())
     cmd = [sys.executable, "-m", "nexus_sidecar.cli", "serve", "--grpc-host", "127.0.0.1", "--grpc-port", str(gport),
            "--http-host", "127.0.0.1", "--http-port", str(hport), "--log-level", "WARNING", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    out = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, stdout=out if out is not None else subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})})
     try:
         wait_serving(f"127.0.0.1:{gport}", timeout, proc)
         yield SidecarProc(proc, gport, hport)
     finally:
         stop_process(proc)
+        if out is not None:
+            out.close()
 
 
 @contextlib.contextmanager

@@ -14,13 +14,12 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nexus_client.v1 import sidecar_pb2 as pb
-from nexus_client.v1 import sidecar_pb2_grpc as pb_grpc
 
 from nexus_sidecar.engine import Engine, default_device
 from nexus_sidecar.server.auth import KeyRing
 from nexus_sidecar.server.http_app import build_app
 from nexus_sidecar.server.metrics import Metrics
-from nexus_sidecar.server.service import EvictionServicer
+from nexus_sidecar.server.service import EvictionServicer, add_to_server
 from nexus_sidecar.server.sessions import SessionManager
 from nexus_sidecar.server.settings import ServerSettings
 from nexus_sidecar.server.stores import MemoryStore, RedisStore, StateStore
@@ -88,7 +87,7 @@ class Sidecar:
         s = self.settings
         self.sessions.start()
         server = grpc.aio.server(options=self.grpc_options())
-        pb_grpc.add_EvictionServiceServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self.grpc_port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")

@@ -11,7 +11,7 @@ from nexus_client.v1 import sidecar_pb2 as pb
 from nexus_client.wire import ENUM_FIELDS, POSITION_LIMIT, positions_checksum, tensor_from_proto
 
 from nexus_sidecar.engine import PolicyConfig, StepInput, StepOutput
-from nexus_sidecar.server.errors import InvalidArgument
+from nexus_sidecar.server.errors import BRIEF, InvalidArgument, brief
 
 _FLOAT_WIRE = (pb.D_TYPE_FLOAT16, pb.D_TYPE_FLOAT32)
 _INT_WIRE = (pb.D_TYPE_INT32, pb.D_TYPE_INT64)
@@ -22,6 +22,8 @@ _OPTIONAL_NUMBERS = ("budget", "slack", "sinks", "recent", "groups", "beta", "it
 
 def config_from_proto(msg: pb.PolicyConfig, default_policy: str) -> PolicyConfig:
     """Effective engine config: unset fields take the engine defaults. Validates (ConfigError)."""
+    if len(msg.policy) > BRIEF:  # the engine's error would quote it whole
+        raise InvalidArgument("config.policy", f"unknown policy {brief(msg.policy)}")
     values: dict[str, object] = {"policy": msg.policy or default_policy}
     for name in _OPTIONAL_NUMBERS:
         if msg.HasField(name):

@@ -8,6 +8,27 @@ from nexus_client.wire import WireError
 from nexus_sidecar.engine.errors import ConfigError, FieldError, InputError, StateError
 from nexus_sidecar.server.stores import InvalidId, StoreError, StoreUnavailable
 
+# Status details travel in HTTP/2 trailers (8 KiB of metadata by default): a message longer
+# than this is cut, and no message quotes client input longer than BRIEF characters.
+MAX_MESSAGE = 1024
+BRIEF = 64
+# Engine field names -> the proto fields a client sent (shape and value errors name what it sent).
+PROTO_FIELDS = {"edge_pos": "edge_index", "edge_w": "edge_weight"}
+
+
+def brief(value: object, limit: int = BRIEF) -> str:
+    """``repr(value)``, cut to ``limit`` characters with its full length said: safe to echo."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, (str, bytes)) else f"{len(text)} characters as text"
+    return f"{text[:limit]}... ({size})"
+
+
+def step_field(session_id: str, engine_field: str) -> str:
+    """``steps[<id>].<proto field>`` for an engine field name."""
+    return f"steps[{session_id}].{PROTO_FIELDS.get(engine_field, engine_field)}"
+
 
 class ServiceError(Exception):
     """Base of errors raised on purpose by the service layer."""
@@ -31,7 +52,7 @@ class SessionNotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
 
     def __init__(self, session_id: str) -> None:
-        super().__init__(f"session {session_id!r} not found (never opened, closed, or expired)")
+        super().__init__(f"session {brief(session_id, 160)} not found (never opened, closed, or expired)")
 
 
 class SessionConflict(ServiceError):
@@ -97,7 +118,17 @@ class DeadlineExpired(ServiceError):
 
 
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Map any exception to (status code, message). Unknown exceptions are INTERNAL."""
+    """Map any exception to (status code, message). Unknown exceptions are INTERNAL.
+
+    The message is cut to :data:`MAX_MESSAGE` characters whatever produced it.
+    """
+    code, message = _classify(exc)
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 24] + f"... ({len(message)} chars)"
+    return code, message
+
+
+def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
         return exc.code, str(exc)
     if isinstance(exc, StateError):

@@ -2,27 +2,67 @@
 
 Every handler goes through :meth:`EvictionServicer._call`, which authenticates, times the
 request, and maps any exception to a status code (``errors.to_status``) in one place.
+
+Requests are parsed by :func:`add_to_server`'s lenient deserializers, not by grpc's: bytes that
+are not a valid message (garbage, truncation, invalid UTF-8 in a string field) become a
+:class:`Unparsable` request that the handler answers with INVALID_ARGUMENT, instead of grpc's
+UNKNOWN plus an ERROR traceback in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from nexus_client.v1 import sidecar_pb2 as pb
 from nexus_client.v1 import sidecar_pb2_grpc as pb_grpc
 
 from nexus_sidecar.engine import POLICIES, PolicyConfig
 from nexus_sidecar.server import codec
 from nexus_sidecar.server.auth import KeyRing, Principal
-from nexus_sidecar.server.errors import Draining, to_status
+from nexus_sidecar.server.errors import Draining, InvalidArgument, to_status
 from nexus_sidecar.server.metrics import Metrics
 from nexus_sidecar.server.sessions import SessionManager
 
 T = TypeVar("T")
+log = logging.getLogger("nexus_sidecar.service")
+SERVICE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["EvictionService"]
+
+
+@dataclass(frozen=True)
+class Unparsable:
+    """A request whose bytes did not parse as the method's message type."""
+
+    message_type: str
+    size: int
+
+
+def _lenient(cls: type[Message]) -> Callable[[bytes], Message | Unparsable]:
+    def parse(data: bytes) -> Message | Unparsable:
+        try:
+            return cls.FromString(data)
+        except (DecodeError, ValueError, RuntimeError):  # upb raises DecodeError; be generous
+            return Unparsable(cls.DESCRIPTOR.full_name, len(data))
+
+    return parse
+
+
+def add_to_server(servicer: EvictionServicer, server: grpc.aio.Server) -> None:
+    """Register every RPC of ``nexus.v1.EvictionService`` with lenient request parsing."""
+    handlers = {}
+    for method in SERVICE_DESCRIPTOR.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name), request_deserializer=_lenient(request_cls),
+            response_serializer=response_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_DESCRIPTOR.full_name, handlers),))
 
 
 class EvictionServicer(pb_grpc.EvictionServiceServicer):
@@ -34,13 +74,18 @@ class EvictionServicer(pb_grpc.EvictionServiceServicer):
         self.metrics = metrics
         self.draining = False
 
-    async def _call(self, rpc: str, context: grpc.aio.ServicerContext, write: bool,
+    async def _call(self, rpc: str, request: Any, context: grpc.aio.ServicerContext, write: bool,
                     body: Callable[[Principal], Awaitable[T]]) -> T:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
+        tenant = "unauthenticated"
         try:
             metadata = dict(context.invocation_metadata() or ())
             principal = self.keys.authenticate(metadata.get("authorization"))
+            tenant = principal.tenant
+            if isinstance(request, Unparsable):
+                raise InvalidArgument("request", f"{request.size} bytes are not a valid {request.message_type} "
+                                                 "message (malformed protobuf or invalid UTF-8 in a string field)")
             if write:
                 principal.require_write()
                 if self.draining:
@@ -51,6 +96,11 @@ class EvictionServicer(pb_grpc.EvictionServiceServicer):
             raise
         except Exception as exc:  # one place maps every error to a status code
             code, message = to_status(exc)
+            if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                log.exception("%s failed with %s", rpc, code.name)  # a bug: the only case worth a traceback
+            if rpc == "Step":  # every step of a refused RPC was answered with the error, whatever the code
+                steps = len(request.steps) if isinstance(request, pb.StepRequest) else 1
+                self.metrics.steps_rejected.labels(tenant, code.name).inc(max(1, steps))
             await context.abort(code, message)
             raise  # unreachable: abort raises
         finally:
@@ -68,7 +118,7 @@ class EvictionServicer(pb_grpc.EvictionServiceServicer):
             hs = await self.sessions.open(p.tenant, request.session_id, cfg)
             return pb.OpenSessionResponse(session_id=hs.session_id, config=codec.config_to_proto(hs.cfg), step=hs.step)
 
-        return await self._call("OpenSession", context, True, body)
+        return await self._call("OpenSession", request, context, True, body)
 
     async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
         """One step for each of many sessions."""
@@ -76,7 +126,7 @@ class EvictionServicer(pb_grpc.EvictionServiceServicer):
             results = await self.sessions.step_many(p.tenant, list(request.steps), self._deadline(context))
             return pb.StepResponse(results=results)
 
-        return await self._call("Step", context, True, body)
+        return await self._call("Step", request, context, True, body)
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
                            ) -> pb.CloseSessionResponse:
@@ -84,7 +134,7 @@ class EvictionServicer(pb_grpc.EvictionServiceServicer):
         async def body(p: Principal) -> pb.CloseSessionResponse:
             return pb.CloseSessionResponse(step=await self.sessions.close(p.tenant, request.session_id))
 
-        return await self._call("CloseSession", context, True, body)
+        return await self._call("CloseSession", request, context, True, body)
 
     async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
                          ) -> pb.GetSessionResponse:
@@ -92,7 +142,7 @@ class EvictionServicer(pb_grpc.EvictionServiceServicer):
         async def body(p: Principal) -> pb.GetSessionResponse:
             return await self.sessions.describe(p.tenant, request.session_id, request.include_weights)
 
-        return await self._call("GetSession", context, False, body)
+        return await self._call("GetSession", request, context, False, body)
 
     async def ListPolicies(self, request: pb.ListPoliciesRequest, context: grpc.aio.ServicerContext
                            ) -> pb.ListPoliciesResponse:
@@ -105,4 +155,4 @@ class EvictionServicer(pb_grpc.EvictionServiceServicer):
                                            defaults=codec.config_to_proto(cfg)))
             return pb.ListPoliciesResponse(policies=infos)
 
-        return await self._call("ListPolicies", context, False, body)
+        return await self._call("ListPolicies", request, context, False, body)

@@ -23,6 +23,7 @@ from nexus_client.v1 import sidecar_pb2 as pb
 from nexus_client.wire import tensor_to_proto
 
 from nexus_sidecar.engine import Engine, EngineError, PolicyConfig, StepInput, StepOutput
+from nexus_sidecar.engine.errors import FieldError
 from nexus_sidecar.server import codec
 from nexus_sidecar.server.batcher import Job, MicroBatcher
 from nexus_sidecar.server.checkpoint import Checkpoint
@@ -33,6 +34,7 @@ from nexus_sidecar.server.errors import (
     SessionNotFound,
     StateMismatch,
     StepOutOfOrder,
+    step_field,
 )
 from nexus_sidecar.server.metrics import Metrics
 from nexus_sidecar.server.settings import ServerSettings
@@ -232,7 +234,7 @@ class SessionManager:
         """Apply one step to each session. Every step is validated before any is applied."""
         if not steps:
             raise InvalidArgument("steps", "is empty")
-        ids = [s.session_id for s in steps]
+        ids = [validate_id("session_id", s.session_id) for s in steps]
         if len(set(ids)) != len(ids):
             dupes = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
             raise InvalidArgument("steps", f"session {dupes[0]!r} appears more than once in one request")
@@ -286,14 +288,16 @@ class SessionManager:
                 f"at step {hs.step}; the worker's cache and the sidecar's state diverged (failover to an older "
                 "checkpoint?). Reopen the session or rebuild the worker's cache.")
         inp = codec.step_input(st)
-        self.engine.check(hs.handle, inp)  # shapes: host-only, safe while the session is locked
+        try:
+            self.engine.check(hs.handle, inp)  # shapes: host-only, safe while the session is locked
+        except FieldError as exc:
+            raise InvalidArgument(step_field(hs.session_id, exc.field), exc.reason) from None
         hs.last_used = time.monotonic()
         return _Planned(inp, digest)
 
     def _commit(self, hs: HotSession, st: pb.SessionStep, plan: _Planned, out: StepOutput | EngineError
                 ) -> pb.SessionResult:
         if isinstance(out, EngineError):
-            self.metrics.steps_rejected.labels(hs.tenant, "INVALID_ARGUMENT").inc()
             raise _named(out, hs.session_id)
         G, inp = hs.cfg.groups, plan.inp
         checksum = codec.checksum_after(hs.checksum, G, inp.new_positions, out)
@@ -412,7 +416,7 @@ def step_digest(st: pb.SessionStep) -> bytes:
 
 
 def _named(exc: BaseException, session_id: str) -> BaseException:
-    """Prefix an engine field error with the session it came from (message only)."""
-    if isinstance(exc, EngineError) and hasattr(exc, "field") and not str(exc).startswith("steps["):
-        exc.args = (f"steps[{session_id}].{exc}",)
+    """An engine field error (found on the device) as INVALID_ARGUMENT on ``steps[<id>].<proto field>``."""
+    if isinstance(exc, FieldError) and not exc.field.startswith("steps["):
+        return InvalidArgument(step_field(session_id, exc.field), exc.reason)
     return exc
