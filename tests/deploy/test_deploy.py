@@ -408,8 +408,38 @@ def test_strict_validation_rejects_unknown_fields() -> None:
         kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
 
 
+def _headless(doc: dict[str, Any]) -> bool:
+    return doc["kind"] == "Service" and doc["spec"].get("clusterIP") == "None"
+
+
 def _by_kind(docs: Any) -> dict[str, dict[str, Any]]:
-    return {d["kind"]: d for d in docs}
+    """One doc per kind; "Service" is the ClusterIP one (the headless twin is looked up on its own)."""
+    out: dict[str, dict[str, Any]] = {}
+    for d in docs:
+        if not _headless(d):
+            out.setdefault(d["kind"], d)
+    return out
+
+
+@pytest.mark.parametrize("kust", KUSTOMIZATIONS)
+def test_headless_service_lists_ready_replicas_for_the_router(kust: str) -> None:
+    """The router's DnsEndpoints needs one A record per ready pod on the gRPC port."""
+    docs = render(kust)
+    (headless,) = [d for d in docs if _headless(d)]
+    svc, dep = _by_kind(docs)["Service"], _by_kind(docs)["Deployment"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert headless["spec"]["selector"] == svc["spec"]["selector"] and headless["spec"]["selector"].items() <= \
+        labels.items()
+    assert headless["spec"]["publishNotReadyAddresses"] is False
+    (port,) = headless["spec"]["ports"]
+    container_ports = {p["name"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert port["name"] == "grpc" and port["targetPort"] in container_ports
+    assert headless["metadata"]["name"] == svc["metadata"]["name"] + "-headless"
+    tpl = (CHART / "templates" / "service-headless.yaml").read_text()
+    (doc,) = [d for d in yaml.safe_load_all(strip_helm(tpl)) if d]
+    assert doc["spec"]["clusterIP"] == "None" and doc["spec"]["publishNotReadyAddresses"] is False
+    assert doc["spec"]["ports"][0]["targetPort"] == "grpc"
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["headlessService"]["enabled"] is True
 
 
 def test_servicemonitor_selects_the_service() -> None:
