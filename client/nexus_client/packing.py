@@ -34,8 +34,16 @@ class WorkerSession:
 
 def pack_step(ws: WorkerSession, new_positions: torch.Tensor, attn: torch.Tensor, last: torch.Tensor,
               edge_pos: torch.Tensor, edge_w: torch.Tensor, *, float_dtype: torch.dtype = torch.float32,
-              step: int | None = None) -> pb.SessionStep:
-    """The wire message for the worker's next step (or ``step`` for a retry)."""
+              step: int | None = None, key_diversity: torch.Tensor | None = None,
+              key_norm: torch.Tensor | None = None, value_norm: torch.Tensor | None = None) -> pb.SessionStep:
+    """The wire message for the worker's next step (or ``step`` for a retry).
+
+    The priors (float ``[G, n + k]``, aligned with ``attn``; ``**cache_priors(cache, G)`` passes all
+    three) are optional; ``None`` leaves the field unset. They travel as ``float_dtype`` like attn.
+    """
+    priors = {name: tensor_to_proto(t, float_dtype, field=name)
+              for name, t in (("key_diversity", key_diversity), ("key_norm", key_norm), ("value_norm", value_norm))
+              if t is not None}
     return pb.SessionStep(
         session_id=ws.session_id, step=ws.step + 1 if step is None else step,
         retained_count=ws.retained_count, retained_checksum=ws.retained_checksum,
@@ -45,6 +53,7 @@ def pack_step(ws: WorkerSession, new_positions: torch.Tensor, attn: torch.Tensor
         last=tensor_to_proto(last, float_dtype, field="last"),
         edge_index=tensor_to_proto(edge_pos, int_wire_dtype(edge_pos), field="edge_index"),
         edge_weight=tensor_to_proto(edge_w, float_dtype, field="edge_weight"),
+        **priors,
     )
 
 

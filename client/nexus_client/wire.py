@@ -21,6 +21,8 @@ __all__ = [
     "GRANULARITY",
     "POOL_REDUCE",
     "POSITION_LIMIT",
+    "PRIOR",
+    "PRIORS",
     "RANDOMNESS",
     "WIRE_DTYPES",
     "WireError",
@@ -48,10 +50,16 @@ RANDOMNESS: dict[str, int] = {"fixed": pb.RANDOMNESS_FIXED, "per_call": pb.RANDO
 GRANULARITY: dict[str, int] = {"token": pb.GRANULARITY_TOKEN, "block": pb.GRANULARITY_BLOCK}
 ATTN_REDUCE: dict[str, int] = {"sum": pb.ATTN_REDUCE_SUM, "mean": pb.ATTN_REDUCE_MEAN}
 POOL_REDUCE: dict[str, int] = {"max": pb.POOL_REDUCE_MAX, "mean": pb.POOL_REDUCE_MEAN}
+PRIOR: dict[str, int] = {"key_diversity": pb.PRIOR_KEY_DIVERSITY, "key_norm": pb.PRIOR_KEY_NORM,
+                         "value_norm": pb.PRIOR_VALUE_NORM}
+# The optional per-slot prior tensors of a step: StepInput fields, SessionStep fields, the keys of
+# nexus_client.hf.priors.cache_priors and the names the `prior` knob takes, all spelled alike.
+PRIORS: tuple[str, ...] = tuple(PRIOR)
 # Every enum-valued PolicyConfig field and its map: a new enum knob is one line here, not a branch in
 # the client's request builder and two in the server's codec.
 ENUM_FIELDS: dict[str, dict[str, int]] = {
     "randomness": RANDOMNESS, "granularity": GRANULARITY, "attn_reduce": ATTN_REDUCE, "pool_reduce": POOL_REDUCE,
+    "prior": PRIOR,
 }
 _NUMPY_OF: dict[torch.dtype, np.dtype] = {torch.float32: np.dtype(np.float32), torch.int64: np.dtype(np.int64),
                                           torch.float64: np.dtype(np.float64), torch.int32: np.dtype(np.int32)}

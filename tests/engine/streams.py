@@ -9,7 +9,9 @@ Every generated call is valid per docs/engine-api.md:
   ``gap`` > 0 leaves holes between calls),
 - ``attn``/``last`` float32 ``[G, max(counts) + k]``, non-negative, zero on the per-group padding,
 - ``edge_pos``/``edge_w`` ``[G, k, F]``: each new token's top-F attended positions among the
-  retained slots of its group and the new tokens up to itself, weights >= 0, ``-1`` padding.
+  retained slots of its group and the new tokens up to itself, weights >= 0, ``-1`` padding,
+- unless ``priors=False`` (an old client), the three priors ``[G, max(counts) + k]``: key
+  diversity in [-1, 1] (both ends and ties included), key and value norms >= 0, zero on padding.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def random_input(
     retained: list[torch.Tensor],
     new_positions: np.ndarray,
     fanout: int,
+    priors: bool = True,
 ) -> StepInput:
     """One valid call for a session whose groups retain ``retained`` (ascending positions)."""
     groups = len(retained)
@@ -55,13 +58,34 @@ def random_input(
             order = np.argsort(-w, kind="stable")
             edge_pos[g, j, :f] = tgt[order]
             edge_w[g, j, :f] = w[order]
-    return StepInput(
+    inp = StepInput(
         new_positions=torch.from_numpy(np.asarray(new_positions, dtype=np.int64)),
         attn=torch.from_numpy(attn),
         last=torch.from_numpy(last),
         edge_pos=torch.from_numpy(edge_pos),
         edge_w=torch.from_numpy(edge_w),
     )
+    if priors:
+        for name, t in random_priors(rng, counts, k).items():
+            setattr(inp, name, t)
+    return inp
+
+
+def random_priors(rng: np.random.Generator, counts: list[int], k: int) -> dict[str, torch.Tensor]:
+    """Valid priors for groups holding ``counts`` slots before a call of ``k`` new tokens."""
+    width = max(counts) + k
+    out = {name: np.zeros((len(counts), width), dtype=np.float32) for name in ("key_diversity", "key_norm",
+                                                                             "value_norm")}
+    for g, c in enumerate(counts):
+        n = c + k
+        # Coarse values give ties; the range ends are valid values too.
+        kd = np.round(rng.uniform(-1.0, 1.0, n), 1)
+        kd[rng.random(n) < 0.05] = 1.0
+        kd[rng.random(n) < 0.05] = -1.0
+        out["key_diversity"][g, :n] = kd
+        out["key_norm"][g, :n] = np.round(rng.gamma(4.0, 3.0, n), 2)
+        out["value_norm"][g, :n] = rng.gamma(2.0, 0.5, n) * (rng.random(n) > 0.05)
+    return {name: torch.from_numpy(v) for name, v in out.items()}
 
 
 @dataclass
@@ -76,6 +100,7 @@ class Stream:
     prefill: int = 0  # tokens of the first call (0 = drawn from k_range like the rest)
     start: int = 0  # first position
     gap: int = 0  # max random hole between calls (0 = contiguous positions)
+    priors: bool = True  # send the query-agnostic priors (False: an old client)
     next_pos: int = field(init=False)
     calls: int = field(default=0, init=False)
     first_positions: list[int] = field(default_factory=list, init=False)
@@ -95,7 +120,7 @@ class Stream:
         if self.calls and self.gap:
             self.next_pos += int(self.rng.integers(0, self.gap + 1))
         new = np.arange(self.next_pos, self.next_pos + k, dtype=np.int64)
-        return random_input(self.rng, self.engine.positions(self.handle), new, self.cfg.fanout)
+        return random_input(self.rng, self.engine.positions(self.handle), new, self.cfg.fanout, self.priors)
 
     def advance(self, inp: StepInput) -> None:
         """Book-keeping after the engine accepted ``inp``."""

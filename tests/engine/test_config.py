@@ -26,6 +26,8 @@ BAD: list[tuple[str, object]] = [
     ("tau", -1.0), ("tau", math.nan), ("tau", -math.inf), ("tau", "4"),
     ("randomness", "sometimes"), ("granularity", "page"), ("attn_reduce", "avg"), ("attn_reduce", None),
     ("pool_reduce", "sum"),
+    ("prior", "attention"), ("prior", None), ("prior", "KEY_NORM"),
+    ("prior_mix", -0.1), ("prior_mix", 1.5), ("prior_mix", math.nan), ("prior_mix", "0.5"), ("prior_mix", True),
 ]
 
 
@@ -53,6 +55,9 @@ def test_defaults_and_edges_are_valid(policy: str) -> None:
         PolicyConfig(policy=policy, tau=tau).validate()
     PolicyConfig(policy=policy, beta=0.0, gamma=0.0, iterations=0, pool=63, fanout=64, seed=-(2**63)).validate()
     PolicyConfig(policy=policy, budget=1, sinks=0, recent=0).validate()
+    for prior in ("key_diversity", "key_norm", "value_norm"):
+        for mix in (0.0, 1.0, 0, 1):
+            PolicyConfig(policy=policy, prior=prior, prior_mix=mix).validate()
 
 
 def test_budget_below_protected_size_token_mode() -> None:
@@ -109,7 +114,8 @@ def test_batch_key_separates_structural_fields_only() -> None:
     other_randomness = "fixed" if cfg.randomness == "per_call" else "per_call"
     for structural in ({"policy": "h2o"}, {"beta": 0.1}, {"iterations": 3}, {"gamma": 0.5}, {"tau": 1.0},
                        {"randomness": other_randomness}, {"pool": 3}, {"granularity": "block"}, {"block_size": 32},
-                       {"attn_reduce": "mean"}, {"pool_reduce": "mean"}):
+                       {"attn_reduce": "mean"}, {"pool_reduce": "mean"}, {"prior": "value_norm"},
+                       {"prior_mix": 0.25}):
         assert cfg.with_(**structural).batch_key() != cfg.batch_key(), structural
 
 

@@ -19,24 +19,30 @@ def _target_cfg(policy: str, recent: int) -> PolicyConfig:
 
 
 def _others(policy: str) -> list[tuple[PolicyConfig, dict]]:
-    """Sessions of the same batch key (so they share the batched kernels) but other per-session values."""
-    return [
+    """Sessions of the same batch key (so they share the batched kernels) but other per-session values,
+    and old clients (no priors) in the same engine call."""
+    old_client = [] if POLICIES[policy].requires else [
+        (PolicyConfig(policy=policy, budget=12, sinks=1, recent=2, groups=2, fanout=4, seed=3, tau=2.0, pool=3),
+         {"k_range": (1, 4), "prefill": 10, "priors": False})]
+    return [*old_client,
         (PolicyConfig(policy=policy, budget=40, slack=3, sinks=0, recent=5, groups=1, fanout=4, seed=1,
                       tau=2.0, pool=3), {"k_range": (4, 9), "prefill": 60}),
         (PolicyConfig(policy=policy, budget=8, slack=0, sinks=4, recent=1, groups=3, fanout=4, seed=-5,
                       tau=2.0, pool=3), {"k_range": (1, 2), "prefill": 3}),
         # A different policy in the same Engine.step call (another batch) must not matter either.
         (PolicyConfig(policy="tova" if policy != "tova" else "h2o", budget=10, sinks=1, recent=1, fanout=4),
-         {"k_range": (1, 3)}),
+         {"k_range": (1, 3), "priors": False}),
     ]
 
 
-@pytest.mark.parametrize("recent", [0, 4])
+@pytest.mark.parametrize(("recent", "priors"), [(0, True), (4, True), (4, False)])
 @pytest.mark.parametrize("policy", ALL_POLICIES)
-def test_batch_invariance(policy: str, recent: int) -> None:
+def test_batch_invariance(policy: str, recent: int, priors: bool) -> None:
+    if not priors and POLICIES[policy].requires:
+        pytest.skip("the policy refuses steps without its prior")
     calls = 30
     cfg = _target_cfg(policy, recent)
-    kw = {"k_range": (1, 4), "prefill": 20}
+    kw = {"k_range": (1, 4), "prefill": 20, "priors": priors}
 
     alone = Stream.open(Engine("cpu"), cfg, data_seed=42, **kw)
     solo_hist, solo_snaps = [], []
@@ -150,7 +156,7 @@ def _mutations(s: Stream, gone: list[int]) -> list[tuple[str, str, object]]:
         ("last negative", "last", poke("last", (0, 4), -0.5)),
         ("edge_pos shape", "edge_pos", setf("edge_pos", lambda i: i.edge_pos[:, :, :-1])),
         ("edge_pos float", "edge_pos", setf("edge_pos", lambda i: i.edge_pos.float())),
-        ("edge to evicted", "edge_pos", poke("edge_pos", (1, 0, 0), gone[-1])),
+        ("edge to evicted", "edge_pos", poke("edge_pos", (0, 0, 0), gone[-1])),  # gone: group 0
         ("edge to unknown", "edge_pos", poke("edge_pos", (0, 1, 0), s.next_pos + 100)),
         ("edge after source", "edge_pos", poke("edge_pos", (0, 0, 0), s.next_pos + 2)),
         ("edge below -1", "edge_pos", poke("edge_pos", (1, 2, 1), -2)),
@@ -159,6 +165,17 @@ def _mutations(s: Stream, gone: list[int]) -> list[tuple[str, str, object]]:
         ("edge_w negative", "edge_w", poke("edge_w", (0, 0, 0), -0.1)),
         ("edge_w nan", "edge_w", poke("edge_w", (1, 1, 2), nan)),
         ("edge_w inf", "edge_w", poke("edge_w", (0, 2, 1), inf)),
+        ("key_diversity shape", "key_diversity", setf("key_diversity", lambda i: i.key_diversity[:, :-1])),
+        ("key_diversity int", "key_diversity", setf("key_diversity", lambda i: i.key_diversity.to(torch.int64))),
+        ("key_diversity nan", "key_diversity", poke("key_diversity", (1, 0), nan)),
+        ("key_diversity > 1", "key_diversity", poke("key_diversity", (0, 3), 1.0001)),
+        ("key_diversity < -1", "key_diversity", poke("key_diversity", (1, 2), -1.5)),
+        ("key_norm groups", "key_norm", setf("key_norm", lambda i: i.key_norm[:1])),
+        ("key_norm inf", "key_norm", poke("key_norm", (0, 0), inf)),
+        ("key_norm negative", "key_norm", poke("key_norm", (1, 4), -1e-6)),
+        ("value_norm 1-D", "value_norm", setf("value_norm", lambda i: i.value_norm[0])),
+        ("value_norm nan", "value_norm", poke("value_norm", (0, 1), nan)),
+        ("value_norm negative", "value_norm", poke("value_norm", (1, 1), -2.0)),
     ]
 
 
@@ -281,9 +298,7 @@ def test_cuda_matches_cpu(policy: str) -> None:
         h = gpu.restore(cpu.engine.snapshot(cpu.handle))
         inp = cpu.next_input()
         out_cpu = cpu.engine.step({cpu.handle: inp})[cpu.handle]
-        cuda_inp = StepInput(*(getattr(inp, f).cuda() for f in ("new_positions", "attn", "last", "edge_pos",
-                                                                  "edge_w")))
-        out_gpu = gpu.step({h: cuda_inp})[h].cpu()
+        out_gpu = gpu.step({h: inp.to("cuda")})[h].cpu()
         cpu.advance(inp)
         gpu.close(h)
         assert out_gpu.retained == out_cpu.retained

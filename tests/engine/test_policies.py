@@ -3,6 +3,7 @@ tested by being registered), plus the distinguishing behaviour of each baseline.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -199,8 +200,7 @@ def test_attn_reduce_mean_equals_sum_of_per_observer_mass(policy: str) -> None:
         divided = inp.attn.clone()
         divided[0, : n_prev + k] /= _observer_counts(n_prev, k)
         differs |= not torch.equal(divided, inp.attn)
-        out = eng.step({h_mean: inp, h_sum: StepInput(inp.new_positions, divided, inp.last, inp.edge_pos,
-                                                       inp.edge_w)})
+        out = eng.step({h_mean: inp, h_sum: dataclasses.replace(inp, attn=divided)})
         assert evicted_lists(out[h_mean]) == evicted_lists(out[h_sum])
         pos += k
     assert differs  # the stream did exercise multi-token calls

@@ -193,23 +193,30 @@ def test_bad_config_inside_the_blob() -> None:
     assert err.value.field == "state.config"
 
 
-def test_a_blob_written_before_the_reduce_knobs_existed_restores_with_their_defaults() -> None:
-    # Rolling upgrade: checkpoints in Redis may predate attn_reduce / pool_reduce. Their config JSON
-    # lacks both keys; it must restore with the defaults (the behaviour it was written under).
-    s = _stream(groups=1)
+@pytest.mark.parametrize(("knobs", "defaults"), [
+    ({"attn_reduce": "sum", "pool_reduce": "max"}, {}),
+    ({"prior": "key_diversity", "prior_mix": 0.5}, {"prior": "value_norm", "prior_mix": 0.25}),
+])
+def test_a_blob_written_before_knobs_existed_restores_with_their_defaults(knobs: dict, defaults: dict) -> None:
+    # Rolling upgrade: checkpoints in Redis may predate a knob (attn_reduce / pool_reduce, prior /
+    # prior_mix). Their config JSON lacks its key; it must restore with the default (the behaviour
+    # it was written under), whatever the session had set.
+    s = _stream(groups=1, **defaults)
     run_checked(s, 6)
     snap = s.engine.snapshot(s.handle)
     body = bytearray(snap.to_bytes()[:-4])
     cfg = snap.config.to_json().encode()
     start = body.index(cfg)
     old = json.loads(cfg)
-    del old["attn_reduce"], old["pool_reduce"]
+    for name in knobs:
+        del old[name]
     old_cfg = json.dumps(old, sort_keys=True).encode()
     body[start : start + len(cfg)] = old_cfg
     struct.pack_into("<I", body, 8, len(old_cfg))
     restored = SessionState.from_bytes(_with_crc(bytes(body)))
-    assert restored.config == snap.config and (restored.config.attn_reduce, restored.config.pool_reduce) == (
-        "sum", "max")
+    assert restored.config == snap.config.with_(**knobs)
+    assert {name: getattr(restored.config, name) for name in knobs} == knobs
+    snap.config = snap.config.with_(**knobs)
     assert restored.to_bytes() == snap.to_bytes()  # re-written in the new layout, nothing else changed
 
 

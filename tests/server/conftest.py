@@ -164,6 +164,7 @@ class SimSession:
     seed: int = 0
     k_first: int = 12
     k: int = 3
+    priors: bool = False  # also send the three query-agnostic priors
     ws: WorkerSession = field(init=False)
     retained: list[torch.Tensor] = field(init=False)
     next_pos: int = 0
@@ -199,8 +200,16 @@ class SimSession:
                 order = torch.argsort(w, descending=True)
                 edge_pos[gi, j, :f] = visible[pick][order]
                 edge_w[gi, j, :f] = w[order]
-        msg = pack_step(self.ws, new, attn, last, edge_pos, edge_w, step=step)
-        return Planned(msg, StepInput(new, attn, last, edge_pos, edge_w), new)
+        priors: dict[str, torch.Tensor] = {}
+        if self.priors:
+            priors = {name: torch.zeros(G, width) for name in ("key_diversity", "key_norm", "value_norm")}
+            for gi in range(G):
+                n = counts[gi] + k
+                priors["key_diversity"][gi, :n] = torch.rand(n, generator=g) * 2 - 1
+                priors["key_norm"][gi, :n] = torch.rand(n, generator=g) * 20
+                priors["value_norm"][gi, :n] = torch.rand(n, generator=g) * 3
+        msg = pack_step(self.ws, new, attn, last, edge_pos, edge_w, step=step, **priors)
+        return Planned(msg, StepInput(new, attn, last, edge_pos, edge_w, **priors), new)
 
     def apply(self, planned: Planned, result: pb.SessionResult) -> None:
         """Advance the worker: keep what the sidecar kept."""

@@ -124,10 +124,56 @@ def test_reduce_knobs_travel_both_ways_and_an_unknown_value_names_the_field() ->
     cfg = config_from_proto(pb.PolicyConfig(attn_reduce=pb.ATTN_REDUCE_MEAN, pool_reduce=pb.POOL_REDUCE_MEAN), "nexus")
     assert (cfg.attn_reduce, cfg.pool_reduce) == ("mean", "mean")
     assert config_from_proto(config_to_proto(cfg), "nexus") == cfg
-    for field in ("attn_reduce", "pool_reduce"):
+    for field in ("attn_reduce", "pool_reduce", "prior"):
         with pytest.raises(ConfigError) as err:
             config_from_proto(pb.PolicyConfig(**{field: 7}), "nexus")  # a value from a newer client
         assert err.value.field == field
+
+
+def test_priors_travel_and_are_checked_like_attn() -> None:
+    from nexus_sidecar.server.codec import config_from_proto, config_to_proto
+
+    async def body() -> None:
+        async with running_sidecar() as sc:
+            c = client(sc)
+            opened = await c.open_session("n1", {**SMALL, "prior": "key_norm", "prior_mix": 0.25})
+            assert opened.config.prior == pb.PRIOR_KEY_NORM and opened.config.prior_mix == 0.25
+            default = await c.open_session("d1", SMALL)
+            assert default.config.prior == pb.PRIOR_KEY_DIVERSITY and default.config.prior_mix == 0.5
+
+            sim = SimSession("k1", config={**SMALL, "policy": "keydiff"}, priors=True)
+            await c.open_session("k1", sim.config)
+            await drive(c, [sim], 2)
+            bad = sim.make()
+            bad.msg.ClearField("key_diversity")
+            msg = await expect_error(c.step([bad.msg]), IA)
+            assert "key_diversity" in msg and "keydiff" in msg, msg
+            for name, value in (("key_diversity", 1.5), ("key_norm", -1.0), ("value_norm", math.nan)):
+                bad = sim.make()
+                t = getattr(bad.inp, name).clone()
+                t[0, 1] = value
+                getattr(bad.msg, name).CopyFrom(tensor_to_proto(t))
+                msg = await expect_error(c.step([bad.msg]), IA)
+                assert f"steps[k1].{name}" in msg, msg
+            bad = sim.make()
+            bad.msg.key_norm.CopyFrom(tensor_to_proto(bad.inp.key_norm.to(torch.int32)))
+            msg = await expect_error(c.step([bad.msg]), IA)
+            assert "steps[k1].key_norm" in msg and "float16 or float32" in msg, msg
+            bad = sim.make()
+            bad.msg.value_norm.CopyFrom(tensor_to_proto(bad.inp.value_norm[:, :-1]))
+            msg = await expect_error(c.step([bad.msg]), IA)
+            assert "value_norm" in msg and "expected" in msg, msg
+            # None of them changed the session; fp16 priors are accepted too.
+            good = sim.make()
+            good.msg.key_diversity.CopyFrom(tensor_to_proto(good.inp.key_diversity, torch.float16))
+            (res,) = await c.step([good.msg])
+            assert res.step == 3
+            await c.close()
+
+    arun(body())
+    cfg = config_from_proto(pb.PolicyConfig(prior=pb.PRIOR_VALUE_NORM, prior_mix=1.0), "nexus")
+    assert (cfg.prior, cfg.prior_mix) == ("value_norm", 1.0)
+    assert config_from_proto(config_to_proto(cfg), "nexus") == cfg
 
 
 # -- NOT_FOUND, FAILED_PRECONDITION, ALREADY_EXISTS -------------------------------------------------
@@ -379,7 +425,11 @@ def test_multi_session_step_matches_the_engine() -> None:
         {**SMALL, "groups": 2, "budget": 18},
         {**SMALL, "policy": "h2o", "tau": math.inf},
         {**SMALL, "slack": 4, "seed": 99},
+        # With the priors: the policy that needs one, Nexus mixing one in, and Nexus without (above).
+        {**SMALL, "policy": "keydiff", "groups": 2, "budget": 16},
+        {**SMALL, "seed": 1, "prior": "value_norm", "prior_mix": 0.7},
     ]
+    with_priors = {5, 6}
 
     async def body() -> None:
         async with running_sidecar(max_batch=3) as sc:
@@ -387,12 +437,12 @@ def test_multi_session_step_matches_the_engine() -> None:
             ref = Reference()
             sims = []
             for i, cfg in enumerate(configs):
-                sim = SimSession(f"m{i}", config=cfg, seed=i)
+                sim = SimSession(f"m{i}", config=cfg, seed=i, priors=i in with_priors)
                 await c.open_session(sim.session_id, cfg)
                 ref.open(sim)
                 sims.append(sim)
             # Request order differs from id order: results must follow the request.
-            order = [sims[3], sims[0], sims[4], sims[2], sims[1]]
+            order = [sims[3], sims[5], sims[0], sims[4], sims[6], sims[2], sims[1]]
             history = await drive(c, order, 10, ref)
             assert sum(len(g.positions.data) for r in history[-1] for g in r.evicted) > 0
             for sim in sims:

@@ -40,6 +40,13 @@ class PoolReduce(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POOL_REDUCE_UNSPECIFIED: _ClassVar[PoolReduce]
     POOL_REDUCE_MAX: _ClassVar[PoolReduce]
     POOL_REDUCE_MEAN: _ClassVar[PoolReduce]
+
+class Prior(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIOR_UNSPECIFIED: _ClassVar[Prior]
+    PRIOR_KEY_DIVERSITY: _ClassVar[Prior]
+    PRIOR_KEY_NORM: _ClassVar[Prior]
+    PRIOR_VALUE_NORM: _ClassVar[Prior]
 D_TYPE_UNSPECIFIED: DType
 D_TYPE_FLOAT16: DType
 D_TYPE_FLOAT32: DType
@@ -59,6 +66,10 @@ ATTN_REDUCE_MEAN: AttnReduce
 POOL_REDUCE_UNSPECIFIED: PoolReduce
 POOL_REDUCE_MAX: PoolReduce
 POOL_REDUCE_MEAN: PoolReduce
+PRIOR_UNSPECIFIED: Prior
+PRIOR_KEY_DIVERSITY: Prior
+PRIOR_KEY_NORM: Prior
+PRIOR_VALUE_NORM: Prior
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -71,7 +82,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PolicyConfig(_message.Message):
-    __slots__ = ("policy", "budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma", "tau", "randomness", "seed", "pool", "granularity", "block_size", "attn_reduce", "pool_reduce")
+    __slots__ = ("policy", "budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma", "tau", "randomness", "seed", "pool", "granularity", "block_size", "attn_reduce", "pool_reduce", "prior", "prior_mix")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     SLACK_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +101,8 @@ class PolicyConfig(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     ATTN_REDUCE_FIELD_NUMBER: _ClassVar[int]
     POOL_REDUCE_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_MIX_FIELD_NUMBER: _ClassVar[int]
     policy: str
     budget: int
     slack: int
@@ -108,7 +121,9 @@ class PolicyConfig(_message.Message):
     block_size: int
     attn_reduce: AttnReduce
     pool_reduce: PoolReduce
-    def __init__(self, policy: _Optional[str] = ..., budget: _Optional[int] = ..., slack: _Optional[int] = ..., sinks: _Optional[int] = ..., recent: _Optional[int] = ..., groups: _Optional[int] = ..., beta: _Optional[float] = ..., iterations: _Optional[int] = ..., fanout: _Optional[int] = ..., gamma: _Optional[float] = ..., tau: _Optional[float] = ..., randomness: _Optional[_Union[Randomness, str]] = ..., seed: _Optional[int] = ..., pool: _Optional[int] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., block_size: _Optional[int] = ..., attn_reduce: _Optional[_Union[AttnReduce, str]] = ..., pool_reduce: _Optional[_Union[PoolReduce, str]] = ...) -> None: ...
+    prior: Prior
+    prior_mix: float
+    def __init__(self, policy: _Optional[str] = ..., budget: _Optional[int] = ..., slack: _Optional[int] = ..., sinks: _Optional[int] = ..., recent: _Optional[int] = ..., groups: _Optional[int] = ..., beta: _Optional[float] = ..., iterations: _Optional[int] = ..., fanout: _Optional[int] = ..., gamma: _Optional[float] = ..., tau: _Optional[float] = ..., randomness: _Optional[_Union[Randomness, str]] = ..., seed: _Optional[int] = ..., pool: _Optional[int] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., block_size: _Optional[int] = ..., attn_reduce: _Optional[_Union[AttnReduce, str]] = ..., pool_reduce: _Optional[_Union[PoolReduce, str]] = ..., prior: _Optional[_Union[Prior, str]] = ..., prior_mix: _Optional[float] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("session_id", "config")
@@ -129,7 +144,7 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[PolicyConfig, _Mapping]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class SessionStep(_message.Message):
-    __slots__ = ("session_id", "step", "retained_count", "retained_checksum", "new_positions", "attn", "last", "edge_index", "edge_weight")
+    __slots__ = ("session_id", "step", "retained_count", "retained_checksum", "new_positions", "attn", "last", "edge_index", "edge_weight", "key_diversity", "key_norm", "value_norm")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     RETAINED_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +154,9 @@ class SessionStep(_message.Message):
     LAST_FIELD_NUMBER: _ClassVar[int]
     EDGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     EDGE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    KEY_DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    KEY_NORM_FIELD_NUMBER: _ClassVar[int]
+    VALUE_NORM_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     retained_count: int
@@ -148,7 +166,10 @@ class SessionStep(_message.Message):
     last: Tensor
     edge_index: Tensor
     edge_weight: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., retained_count: _Optional[int] = ..., retained_checksum: _Optional[int] = ..., new_positions: _Optional[_Union[Tensor, _Mapping]] = ..., attn: _Optional[_Union[Tensor, _Mapping]] = ..., last: _Optional[_Union[Tensor, _Mapping]] = ..., edge_index: _Optional[_Union[Tensor, _Mapping]] = ..., edge_weight: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    key_diversity: Tensor
+    key_norm: Tensor
+    value_norm: Tensor
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., retained_count: _Optional[int] = ..., retained_checksum: _Optional[int] = ..., new_positions: _Optional[_Union[Tensor, _Mapping]] = ..., attn: _Optional[_Union[Tensor, _Mapping]] = ..., last: _Optional[_Union[Tensor, _Mapping]] = ..., edge_index: _Optional[_Union[Tensor, _Mapping]] = ..., edge_weight: _Optional[_Union[Tensor, _Mapping]] = ..., key_diversity: _Optional[_Union[Tensor, _Mapping]] = ..., key_norm: _Optional[_Union[Tensor, _Mapping]] = ..., value_norm: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("steps",)

@@ -13,6 +13,10 @@ Randomness = Literal["fixed", "per_call"]
 Granularity = Literal["token", "block"]
 AttnReduce = Literal["sum", "mean"]
 PoolReduce = Literal["max", "mean"]
+Prior = Literal["key_diversity", "key_norm", "value_norm"]
+
+# The query-agnostic per-slot priors a worker may send with a step (see step_io.StepInput).
+PRIORS: tuple[str, ...] = ("key_diversity", "key_norm", "value_norm")
 
 # Slot indices are packed into the low bits of int64 selection keys (see selection.py).
 MAX_SLOTS = 1 << 21
@@ -49,6 +53,12 @@ class PolicyConfig:
     # slot over the queries that could see it (causal masking lets more queries see older slots,
     # so a sum favours old tokens the way H2O's accumulation does). Equal for one-token calls.
     attn_reduce: AttnReduce = "sum"
+    # Nexus personalisation: d = (1 - prior_mix) * norm(attn) + prior_mix * norm(weight(prior)), both
+    # normalised over the evictable slots, so a token nothing has attended to yet (a needle before
+    # its question) still gets direct mass, which the walk passes on to what it attended. Used only
+    # when the step carries that prior (old clients: the attention-only walk, bit for bit).
+    prior: Prior = "key_diversity"
+    prior_mix: float = 0.5
 
     def validate(self) -> PolicyConfig:
         """Raise :class:`ConfigError` naming the first bad field; return self when valid."""
@@ -80,6 +90,9 @@ class PolicyConfig:
             raise ConfigError("pool_reduce", f"must be 'max' or 'mean', got {self.pool_reduce!r}")
         if self.attn_reduce not in ("sum", "mean"):
             raise ConfigError("attn_reduce", f"must be 'sum' or 'mean', got {self.attn_reduce!r}")
+        if self.prior not in PRIORS:
+            raise ConfigError("prior", f"must be one of {list(PRIORS)}, got {self.prior!r}")
+        _float_range("prior_mix", self.prior_mix, 0.0, 1.0)
         if self.granularity not in ("token", "block"):
             raise ConfigError("granularity", f"must be 'token' or 'block', got {self.granularity!r}")
         need = self.protected_capacity()
@@ -108,7 +121,7 @@ class PolicyConfig:
         return (
             self.policy, self.beta, self.iterations, self.fanout, self.gamma, self.tau,
             self.randomness, self.pool, self.granularity, self.block_size, self.attn_reduce,
-            self.pool_reduce,
+            self.pool_reduce, self.prior, self.prior_mix,
         )
 
     def with_(self, **changes: Any) -> PolicyConfig:

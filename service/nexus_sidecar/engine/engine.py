@@ -191,7 +191,10 @@ class Engine:
             except EngineError as exc:
                 out[h] = exc
                 continue
-            batches.setdefault((s.cfg.batch_key(), id(s.pool)), []).append((h, inp))
+            # Sessions carrying different priors go in different batches: every row of a batch
+            # then has the same prior tensors, and no row needs a "prior absent" flag.
+            key = (s.cfg.batch_key(), id(s.pool), tuple(inp.priors()))
+            batches.setdefault(key, []).append((h, inp))
         for group in batches.values():
             out.update(self._run_batch(group))
         if raise_errors:
@@ -214,7 +217,11 @@ class Engine:
         if k < 1:
             raise InputError("new_positions", "a call must carry at least one new token")
         width = max(s.counts) + k
-        for name in ("attn", "last"):
+        for name in s.policy.requires:
+            if getattr(inp, name) is None:
+                raise InputError(name, f"policy {s.cfg.policy!r} scores by this prior and the step does not carry it "
+                                       f"(float [G, n + k], see nexus_client.hf.priors.cache_priors)")
+        for name in ("attn", "last", *inp.priors()):
             t = getattr(inp, name)
             if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
                 raise InputError(name, f"must be a float tensor, got {getattr(t, 'dtype', type(t))}")
@@ -245,13 +252,15 @@ class Engine:
             last = torch.cat([i.last for i in inps]).to(dev, torch.float32)
             edge_pos = torch.cat([i.edge_pos for i in inps]).to(dev, torch.int64)
             edge_w = torch.cat([i.edge_w for i in inps]).to(dev, torch.float32)
+            priors = {name: torch.cat([getattr(i, name) for i in inps]).to(dev, torch.float32)
+                      for name in inps[0].priors()}
         else:
-            attn, last, new_pos, edge_pos, edge_w = self._pad_inputs(items, G, widths, ks, Wx, K, F)
+            attn, last, new_pos, edge_pos, edge_w, priors = self._pad_inputs(items, G, widths, ks, Wx, K, F)
         n_new = torch.tensor([k for g, k in zip(G, ks, strict=True) for _ in range(g)], device=dev)
         row_ids = [r for s in sessions for r in s.rows]
         rows = pool.rows_of(row_ids)
         used_max = max(max(s.used) for s in sessions)
-        inp_rows = RowInput(new_pos, n_new, attn, last, edge_pos, edge_w)
+        inp_rows = RowInput(new_pos, n_new, attn, last, edge_pos, edge_w, priors)
         codes, target_col = validate_rows(pool, rows, inp_rows, used_max)
         if bool(codes.any()):
             return self._split_bad(items, codes.cpu().tolist(), G)
@@ -269,11 +278,17 @@ class Engine:
         return out
 
     def _pad_inputs(self, items: list[tuple[int, StepInput]], G: list[int], widths: list[int], ks: list[int],
-                    Wx: int, K: int, F: int) -> tuple[torch.Tensor, ...]:
-        """Right-pad a ragged batch into [R, Wx] / [R, K, F] tensors (one copy per field and session)."""
+                    Wx: int, K: int, F: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               dict[str, torch.Tensor]]:
+        """Right-pad a ragged batch into [R, Wx] / [R, K, F] tensors (one copy per field and session).
+
+        Every session of a batch carries the same priors (see :meth:`step`); they pad with 0 like
+        ``attn`` (a valid value of every prior)."""
         dev, R = self.device, sum(G)
         attn = torch.zeros(R, Wx, dtype=torch.float32, device=dev)
         last = torch.zeros(R, Wx, dtype=torch.float32, device=dev)
+        priors = {name: torch.zeros(R, Wx, dtype=torch.float32, device=dev) for name in items[0][1].priors()}
         new_pos = torch.full((R, K), -1, dtype=torch.int64, device=dev)
         edge_pos = torch.full((R, K, F), -1, dtype=torch.int64, device=dev)
         edge_w = torch.zeros(R, K, F, dtype=torch.float32, device=dev)
@@ -284,8 +299,10 @@ class Engine:
             new_pos[r0 : r0 + g, :k] = inp.new_positions
             edge_pos[r0 : r0 + g, :k] = inp.edge_pos
             edge_w[r0 : r0 + g, :k] = inp.edge_w
+            for name, t in priors.items():
+                t[r0 : r0 + g, :w] = getattr(inp, name)
             r0 += g
-        return attn, last, new_pos, edge_pos, edge_w
+        return attn, last, new_pos, edge_pos, edge_w, priors
 
     def _split_bad(self, items: list[tuple[int, StepInput]], codes: list[int], G: list[int]
                    ) -> dict[int, StepOutput | EngineError]:

@@ -11,7 +11,8 @@ maps the first to the second.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +20,7 @@ from nexus_sidecar.engine.hashing import uniforms
 from nexus_sidecar.engine.policies import Policy, ScoreContext, SlotOrder
 from nexus_sidecar.engine.pool import Rows, SessionPool
 from nexus_sidecar.engine.selection import INT64_MAX, gumbel, select
+from nexus_sidecar.engine.step_io import PRIOR_RANGES
 from nexus_sidecar.engine.walk import walk
 
 
@@ -32,6 +34,7 @@ class RowInput:
     last: torch.Tensor  # float32 [R, Wx]
     edge_pos: torch.Tensor  # int64 [R, K, F], -1 = none
     edge_w: torch.Tensor  # float32 [R, K, F]
+    priors: dict[str, torch.Tensor] = field(default_factory=dict)  # float32 [R, Wx] by prior name
 
 
 @dataclass
@@ -55,7 +58,20 @@ ROW_ERRORS = {
     6: ("edge_pos", "an edge points outside the cache (target neither retained nor new, after its source, or < -1)"),
     7: ("new_positions", "must be strictly ascending and after every retained position"),
 }
+# Two codes per prior: not finite, out of its range.
+_PRIOR_CODE = {name: 8 + 2 * i for i, name in enumerate(PRIOR_RANGES)}
 
+
+def _prior_errors() -> dict[int, tuple[str, str]]:
+    out = {}
+    for name, (lo, hi) in PRIOR_RANGES.items():
+        out[_PRIOR_CODE[name]] = (name, "contains NaN or Inf")
+        out[_PRIOR_CODE[name] + 1] = (name, f"contains values outside [{lo}, {hi}]" if hi < math.inf
+                                      else "contains negative values (a norm is >= 0)")
+    return out
+
+
+ROW_ERRORS.update(_prior_errors())
 
 def validate_rows(pool: SessionPool, rows: Rows, inp: RowInput, used_max: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Value checks on the device; changes nothing. Shapes are checked by the caller on the host.
@@ -75,6 +91,10 @@ def validate_rows(pool: SessionPool, rows: Rows, inp: RowInput, used_max: int) -
     flag((inp.attn < 0).any(1), 2)
     flag(~torch.isfinite(inp.last).all(1), 3)
     flag((inp.last < 0).any(1), 4)
+    for name, x in inp.priors.items():
+        lo, hi = PRIOR_RANGES[name]
+        flag(~torch.isfinite(x).all(1), _PRIOR_CODE[name])
+        flag(((x < lo) | (x > hi)).any(1), _PRIOR_CODE[name] + 1)
     ew = inp.edge_w.reshape(R, -1)
     flag((~torch.isfinite(ew) | (ew < 0)).any(1), 5)
     live = torch.arange(K, device=dev) < inp.n_new.unsqueeze(1)
@@ -147,6 +167,9 @@ def run_step(policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput, targe
     gather_at = ext.clamp(0, Wx - 1)
     attn = torch.where(alive, inp.attn.gather(1, gather_at), 0.0)
     last = torch.where(alive, inp.last.gather(1, gather_at), 0.0)
+    # Only the priors the policy reads are laid out (the others were validated, nothing more).
+    priors = {name: torch.where(alive, inp.priors[name].gather(1, gather_at), 0.0)
+              for name in policy.reads() if name in inp.priors}
     protected = alive & ((ext < p["sinks"].unsqueeze(1)) | (ext >= (n - p["recent"]).unsqueeze(1)))
     cand = alive & ~protected
     age = (p["call"].unsqueeze(1) - rows.get(pool.slot["birth"], width)).to(torch.int32)
@@ -165,7 +188,7 @@ def run_step(policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput, targe
 
     slot_order = SlotOrder(ext, alive, Wx)
     ctx = ScoreContext(attn=attn, last=last, memory=memory, age=age, valid=alive, cand=cand, walk=run_walk,
-                       slot_order=slot_order, count=n, n_new=inp.n_new)
+                       slot_order=slot_order, count=n, n_new=inp.n_new, priors=priors)
     scores = policy.score(ctx)
     # Fixed randomness: a token keeps its lottery ticket for life; per_call: a fresh draw each call.
     call = p["call"] if cfg.randomness == "per_call" else torch.zeros_like(p["call"])

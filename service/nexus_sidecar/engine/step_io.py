@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from dataclasses import dataclass
+import math
 
 import torch
 
+from nexus_sidecar.engine.config import PRIORS
 
-@dataclass
+# Allowed value range of each prior (inclusive); anything else is rejected, never clipped.
+PRIOR_RANGES: dict[str, tuple[float, float]] = {
+    "key_diversity": (-1.0, 1.0),  # a negated cosine
+    "key_norm": (0.0, math.inf),
+    "value_norm": (0.0, math.inf),
+}
+
+
+@dataclasses.dataclass
 class StepInput:
     """One call for one session (k >= 1 new tokens since the last call).
 
     Slots of the call = the retained positions of each group (ascending) followed by the k new
     positions; ``attn``/``last`` columns are aligned with them, right-padded with zeros to the
     longest group in per-layer mode.
+
+    The query-agnostic priors are optional, aligned with the slots like ``attn`` and computed by
+    the worker from the keys and values it holds (``nexus_client.hf.priors.cache_priors``), each
+    averaged over the kv heads and the layers of the group. ``None`` = not sent: policies that
+    score by a prior (``keydiff``, ``knorm``) refuse the step, Nexus falls back to attention alone.
     """
 
     new_positions: torch.Tensor  # int [k], ascending, after every retained position
@@ -22,9 +37,21 @@ class StepInput:
     last: torch.Tensor  # float [G, n + k]: attention row of the newest query
     edge_pos: torch.Tensor  # int [G, k, F]: each new token's top-F attended positions, -1 = none
     edge_w: torch.Tensor  # float [G, k, F]: their attention weights
+    key_diversity: torch.Tensor | None = None  # float [G, n + k] in [-1, 1]: -cos(key, group's mean unit key)
+    key_norm: torch.Tensor | None = None  # float [G, n + k] >= 0: L2 norm of the slot's key
+    value_norm: torch.Tensor | None = None  # float [G, n + k] >= 0: L2 norm of the slot's value
+
+    def priors(self) -> dict[str, torch.Tensor]:
+        """The priors this step carries, by name (in ``PRIORS`` order)."""
+        return {name: t for name in PRIORS if (t := getattr(self, name)) is not None}
+
+    def to(self, device: str | torch.device) -> StepInput:
+        """A copy with every tensor on ``device`` (absent priors stay absent)."""
+        return StepInput(**{f.name: None if (t := getattr(self, f.name)) is None else t.to(device)
+                            for f in dataclasses.fields(self)})
 
 
-@dataclass
+@dataclasses.dataclass
 class StepOutput:
     """Result of one call for one session. Tensors live on the engine's device unless moved."""
 

@@ -8,7 +8,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 from nexus_client.v1 import sidecar_pb2 as pb
-from nexus_client.wire import ENUM_FIELDS, POSITION_LIMIT, positions_checksum, tensor_from_proto
+from nexus_client.wire import ENUM_FIELDS, POSITION_LIMIT, PRIORS, positions_checksum, tensor_from_proto
 
 from nexus_sidecar.engine import PolicyConfig, StepInput, StepOutput
 from nexus_sidecar.server.errors import BRIEF, InvalidArgument, brief
@@ -17,7 +17,7 @@ _FLOAT_WIRE = (pb.D_TYPE_FLOAT16, pb.D_TYPE_FLOAT32)
 _INT_WIRE = (pb.D_TYPE_INT32, pb.D_TYPE_INT64)
 _ENUM_NAMES = {field: {v: k for k, v in names.items()} for field, names in ENUM_FIELDS.items()}
 _OPTIONAL_NUMBERS = ("budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma",
-                     "tau", "seed", "pool", "block_size")
+                     "tau", "seed", "pool", "block_size", "prior_mix")
 
 
 def config_from_proto(msg: pb.PolicyConfig, default_policy: str) -> PolicyConfig:
@@ -52,9 +52,11 @@ def config_to_proto(cfg: PolicyConfig) -> pb.PolicyConfig:
     return msg
 
 
-def _tensor(step: pb.SessionStep, name: str, allowed: tuple[int, ...], what: str, as_dtype: torch.dtype
-            ) -> torch.Tensor:
+def _tensor(step: pb.SessionStep, name: str, allowed: tuple[int, ...], what: str, as_dtype: torch.dtype,
+            *, required: bool = True) -> torch.Tensor | None:
     if not step.HasField(name):
+        if not required:
+            return None
         raise InvalidArgument(f"steps[{step.session_id}].{name}", "is required")
     msg = getattr(step, name)
     if msg.dtype not in allowed:
@@ -65,7 +67,10 @@ def _tensor(step: pb.SessionStep, name: str, allowed: tuple[int, ...], what: str
 
 
 def step_input(step: pb.SessionStep) -> StepInput:
-    """Decode one SessionStep's tensors (shape checks against the session are the engine's)."""
+    """Decode one SessionStep's tensors (shape checks against the session are the engine's).
+
+    The priors are optional: an unset field is an absent prior (the engine decides what that means
+    for the session's policy)."""
     ints, floats = "expected int32 or int64", "expected float16 or float32"
     pos = _tensor(step, "new_positions", _INT_WIRE, ints, torch.int64)
     _check_range(step, "new_positions", pos, 0)
@@ -74,7 +79,8 @@ def step_input(step: pb.SessionStep) -> StepInput:
     eidx = _tensor(step, "edge_index", _INT_WIRE, ints, torch.int64)
     _check_range(step, "edge_index", eidx, -1)
     ew = _tensor(step, "edge_weight", _FLOAT_WIRE, floats, torch.float32)
-    return StepInput(pos, attn, last, eidx, ew)
+    priors = {name: _tensor(step, name, _FLOAT_WIRE, floats, torch.float32, required=False) for name in PRIORS}
+    return StepInput(pos, attn, last, eidx, ew, **priors)  # type: ignore[arg-type]
 
 
 def _check_range(step: pb.SessionStep, name: str, t: torch.Tensor, low: int) -> None:

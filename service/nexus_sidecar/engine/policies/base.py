@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -41,7 +41,9 @@ class ScoreContext:
     ``attn``/``last`` are the call's inputs aligned with slots; ``memory`` and ``age`` are the
     per-slot state *before* this call (new slots: 0); ``cand`` marks evictable slots (valid and
     not protected); ``walk`` runs the Nexus walk from a direct-mass distribution; ``count`` and
-    ``n_new`` ([R]) are each row's slots in this call and how many of them are new.
+    ``n_new`` ([R]) are each row's slots in this call and how many of them are new. ``priors``
+    holds the query-agnostic priors the policy :meth:`~Policy.reads` that the call carries
+    (0 on dead columns), by name.
     """
 
     attn: torch.Tensor
@@ -54,6 +56,7 @@ class ScoreContext:
     slot_order: SlotOrder
     count: torch.Tensor
     n_new: torch.Tensor
+    priors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def observers(self) -> torch.Tensor:
         """[R, W] float >= 1: the call's queries that could attend to each slot under causal masking,
@@ -84,6 +87,12 @@ class Policy:
     sampled: ClassVar[bool] = False
     uses_edges: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    # Priors a step must carry for this policy (the engine refuses a step without them).
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def reads(self) -> tuple[str, ...]:
+        """Priors this policy looks at when the step carries them (at least :attr:`requires`)."""
+        return self.requires
 
     def tau(self) -> float:
         """Reservoir sharpness used by sampled policies."""
@@ -117,6 +126,24 @@ def window_mean(x: torch.Tensor, members: torch.Tensor, k: int, slot_order: Slot
         return window_sum(v) if slot_order is None else slot_order.apply(window_sum, v)
 
     return ordered(x) / ordered(members.to(x.dtype)).clamp(min=1.0)
+
+
+# Each prior as a keep weight (>= 0, larger = keep), by a fixed monotone map: no statistics over
+# the slots, so a slot's weight depends on its own value only (batch invariance for free), and
+# top-K on the weight is top-K on the prior in its keep direction.
+PRIOR_WEIGHTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    # KeyDiff keeps keys far from the mean key: -cos in [-1, 1] -> [0, 1].
+    "key_diversity": lambda x: (1.0 + x) * 0.5,
+    # KnormPress keeps low-norm keys (low key norm goes with high attention): decreasing in the norm.
+    "key_norm": lambda x: 1.0 / (1.0 + x),
+    # A large value moves the output more (VATP's observation): increasing in the norm.
+    "value_norm": lambda x: x,
+}
+
+
+def prior_weight(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Prior ``name`` (validated: finite, in its range) mapped to a keep weight >= 0."""
+    return PRIOR_WEIGHTS[name](x)
 
 
 def normalize(x: torch.Tensor, over: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from nexus_sidecar.engine.policies.base import Policy, ScoreContext, Scores, register, window_mean
+from nexus_sidecar.engine.policies.base import Policy, ScoreContext, Scores, prior_weight, register, window_mean
 
 
 @register
@@ -82,3 +82,36 @@ class Uniform(Policy):
     def score(self, ctx: ScoreContext) -> Scores:
         """Constant weights."""
         return Scores(weight=torch.ones_like(ctx.attn), memory=ctx.memory)
+
+
+@register
+@dataclass(frozen=True)
+class KeyDiff(Policy):
+    """KeyDiff (kvpress ``KeyDiffPress``): keep the keys least similar to the group's mean key.
+
+    Needs no attention, so it can keep a token nothing has attended to yet. kvpress scores and
+    evicts per head and layer; here the score is averaged over the group's heads and layers (one
+    shared eviction set per group, as every policy of this engine).
+    """
+
+    name: ClassVar[str] = "keydiff"
+    description: ClassVar[str] = "KeyDiff: top-K of key diversity (-cos to the mean key), needs the key_diversity prior"
+    requires: ClassVar[tuple[str, ...]] = ("key_diversity",)
+
+    def score(self, ctx: ScoreContext) -> Scores:
+        """Weight = (1 + key_diversity) / 2."""
+        return Scores(weight=prior_weight("key_diversity", ctx.priors["key_diversity"]), memory=ctx.memory)
+
+
+@register
+@dataclass(frozen=True)
+class KNorm(Policy):
+    """KNorm (kvpress ``KnormPress``): keep the keys of lowest L2 norm."""
+
+    name: ClassVar[str] = "knorm"
+    description: ClassVar[str] = "KNorm: top-K of low key norm, needs the key_norm prior"
+    requires: ClassVar[tuple[str, ...]] = ("key_norm",)
+
+    def score(self, ctx: ScoreContext) -> Scores:
+        """Weight = 1 / (1 + key_norm)."""
+        return Scores(weight=prior_weight("key_norm", ctx.priors["key_norm"]), memory=ctx.memory)

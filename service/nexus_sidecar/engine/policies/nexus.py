@@ -7,7 +7,25 @@ from typing import ClassVar
 
 import torch
 
-from nexus_sidecar.engine.policies.base import Policy, ScoreContext, Scores, normalize, register
+from nexus_sidecar.engine.policies.base import Policy, ScoreContext, Scores, normalize, prior_weight, register
+
+
+def personalisation(policy: Policy, ctx: ScoreContext, attn: torch.Tensor) -> torch.Tensor:
+    """The walk's direct mass ``d``: attention mixed with the query-agnostic prior.
+
+    ``d = (1 - prior_mix) * attn / sum(attn[cand]) + prior_mix * w / sum(w[cand])`` with
+    ``w = prior_weight(prior)``: two distributions over the evictable slots, so ``prior_mix`` is
+    the prior's share of the candidates' mass whatever the protected slots absorb (sinks take most
+    of the attention, and would shrink the candidates' attention share under a normalisation over
+    every slot). Without the prior (an old client) or with ``prior_mix = 0``, ``d`` is the
+    attention normalised over every valid slot, exactly as before priors existed.
+    """
+    mix = policy.cfg.prior_mix
+    prior = ctx.priors.get(policy.cfg.prior)
+    if prior is None or mix == 0.0:
+        return normalize(attn, ctx.valid)
+    w = prior_weight(policy.cfg.prior, prior)
+    return (1.0 - mix) * normalize(attn, ctx.cand) + mix * normalize(w, ctx.cand)
 
 
 def nexus_scores(policy: Policy, ctx: ScoreContext) -> Scores:
@@ -17,13 +35,13 @@ def nexus_scores(policy: Policy, ctx: ScoreContext) -> Scores:
     call's queries that could attend to it (see :class:`ScoreContext`), removing the causal bias
     of summed multi-token calls towards older slots.
 
+    The walk starts from :func:`personalisation` (attention mixed with the prior the step carries).
     Each signal is normalised over the candidate slots before the max, because walk scores sum
     to more than one and would otherwise swamp the last row (measured: DESIGN.md section 2).
     """
     gamma = policy.cfg.gamma
     attn = ctx.attn / ctx.observers() if policy.cfg.attn_reduce == "mean" else ctx.attn
-    d = normalize(attn, ctx.valid)
-    s = ctx.walk(d)
+    s = ctx.walk(personalisation(policy, ctx, attn))
     memory = gamma * ctx.memory + (1.0 - gamma) * s
     age = (ctx.age + 1).to(memory.dtype)
     corrected = memory / (1.0 - torch.pow(torch.full_like(age, gamma), age))
@@ -32,30 +50,35 @@ def nexus_scores(policy: Policy, ctx: ScoreContext) -> Scores:
     return Scores(weight=torch.maximum(remember, react), memory=torch.where(ctx.valid, memory, 0.0))
 
 
+@dataclass(frozen=True)
+class _Nexus(Policy):
+    """What both Nexus variants share: the walk over edges and the prior they mix in."""
+
+    uses_edges: ClassVar[bool] = True
+
+    def reads(self) -> tuple[str, ...]:
+        """The configured prior, when it has any weight."""
+        return (self.cfg.prior,) if self.cfg.prior_mix > 0 else ()
+
+    def score(self, ctx: ScoreContext) -> Scores:
+        """See :func:`nexus_scores`."""
+        return nexus_scores(self, ctx)
+
+
 @register
 @dataclass(frozen=True)
-class NexusSampling(Policy):
+class NexusSampling(_Nexus):
     """Nexus Sampling: Nexus scores, weighted reservoir (A-Res) selection with sharpness tau."""
 
     name: ClassVar[str] = "nexus"
     sampled: ClassVar[bool] = True
-    uses_edges: ClassVar[bool] = True
     description: ClassVar[str] = "Nexus Sampling: walk scores + weighted reservoir sampling"
-
-    def score(self, ctx: ScoreContext) -> Scores:
-        """See :func:`nexus_scores`."""
-        return nexus_scores(self, ctx)
 
 
 @register
 @dataclass(frozen=True)
-class NexusTopK(Policy):
+class NexusTopK(_Nexus):
     """Nexus scoring with deterministic top-K selection (the ablation without sampling)."""
 
     name: ClassVar[str] = "nexus_topk"
-    uses_edges: ClassVar[bool] = True
     description: ClassVar[str] = "Nexus scores, deterministic top-K"
-
-    def score(self, ctx: ScoreContext) -> Scores:
-        """See :func:`nexus_scores`."""
-        return nexus_scores(self, ctx)
