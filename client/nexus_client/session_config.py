@@ -17,7 +17,7 @@ from typing import Any, Literal
 class SessionConfig(Mapping[str, Any]):
     """Policy config of one session (unset = the server's default)."""
 
-    policy: str | None = None  # "nexus", "nexus_topk", "tova", "h2o", "snapkv", "streaming", "random"
+    policy: str | None = None  # "nexus", "nexus_topk", "tova", "h2o", "snapkv", "streaming", "random", "keydiff", ...
     budget: int | None = None  # slots kept per group after an eviction
     slack: int | None = None  # evict only above budget + slack
     sinks: int | None = None  # first tokens, never evicted
@@ -35,6 +35,8 @@ class SessionConfig(Mapping[str, Any]):
     block_size: int | None = None
     attn_reduce: Literal["sum", "mean"] | None = None
     pool_reduce: Literal["max", "mean"] | None = None
+    prior: Literal["key_diversity", "key_norm", "value_norm"] | None = None  # Nexus: the prior in its walk
+    prior_mix: float | None = None  # Nexus: the prior's share of the walk's direct mass, in [0, 1]
 
     def _set(self) -> dict[str, Any]:
         return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}

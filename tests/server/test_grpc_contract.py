@@ -147,7 +147,7 @@ def test_priors_travel_and_are_checked_like_attn() -> None:
             bad = sim.make()
             bad.msg.ClearField("key_diversity")
             msg = await expect_error(c.step([bad.msg]), IA)
-            assert "key_diversity" in msg and "keydiff" in msg, msg
+            assert "steps[k1].key_diversity" in msg and "keydiff" in msg, msg
             for name, value in (("key_diversity", 1.5), ("key_norm", -1.0), ("value_norm", math.nan)):
                 bad = sim.make()
                 t = getattr(bad.inp, name).clone()
@@ -162,7 +162,7 @@ def test_priors_travel_and_are_checked_like_attn() -> None:
             bad = sim.make()
             bad.msg.value_norm.CopyFrom(tensor_to_proto(bad.inp.value_norm[:, :-1]))
             msg = await expect_error(c.step([bad.msg]), IA)
-            assert "value_norm" in msg and "expected" in msg, msg
+            assert "steps[k1].value_norm" in msg and "expected" in msg, msg
             # None of them changed the session; fp16 priors are accepted too.
             good = sim.make()
             good.msg.key_diversity.CopyFrom(tensor_to_proto(good.inp.key_diversity, torch.float16))
@@ -409,6 +409,12 @@ def test_retry_returns_byte_identical_result_and_other_payload_fails() -> None:
             other = sim.make(k=2)  # same step number, different payload
             msg = await expect_error(c.step([other.msg]), FP)
             assert "different payload" in msg and "step 6" in msg, msg
+            # ... also when only an optional prior differs (added, here).
+            with_prior = pb.SessionStep()
+            with_prior.CopyFrom(p.msg)
+            with_prior.value_norm.CopyFrom(tensor_to_proto(torch.ones_like(p.inp.attn)))
+            msg = await expect_error(c.step([with_prior]), FP)
+            assert "different payload" in msg, msg
             # The worker continues normally after the retries.
             sim.apply(p, first)
             assert (await c.step([sim.make().msg]))[0].step == 7

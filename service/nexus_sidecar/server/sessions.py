@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 from nexus_client.v1 import sidecar_pb2 as pb
-from nexus_client.wire import tensor_to_proto
+from nexus_client.wire import PRIORS, tensor_to_proto
 
 from nexus_sidecar.engine import Engine, EngineError, PolicyConfig, StepInput, StepOutput
 from nexus_sidecar.engine.errors import FieldError
@@ -412,6 +412,12 @@ def step_digest(st: pb.SessionStep) -> bytes:
     for t in (st.new_positions, st.attn, st.last, st.edge_index, st.edge_weight):
         h.update(f"\x00{t.dtype}:{list(t.shape)}:".encode())
         h.update(t.data)
+    # The optional priors only when sent, named: a step without them hashes as before they existed.
+    for name in PRIORS:
+        if st.HasField(name):
+            t = getattr(st, name)
+            h.update(f"\x00{name}:{t.dtype}:{list(t.shape)}:".encode())
+            h.update(t.data)
     return h.digest()
 
 
