@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# System packages the tests use for real: redis-server (standalone + cluster tests) and
-# prometheus (a real scrape of /metrics). Idempotent: skips what is already there.
+# System packages the tests use for real: redis-server (standalone + cluster tests),
+# prometheus (a real scrape of /metrics) and chromium (the retention page rendered headless,
+# tests/server/test_ui_page.py). Idempotent: skips what is already there.
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
 command -v prometheus >/dev/null || need+=(prometheus)
+command -v chromium >/dev/null || need+=(chromium chromium-driver fonts-dejavu-core)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from nexus_sidecar.server.auth import Principal
 from nexus_sidecar.server.errors import Draining, http_status, to_status
+from nexus_sidecar.server.ui import router as ui_router
 
 if TYPE_CHECKING:
     from nexus_sidecar.server.app import Sidecar
@@ -75,6 +76,7 @@ def build_app(sidecar: Sidecar) -> FastAPI:
     app = FastAPI(title="Nexus eviction sidecar", version="1.0",
                   description="Health, metrics and tenant-scoped session inspection of the eviction sidecar.")
     app.state.sidecar = sidecar
+    app.include_router(ui_router)  # /ui/sessions/{id}: the retention page (server/ui.py)
 
     @app.exception_handler(Exception)
     async def _errors(request: Request, exc: Exception) -> JSONResponse:

@@ -37,6 +37,7 @@ from nexus_sidecar.server.errors import (
     step_field,
 )
 from nexus_sidecar.server.metrics import Metrics
+from nexus_sidecar.server.retention_history import RetentionHistory
 from nexus_sidecar.server.settings import ServerSettings
 from nexus_sidecar.server.stores import StateStore, StoreUnavailable, validate_id
 
@@ -102,6 +103,9 @@ class SessionManager:
         self._series_cache: dict[tuple[str, str], _Series] = {}
         self.batcher = MicroBatcher(self._run_batch, metrics, max_batch=settings.max_batch,
                                     max_delay_us=settings.max_delay_us, queue_size=settings.queue_size)
+        # What the retention page (/ui/sessions/{id}) draws; its weight reads run on the engine thread.
+        self.history = RetentionHistory(engine, self._executor.submit, sessions=settings.ui_history_sessions,
+                                        calls=settings.ui_history_calls)
 
     # -- plumbing -----------------------------------------------------------------------------
     async def on_engine(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -217,6 +221,7 @@ class SessionManager:
         async with hs.lock:
             await self._unload(hs)
             await self.store.delete(tenant, session_id)
+        self.history.forget(tenant, session_id)
         self.metrics.sessions_closed.labels(tenant).inc()
         return hs.step
 
@@ -302,6 +307,7 @@ class SessionManager:
         G, inp = hs.cfg.groups, plan.inp
         checksum = codec.checksum_after(hs.checksum, G, inp.new_positions, out)
         result = codec.session_result(hs.session_id, st.step, out, checksum)
+        self.history.record(hs.tenant, hs.session_id, hs.handle, st.step, inp.new_positions.numel(), out)
         before = hs.count
         hs.step, hs.checksum, hs.count = st.step, checksum, result.retained_count
         hs.digest, hs.last_result = plan.digest, result

@@ -46,6 +46,9 @@ class ServerSettings(BaseSettings):
     # Per-tenant quotas (0 = unlimited); the quotas issue refines these.
     max_sessions_per_tenant: int = Field(0, ge=0)
     max_budget: int = Field(0, ge=0)
+    # Retention page (/ui/sessions/{id}): the last N calls of the M most recently started sessions.
+    ui_history_sessions: int = Field(16, ge=0, le=4096)
+    ui_history_calls: int = Field(64, ge=0, le=1024)
 
     @field_validator("store")
     @classmethod

@@ -1,0 +1,99 @@
+"""A bounded, per-process record of what recent sessions retained call by call (for the
+retention page, ``/ui/sessions/{id}``).
+
+For each of the ``sessions`` most recently started sessions it keeps the last ``calls`` calls: the
+positions group 0 retained after the call, their policy memory (the weight the page colours by),
+and what the call evicted. Positions and evictions come from the step's output (already on the
+host); the memory is read on the engine thread by one job per burst of commits, queued right
+after the commit, so it is the state after exactly that step (the engine thread runs jobs in order
+and the session's next step can only be queued later). Reading it costs ~45 us per tracked session
+and call at 4096 slots, which is why only a few sessions are tracked (``ui_history_sessions``).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nexus_sidecar.engine import Engine, StepOutput
+
+
+@dataclass
+class CallRecord:
+    """One call of one session, group 0."""
+
+    step: int
+    new_tokens: int
+    positions: np.ndarray  # int64, retained after the call, ascending
+    evicted: np.ndarray  # int64, evicted by the call (group 0)
+    evicted_all_groups: int
+    weights: np.ndarray | None = None  # float32 policy memory aligned with ``positions`` (None until read)
+
+
+Key = tuple[str, str]  # (tenant, session id)
+
+
+class RetentionHistory:
+    """Recent calls of recently started sessions; ``sessions=0`` or ``calls=0`` turns it off."""
+
+    def __init__(self, engine: Engine, submit: Callable[[Callable[[], None]], Any], *, sessions: int = 16,
+                 calls: int = 64) -> None:
+        self.engine = engine
+        self.submit = submit  # runs a function on the engine thread, in submission order
+        self.max_sessions, self.max_calls = sessions, calls
+        self._records: collections.OrderedDict[Key, collections.deque[CallRecord]] = collections.OrderedDict()
+        self._pending: list[tuple[int, CallRecord]] = []
+        self._queued = False
+        self._lock = threading.Lock()  # _pending/_queued are shared with the engine thread
+
+    @property
+    def enabled(self) -> bool:
+        """False when configured off."""
+        return self.max_sessions > 0 and self.max_calls > 0
+
+    def record(self, tenant: str, session_id: str, handle: int, step: int, new_tokens: int, out: StepOutput) -> None:
+        """Note a committed step (event-loop thread); its weights are read on the engine thread."""
+        if not self.enabled:
+            return
+        key = (tenant, session_id)
+        calls = self._records.get(key)
+        if calls is None:  # a new session: track it, forgetting the oldest-started one beyond the cap
+            calls = self._records[key] = collections.deque(maxlen=self.max_calls)
+            while len(self._records) > self.max_sessions:
+                self._records.popitem(last=False)
+        keep, pos = out.keep[0].numpy(), out.slot_positions[0].numpy()
+        live = pos >= 0
+        rec = CallRecord(step, new_tokens, pos[keep & live].astype(np.int64), pos[~keep & live].astype(np.int64),
+                         out.n_evicted)
+        calls.append(rec)
+        with self._lock:
+            self._pending.append((handle, rec))
+            if self._queued:
+                return
+            self._queued = True
+        self.submit(self._read_weights)
+
+    def _read_weights(self) -> None:
+        """Engine thread: the policy memory of every pending record's session, as of its step."""
+        with self._lock:
+            pending, self._pending, self._queued = self._pending, [], False
+        for handle, rec in pending:
+            try:
+                mem = self.engine.memory(handle)[0].numpy().astype(np.float32)
+            except Exception:  # closed or unloaded meanwhile: the record keeps no weights
+                continue
+            if mem.shape == rec.positions.shape:
+                rec.weights = mem
+
+    def calls(self, tenant: str, session_id: str) -> list[CallRecord]:
+        """The session's recorded calls, oldest first (empty when it is not tracked)."""
+        return list(self._records.get((tenant, session_id), ()))
+
+    def forget(self, tenant: str, session_id: str) -> None:
+        """Drop a closed session's record."""
+        self._records.pop((tenant, session_id), None)
