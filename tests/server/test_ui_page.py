@@ -126,3 +126,40 @@ def test_retention_page_real_data_tenancy_and_chromium(keys_file: Path, tmp_path
             shutil.copyfile(shot, ROOT / "docs" / "retention-page.png")
 
     arun(body(), timeout=300)
+
+
+def test_history_tracks_the_most_recently_started_sessions_only() -> None:
+    """A cap of 2: the third session to start pushes out the first, which is not re-admitted by
+    its later steps (so the weight reads never rotate over every session)."""
+    from nexus_sidecar.engine import Engine, PolicyConfig, StepInput
+    from nexus_sidecar.server.retention_history import RetentionHistory
+
+    engine = Engine(torch.device("cpu"))
+    jobs: list = []
+    hist = RetentionHistory(engine, jobs.append, sessions=2, calls=3)
+    handles = {sid: engine.open(PolicyConfig(budget=4, sinks=1, recent=1, fanout=2)) for sid in ("a", "b", "c")}
+
+    def step(sid: str, n: int) -> None:
+        h = handles[sid]
+        k, base = 3, 3 * (n - 1)
+        inp = StepInput(torch.arange(base, base + k), torch.rand(1, len(engine.positions(h)[0]) + k),
+                        torch.rand(1, len(engine.positions(h)[0]) + k), torch.full((1, k, 2), -1), torch.zeros(1, k, 2))
+        out = engine.step({h: inp})[h]
+        hist.record("t", sid, h, n, k, out)
+        while jobs:  # the engine thread's queue, run in order
+            jobs.pop(0)()
+
+    for sid in ("a", "b", "c"):
+        step(sid, 1)
+    for n in range(2, 6):
+        for sid in ("a", "b", "c"):
+            step(sid, n)
+    assert hist.calls("t", "a") == []  # pushed out when c started, never re-admitted
+    for sid in ("b", "c"):
+        calls = hist.calls("t", sid)
+        assert [c.step for c in calls] == [3, 4, 5]  # the last 3 calls
+        assert calls[-1].positions.tolist() == engine.positions(handles[sid])[0].tolist()
+        assert np.array_equal(calls[-1].weights, engine.memory(handles[sid])[0].numpy())
+        assert calls[-1].weights is not None and calls[0].weights is not None
+    hist.forget("t", "b")
+    assert hist.calls("t", "b") == []

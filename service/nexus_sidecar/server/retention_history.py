@@ -1,13 +1,14 @@
 """A bounded, per-process record of what recent sessions retained call by call (for the
 retention page, ``/ui/sessions/{id}``).
 
-For each of the ``sessions`` most recently started sessions it keeps the last ``calls`` calls: the
-positions group 0 retained after the call, their policy memory (the weight the page colours by),
-and what the call evicted. Positions and evictions come from the step's output (already on the
-host); the memory is read on the engine thread by one job per burst of commits, queued right
-after the commit, so it is the state after exactly that step (the engine thread runs jobs in order
-and the session's next step can only be queued later). Reading it costs ~45 us per tracked session
-and call at 4096 slots, which is why only a few sessions are tracked (``ui_history_sessions``).
+For each of the ``sessions`` most recently started sessions (or resumed ones, while there is
+room) it keeps the last ``calls`` calls: the positions group 0 retained after the call, their
+policy memory (the weight the page colours by), and what the call evicted. Positions and
+evictions come from the step's output (already on the host); the memory is read on the engine
+thread by one job per burst of commits, queued right after the commit, so it is the state after
+exactly that step (the engine thread runs jobs in order and the session's next step can only be
+queued later). Reading it costs ~45 us per tracked session and call at 4096 slots, which is why
+only a few sessions are tracked (``ui_history_sessions``).
 """
 
 from __future__ import annotations
@@ -62,7 +63,12 @@ class RetentionHistory:
             return
         key = (tenant, session_id)
         calls = self._records.get(key)
-        if calls is None:  # a new session: track it, forgetting the oldest-started one beyond the cap
+        if calls is None:
+            # Track a session that starts now (forgetting the oldest-started one beyond the cap), or
+            # any while there is room (e.g. one resumed here); never re-admit a forgotten one, which
+            # would rotate tracking over every session and cost the weight reads for all of them.
+            if step != 1 and len(self._records) >= self.max_sessions:
+                return
             calls = self._records[key] = collections.deque(maxlen=self.max_calls)
             while len(self._records) > self.max_sessions:
                 self._records.popitem(last=False)
