@@ -116,7 +116,8 @@ def configs(draw: st.DrawFn) -> pb.PolicyConfig:
         if draw(st.booleans()):
             setattr(msg, name, draw(u32))
     if draw(st.booleans()):
-        msg.groups = draw(st.one_of(st.integers(0, 8), st.integers(1025, 2**32 - 1)))
+        # Beyond 8 only what admission must refuse (max_groups 128, the engine's 1024) or reject.
+        msg.groups = draw(st.one_of(st.integers(0, 8), st.integers(129, 2**32 - 1)))
     if draw(st.booleans()):
         msg.fanout = draw(st.one_of(st.integers(0, 16), st.integers(65, 2**32 - 1)))
     for name in ("beta", "gamma", "tau"):

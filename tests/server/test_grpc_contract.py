@@ -292,7 +292,7 @@ def test_max_budget_quota() -> None:
             c = client(sc)
             msg = await expect_error(c.open_session("big", {**SMALL, "budget": 101}),
                                      grpc.StatusCode.RESOURCE_EXHAUSTED)
-            assert "101" in msg and "max_budget 100" in msg, msg
+            assert "101" in msg and "max_budget = 100" in msg, msg
             await c.close()
 
     arun(body())

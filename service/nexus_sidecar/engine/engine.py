@@ -13,13 +13,18 @@ from nexus_sidecar.engine.config import PolicyConfig
 from nexus_sidecar.engine.errors import EngineError, InputError
 from nexus_sidecar.engine.hashing import uniforms
 from nexus_sidecar.engine.policies import Policy, make_policy
-from nexus_sidecar.engine.pool import SessionPool
+from nexus_sidecar.engine.pool import SessionPool, slot_bytes
 from nexus_sidecar.engine.selection import gumbel
 from nexus_sidecar.engine.state import GroupState, SessionState
 from nexus_sidecar.engine.step import ROW_ERRORS, RowInput, RowResult, hole_allowance, run_step, validate_rows
 from nexus_sidecar.engine.step_io import StepInput, StepOutput
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 def default_device() -> torch.device:
@@ -99,6 +104,56 @@ class Engine:
         self._sessions[h] = _Session(cfg, make_policy(cfg), pool, rows, [0] * cfg.groups, [0] * cfg.groups,
                                      calls=calls)
         return h
+
+    # -- memory -------------------------------------------------------------------------------
+    def pool_bytes(self) -> int:
+        """Bytes the session pools occupy now (every per-slot tensor)."""
+        return sum(p.nbytes() for p in self._pools.values())
+
+    def bytes_after_open(self, cfg: PolicyConfig) -> int:
+        """Pool bytes once a session of ``cfg`` is opened (nothing is allocated to find out)."""
+        pool = self._pools.get(cfg.fanout)
+        if pool is None:  # a new pool starts at 16 rows (doubled as needed) x 64 columns
+            rows = 16
+            while rows < cfg.groups:
+                rows *= 2
+            return self.pool_bytes() + rows * 64 * slot_bytes(cfg.fanout)
+        return self.pool_bytes() - pool.nbytes() + pool.nbytes(rows=pool.rows_after_alloc(cfg.groups))
+
+    def bytes_after_step(self, ks: Mapping[int, int]) -> int:
+        """Pool bytes once the sessions ``ks`` (handle -> new tokens) took one step each."""
+        need: dict[int, int] = {}
+        for h, k in ks.items():
+            s = self._session(h)
+            need[id(s.pool)] = max(need.get(id(s.pool), 0), max(s.used) + k)
+        total = 0
+        for pool in self._pools.values():
+            total += pool.nbytes(width=pool.width_after(need.get(id(pool), 0)))
+        return total
+
+    def trim(self) -> int:
+        """Repack each pool into the rows and width its live sessions need; returns bytes freed.
+
+        Closing sessions only frees rows, and a wide session widens every row: without this, pool
+        memory would stay at the high-water mark forever. A pool is repacked only when that at
+        least halves it (repacking copies the live rows).
+        """
+        before = self.pool_bytes()
+        for fanout, pool in list(self._pools.items()):
+            sessions = [s for s in self._sessions.values() if s.pool is pool]
+            if not sessions:
+                del self._pools[fanout]
+                continue
+            live = sorted(r for s in sessions for r in s.rows)
+            used = max(u for s in sessions for u in s.used)
+            rows, width = max(16, _pow2(len(live))), max(64, used + used // 4 + 64)
+            if pool.nbytes(rows, width) * 2 > pool.nbytes():
+                continue
+            remap = {old: new for new, old in enumerate(live)}
+            pool.repack(live, rows, min(width, pool.width))
+            for s in sessions:
+                s.rows = [remap[r] for r in s.rows]
+        return before - self.pool_bytes()
 
     def close(self, handle: int) -> None:
         """Forget a session and free its rows."""

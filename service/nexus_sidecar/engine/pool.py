@@ -32,6 +32,12 @@ _EDGE_FIELDS: dict[str, tuple[torch.dtype, float | int]] = {
 }
 
 
+def slot_bytes(fanout: int) -> int:
+    """Bytes one arena column of one row occupies (every slot and edge field) at this fan-out."""
+    per = sum(torch.empty(0, dtype=d).element_size() for d, _ in _SLOT_FIELDS.values())
+    return per + fanout * sum(torch.empty(0, dtype=d).element_size() for d, _ in _EDGE_FIELDS.values())
+
+
 @dataclass
 class Rows:
     """A batch's rows: a slice when contiguous (views, writes in place), else an index."""
@@ -73,6 +79,53 @@ class SessionPool:
         self.count = torch.empty(0, dtype=torch.int64, device=device)  # live tokens
         self.params = {name: torch.empty(0, dtype=torch.int64, device=device) for name in _PARAMS}
         self._grow(rows, width)
+
+    # -- size -------------------------------------------------------------------------------------
+    def nbytes(self, rows: int | None = None, width: int | None = None) -> int:
+        """Bytes of the per-slot tensors at ``rows`` x ``width`` (default: as allocated now)."""
+        return (self.rows if rows is None else rows) * (self.width if width is None else width) * \
+            slot_bytes(self.fanout)
+
+    def rows_after_alloc(self, n: int) -> int:
+        """Row capacity after reserving ``n`` more rows (the pool doubles when it runs out)."""
+        rows, free = self.rows, len(self._free)
+        while free < n:
+            free += rows
+            rows *= 2
+        return rows
+
+    def width_after(self, width: int) -> int:
+        """Arena width after :meth:`ensure_width` ``(width)``."""
+        return self.width if width <= self.width else max(width + width // 4 + 64, self.width * 2)
+
+    def repack(self, live: list[int], rows: int, width: int) -> None:
+        """Move rows ``live`` (in that order) to rows 0..len(live)-1 of a ``rows`` x ``width`` pool.
+
+        Arena columns are kept (edges index columns within a row), so ``width`` must cover every
+        live row's used columns. Frees the memory of closed rows and of width no row needs.
+        """
+        idx = torch.tensor(live, dtype=torch.int64, device=self.device)
+        n, keep_w = len(live), min(width, self.width)
+
+        def packed(x: torch.Tensor, fill: float | int | bool) -> torch.Tensor:
+            out = torch.full((rows, width, *x.shape[2:]), fill, dtype=x.dtype, device=self.device)
+            out[:n, :keep_w] = x[idx, :keep_w]
+            return out
+
+        for name, (_, fill) in _SLOT_FIELDS.items():
+            self.slot[name] = packed(self.slot[name], fill)
+        for name, (_, fill) in _EDGE_FIELDS.items():
+            self.edge[name] = packed(self.edge[name], fill)
+        for name in ("used", "count"):
+            new = torch.zeros(rows, dtype=torch.int64, device=self.device)
+            new[:n] = getattr(self, name)[idx]
+            setattr(self, name, new)
+        for name, val in self.params.items():
+            new = torch.zeros(rows, dtype=torch.int64, device=self.device)
+            new[:n] = val[idx]
+            self.params[name] = new
+        self._free = list(range(n, rows))
+        self.rows, self.width = rows, width
 
     # -- allocation ---------------------------------------------------------------------------
     def alloc(self, n: int) -> list[int]:

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from nexus_client.v1 import sidecar_pb2 as pb
 
 from nexus_sidecar.engine import Engine, default_device
+from nexus_sidecar.server.allocator import tune_malloc
 from nexus_sidecar.server.auth import KeyRing
 from nexus_sidecar.server.http_app import build_app
 from nexus_sidecar.server.metrics import Metrics
@@ -50,6 +51,7 @@ class Sidecar:
     def __init__(self, settings: ServerSettings, *, keys: KeyRing | None = None,
                  store: StateStore | None = None) -> None:
         self.settings = settings
+        tune_malloc(settings.malloc_mmap_threshold_kb)
         self.metrics = Metrics()
         self.keys = keys if keys is not None else (
             KeyRing.from_file(settings.keys_file) if settings.keys_file else KeyRing())

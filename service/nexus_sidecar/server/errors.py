@@ -90,6 +90,17 @@ class QuotaExceeded(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class LimitExceeded(ServiceError):
+    """An admission limit (server/admission.py) would be exceeded; nothing was allocated."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, limit: str, value: int, what: str) -> None:
+        super().__init__(f"limit {limit} = {value} exceeded: {what}")
+        self.limit = limit
+        self.value = value
+
+
 class Draining(ServiceError):
     """The server is shutting down and takes no new work."""
 
@@ -140,6 +151,25 @@ def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, StoreError):
         return grpc.StatusCode.INTERNAL, f"state store error: {exc}"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def forget_frames(exc: BaseException) -> None:
+    """Drop the tracebacks of ``exc`` and the exceptions chained to it.
+
+    A refused request's exception is referenced from its own traceback's frames (the task that
+    ran it keeps it as its result), a reference cycle that holds the request's decoded tensors
+    until the cyclic GC gets to it: with 60 MB requests, gigabytes. Once the status is sent, the
+    frames are of no use.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += [e.__context__, e.__cause__]
 
 
 def http_status(code: grpc.StatusCode) -> int:

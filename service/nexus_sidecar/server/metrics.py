@@ -46,6 +46,10 @@ class Metrics:
         self.sessions_closed = Counter("nexus_sessions_closed_total", "Sessions closed", ["tenant"], registry=r)
         self.sessions_expired = Counter("nexus_sessions_expired_total", "Hot sessions unloaded after idling",
                                         ["tenant"], registry=r)
+        self.sessions_unloaded = Counter("nexus_sessions_unloaded_total",
+                                         "Idle sessions checkpointed and unloaded to make room in the hot pool",
+                                         ["tenant"], registry=r)
+        self.pool_bytes = Gauge("nexus_pool_bytes", "Bytes the hot session pool occupies on the device", registry=r)
         self.store_seconds = Histogram("nexus_store_operation_seconds", "State store operation latency",
                                        ["op", "outcome"], buckets=_LAT, registry=r)
         self.store_errors = Counter("nexus_store_errors_total", "State store failures", ["op"], registry=r)

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -25,11 +25,11 @@ from nexus_client.wire import PRIORS, tensor_to_proto
 from nexus_sidecar.engine import Engine, EngineError, PolicyConfig, StepInput, StepOutput
 from nexus_sidecar.engine.errors import FieldError
 from nexus_sidecar.server import codec
+from nexus_sidecar.server.admission import Admission
 from nexus_sidecar.server.batcher import Job, MicroBatcher
 from nexus_sidecar.server.checkpoint import Checkpoint
 from nexus_sidecar.server.errors import (
     InvalidArgument,
-    QuotaExceeded,
     SessionConflict,
     SessionNotFound,
     StateMismatch,
@@ -79,13 +79,14 @@ class HotSession:
     digest: bytes = b""  # step_digest of the last applied SessionStep (idempotent retries)
     last_result: pb.SessionResult | None = None
     checkpointed_step: int = 0
+    stored: bool = False  # a checkpoint of it is in the store (else unloading it would lose it)
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def dirty(self) -> bool:
-        """True when steps were applied since the last successful checkpoint."""
-        return self.step > self.checkpointed_step
+        """True when steps were applied since the last successful checkpoint (or none was written)."""
+        return self.step > self.checkpointed_step or not self.stored
 
 
 class SessionManager:
@@ -96,6 +97,7 @@ class SessionManager:
         self.store = store
         self.settings = settings
         self.metrics = metrics
+        self.admission = Admission(settings, engine)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-engine")
         self._hot: dict[tuple[str, str], HotSession] = {}
         self._loading: dict[tuple[str, str], asyncio.Future[HotSession]] = {}
@@ -153,8 +155,7 @@ class SessionManager:
     async def open(self, tenant: str, session_id: str, cfg: PolicyConfig) -> HotSession:
         """Open a session; opening an existing id with the same config returns it (idempotent)."""
         validate_id("session_id", session_id)
-        if self.settings.max_budget and cfg.budget > self.settings.max_budget:
-            raise QuotaExceeded(f"budget {cfg.budget} exceeds this server's max_budget {self.settings.max_budget}")
+        self.admission.check_config(cfg)
         try:
             hs = await self.get(tenant, session_id)
         except SessionNotFound:
@@ -164,9 +165,8 @@ class SessionManager:
                 raise SessionConflict(f"session {session_id!r} already exists with a different config "
                                       f"({hs.cfg.to_json()}); close it first or use another id")
             return hs
-        quota = self.settings.max_sessions_per_tenant
-        if quota and len(self.hot_sessions(tenant)) >= quota:
-            raise QuotaExceeded(f"tenant {tenant!r} already has {quota} open sessions (max_sessions_per_tenant)")
+        self.admission.check_tenant_sessions(tenant, len(self.hot_sessions(tenant)))
+        await self.make_room(lambda: self.admission.open_fits(cfg), f"opening a session of {cfg.groups} groups")
         handle = await self.on_engine(self.engine.open, cfg)
         hs = HotSession(tenant, session_id, handle, cfg)
         self._hot[(tenant, session_id)] = hs
@@ -203,11 +203,13 @@ class SessionManager:
         if stored is None:
             raise SessionNotFound(session_id)
         cp = Checkpoint.from_bytes(stored.blob)
+        cfg = cp.state.config
+        await self.make_room(lambda: self.admission.open_fits(cfg), f"resuming a session of {cfg.groups} groups")
         handle = await self.on_engine(self.engine.restore, cp.state)
         last = pb.SessionResult.FromString(cp.last_result) if cp.last_result else None
         hs = HotSession(tenant, session_id, handle, cp.state.config, step=cp.step, checksum=cp.checksum,
                         count=sum(g.pos.numel() for g in cp.state.groups), digest=cp.digest,
-                        last_result=last, checkpointed_step=cp.step)
+                        last_result=last, checkpointed_step=cp.step, stored=True)
         self._hot[(tenant, session_id)] = hs
         self._series(hs).retained.inc(hs.count)  # _unload decrements it
         self.metrics.sessions_resumed.labels(tenant).inc()
@@ -217,13 +219,30 @@ class SessionManager:
 
     async def close(self, tenant: str, session_id: str) -> int:
         """Drop a session's hot and durable state; returns its last step."""
-        hs = await self.get(tenant, session_id)
-        async with hs.lock:
+        async with self.locked(tenant, session_id) as hs:
             await self._unload(hs)
             await self.store.delete(tenant, session_id)
         self.history.forget(tenant, session_id)
         self.metrics.sessions_closed.labels(tenant).inc()
         return hs.step
+
+    @contextlib.asynccontextmanager
+    async def locked(self, tenant: str, session_id: str) -> AsyncIterator[HotSession]:
+        """The hot session with its lock held, still hot once the lock is ours.
+
+        A session can be unloaded (idle reaper, LRU room-making) while a request waits for its
+        lock; such a request resumes it again instead of using a closed engine handle.
+        """
+        while True:
+            hs = await self.get(tenant, session_id)
+            await hs.lock.acquire()
+            if self._hot.get((tenant, session_id)) is hs:
+                break
+            hs.lock.release()
+        try:
+            yield hs
+        finally:
+            hs.lock.release()
 
     async def _unload(self, hs: HotSession) -> None:
         key = (hs.tenant, hs.session_id)
@@ -239,25 +258,30 @@ class SessionManager:
         """Apply one step to each session. Every step is validated before any is applied."""
         if not steps:
             raise InvalidArgument("steps", "is empty")
+        self.admission.check_rpc(len(steps))
         ids = [validate_id("session_id", s.session_id) for s in steps]
         if len(set(ids)) != len(ids):
             dupes = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
             raise InvalidArgument("steps", f"session {dupes[0]!r} appears more than once in one request")
-        sessions = [await self.get(tenant, sid) for sid in ids]
         # Shielded: once a step may reach the engine it is committed even if the caller goes away
         # (RPC deadline or cancel). Otherwise the engine state advances without the session's
         # step/count/checksum, and every retry of that step is rejected.
-        work = asyncio.ensure_future(self._apply(tenant, sessions, steps, deadline))
+        work = asyncio.ensure_future(self._apply(tenant, ids, steps, deadline))
         work.add_done_callback(lambda t: t.cancelled() or t.exception())
         return await asyncio.shield(work)
 
-    async def _apply(self, tenant: str, sessions: list[HotSession], steps: list[pb.SessionStep],
+    async def _apply(self, tenant: str, ids: list[str], steps: list[pb.SessionStep],
                      deadline: float | None) -> list[pb.SessionResult]:
-        ordered = sorted(sessions, key=lambda h: h.session_id)  # fixed order: no lock-order deadlock
         async with contextlib.AsyncExitStack() as stack:
-            for hs in ordered:
-                await stack.enter_async_context(hs.lock)
+            by_id: dict[str, HotSession] = {}
+            for sid in sorted(ids):  # fixed order: no lock-order deadlock
+                by_id[sid] = await stack.enter_async_context(self.locked(tenant, sid))
+            sessions = [by_id[sid] for sid in ids]
             plans = [self._plan(hs, st) for hs, st in zip(sessions, steps, strict=True)]
+            ks = {hs.handle: plan.inp.new_positions.numel() for hs, plan in zip(sessions, plans, strict=True)
+                  if isinstance(plan, _Planned)}
+            if ks:  # widening the arena is the allocation a step can cause: admitted first
+                await self.make_room(lambda: self.admission.step_fits(ks), f"a step of {max(ks.values())} new tokens")
             jobs = [self.batcher.submit(Job(hs.handle, plan.inp, tenant, deadline))
                     for hs, plan in zip(sessions, plans, strict=True) if isinstance(plan, _Planned)]
             outs = iter(await asyncio.gather(*jobs, return_exceptions=True))
@@ -286,6 +310,7 @@ class SessionManager:
             return hs.last_result
         if st.step != hs.step + 1:
             raise StepOutOfOrder(hs.session_id, st.step, hs.step + 1)
+        self.admission.new_tokens(st)  # before the payload is decoded
         if st.retained_count != hs.count or st.retained_checksum != hs.checksum:
             raise StateMismatch(
                 f"session {hs.session_id!r} before step {st.step}: worker holds {st.retained_count} tokens "
@@ -342,14 +367,28 @@ class SessionManager:
 
     # -- durability ---------------------------------------------------------------------------
     async def checkpoint(self, hs: HotSession) -> bool:
-        """Write the session's state to the store (CAS on its step). False if refused or failed."""
+        """Write the session's state to the store (CAS on its step). False if refused or failed.
+
+        The snapshot is taken under the session's lock; the store write happens after it is
+        released, so a background checkpoint never delays the session's next step.
+        """
         async with hs.lock:
             if not hs.dirty or (hs.tenant, hs.session_id) not in self._hot:
                 return True
-            state = await self.on_engine(self.engine.snapshot, hs.handle)
-            step = hs.step
-            last = hs.last_result.SerializeToString() if hs.last_result is not None else b""
-            blob = Checkpoint(step, hs.checksum, hs.digest, last, state).to_bytes()
+            step, blob = await self._blob(hs)
+        return await self._put(hs, step, blob)
+
+    async def _write(self, hs: HotSession) -> bool:
+        """Checkpoint with the caller holding ``hs.lock`` (unload paths)."""
+        step, blob = await self._blob(hs)
+        return await self._put(hs, step, blob)
+
+    async def _blob(self, hs: HotSession) -> tuple[int, bytes]:
+        state = await self.on_engine(self.engine.snapshot, hs.handle)
+        last = hs.last_result.SerializeToString() if hs.last_result is not None else b""
+        return hs.step, Checkpoint(hs.step, hs.checksum, hs.digest, last, state).to_bytes()
+
+    async def _put(self, hs: HotSession, step: int, blob: bytes) -> bool:
         try:
             written = await self.store.put(hs.tenant, hs.session_id, step, blob)
         except StoreUnavailable as exc:
@@ -359,10 +398,50 @@ class SessionManager:
         self.metrics.degraded.set(0)
         if written:
             hs.checkpointed_step = max(hs.checkpointed_step, step)
+            hs.stored = True
         else:
             log.warning("checkpoint of %s/%s at step %d refused: the store holds a newer step (another replica "
                         "owns this session)", hs.tenant, hs.session_id, step)
         return written
+
+    async def make_room(self, over: Callable[[], int], what: str) -> None:
+        """Unload idle sessions (checkpointed, least recently used first) until ``over()`` is 0.
+
+        ``over()`` says how many bytes the pending allocation would take the pool over its budget.
+        Sessions whose lock is held (stepping now, or part of the caller's RPC) are never picked.
+        Raises the pool budget's RESOURCE_EXHAUSTED when nothing idle is left to unload.
+        """
+        need = over()
+        if not need:
+            return
+        while True:
+            idle = sorted((hs for hs in self._hot.values() if not hs.lock.locked()), key=lambda h: h.last_used)
+            if not idle:
+                break
+            # A quarter of the idle sessions per round (at least one): trimming copies the live rows,
+            # so unloading one session at a time would repack the pool once per session.
+            batch = idle[: max(1, len(idle) // 4)]
+            unloaded = sum(await asyncio.gather(*(self.unload_checkpointed(hs) for hs in batch)))
+            await self.on_engine(self.engine.trim)
+            self.metrics.pool_bytes.set(self.engine.pool_bytes())
+            need = over()
+            if not need:
+                log.info("made room in the hot pool for %s: unloaded %d idle sessions", what, unloaded)
+                return
+            if not unloaded:
+                break  # the store refuses checkpoints: nothing can be unloaded safely
+        raise self.admission.pool_full(need, what)
+
+    async def unload_checkpointed(self, hs: HotSession) -> bool:
+        """Checkpoint then unload ``hs``, holding its lock throughout (no step slips in between)."""
+        async with hs.lock:
+            if (hs.tenant, hs.session_id) not in self._hot:
+                return False
+            if hs.dirty and not await self._write(hs):
+                return False
+            await self._unload(hs)
+        self.metrics.sessions_unloaded.labels(hs.tenant).inc()
+        return True
 
     async def checkpoint_all(self) -> int:
         """Checkpoint every dirty hot session; returns how many were written."""
@@ -374,18 +453,20 @@ class SessionManager:
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
+            reaped = 0
             for hs in list(self._hot.values()):
                 idle = now - hs.last_used > self.settings.idle_session_s and not hs.lock.locked()
-                if idle and await self.checkpoint(hs):
-                    async with hs.lock:
-                        await self._unload(hs)
+                if idle and await self.unload_checkpointed(hs):
                     self.metrics.sessions_expired.labels(hs.tenant).inc()
+                    reaped += 1
+            if reaped:
+                await self.on_engine(self.engine.trim)
+            self.metrics.pool_bytes.set(self.engine.pool_bytes())
 
     # -- inspection ---------------------------------------------------------------------------
     async def describe(self, tenant: str, session_id: str, include_weights: bool = False) -> pb.GetSessionResponse:
         """Retention snapshot of one session."""
-        hs = await self.get(tenant, session_id)
-        async with hs.lock:
+        async with self.locked(tenant, session_id) as hs:
             positions = await self.on_engine(self.engine.positions, hs.handle)
             weights = await self.on_engine(self.engine.memory, hs.handle)
             seen, evicted = self.engine.stats(hs.handle)

@@ -14,6 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+_LIMITS = "tenancy and limits"
+
 
 class ServerSettings(BaseSettings):
     """Every knob of ``nexus-sidecar serve``."""
@@ -43,9 +45,30 @@ class ServerSettings(BaseSettings):
     max_connection_age_s: float = Field(600.0, gt=0)
     shutdown_grace_s: float = Field(10.0, ge=0)
     default_policy: str = "nexus"
-    # Per-tenant quotas (0 = unlimited); the quotas issue refines these.
-    max_sessions_per_tenant: int = Field(0, ge=0)
+    # Admission limits (server/admission.py): every resource a client can make the server allocate
+    # has one, with a safe non-zero default; a request over a limit is refused before allocation.
+    max_sessions_per_tenant: int = Field(10_000, ge=0)  # hot sessions per tenant (0 = unlimited)
     max_budget: int = Field(0, ge=0)
+    max_session_slots: int = Field(
+        262_144, ge=1, description="retained slots one session may hold: groups x (budget + slack)",
+        json_schema_extra={"group": _LIMITS})
+    max_new_tokens_per_step: int = Field(
+        8192, ge=1, description="new tokens (k) one step of one session may carry",
+        json_schema_extra={"group": _LIMITS})
+    max_groups: int = Field(128, ge=1, le=1024, description="layer groups per session",
+                            json_schema_extra={"group": _LIMITS})
+    max_fanout: int = Field(64, ge=1, le=64, description="edges kept per token (fanout)",
+                            json_schema_extra={"group": _LIMITS})
+    max_sessions_per_rpc: int = Field(512, ge=1, description="session steps one Step RPC may carry",
+                                      json_schema_extra={"group": _LIMITS})
+    malloc_mmap_threshold_kb: int = Field(
+        1024, ge=0, description="glibc: allocations of at least this many KiB are mmapped and returned to the OS "
+                                "when freed, keeping RSS flat under bursts of large requests (0 = glibc default)",
+        json_schema_extra={"group": _LIMITS})
+    pool_budget_mb: int = Field(
+        2048, ge=1, description="bytes the hot session pool may occupy on the device, MiB; idle sessions are "
+                                "checkpointed and unloaded (LRU) before anything is refused",
+        json_schema_extra={"group": _LIMITS})
     # Retention page (/ui/sessions/{id}): the last N calls of the M most recently started sessions.
     ui_history_sessions: int = Field(16, ge=0, le=4096)
     ui_history_calls: int = Field(64, ge=0, le=1024)
