@@ -61,6 +61,25 @@ def test_yamllint_all_yaml() -> None:
     _run(sys.executable, "-m", "yamllint", "--strict", "-c", ".yamllint", "docker-compose.yml", ".yamllint", *files)
 
 
+def _dockerignore_rules(path: Path) -> list[str]:
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def test_root_dockerignore_matches_the_per_dockerfile_ones() -> None:
+    """The classic builder reads only <context>/.dockerignore: it must be the same allowlist as
+    BuildKit's deploy/<Dockerfile>.dockerignore, and let in exactly what the Dockerfiles COPY."""
+    root = _dockerignore_rules(ROOT / ".dockerignore")
+    assert root[0] == "**", "deny everything first, then allow"
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        assert _dockerignore_rules(DEPLOY / f"{name}.dockerignore") == root, name
+        copied = {src for ln in (DEPLOY / name).read_text().splitlines() if ln.startswith("COPY ") and
+                  "--from" not in ln for src in ln.split()[1:-1]}
+        allowed = {r[1:].removesuffix("/**") for r in root if r.startswith("!")}
+        assert copied == allowed, f"{name} copies {sorted(copied)}, .dockerignore allows {sorted(allowed)}"
+    for never in (".venv", ".git", "tests", "benchmarks", ".cache"):
+        assert f"!{never}" not in " ".join(root)
+
+
 # -------------------------------------------------------------------------------- compose
 
 @cache
@@ -240,6 +259,30 @@ def test_dashboard_references_only_real_metrics() -> None:
     assert len(ids) == len(set(ids))
     ds = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"][0]
     assert variables["datasource"]["current"]["value"] == ds["uid"]
+
+
+def tenant_series_names() -> set[str]:
+    """Series (suffixes included) of the metrics that carry a ``tenant`` label."""
+    reg = Metrics().registry
+    return {n for col, names in reg._collector_to_names.items() if "tenant" in getattr(col, "_labelnames", ())
+            for n in names}
+
+
+def test_every_panel_on_a_tenant_metric_honours_the_tenant_variable() -> None:
+    """A panel that could filter by tenant does: every reference to a tenant-labelled series carries
+    tenant=~"$tenant" (panels on service-wide metrics have no tenant to filter by)."""
+    dash = json.loads(DASHBOARD.read_text())
+    tenant_series = tenant_series_names()
+    assert "nexus_evicted_token_age_calls_bucket" in tenant_series
+    checked = 0
+    for expr in _dashboard_exprs(dash):
+        if expr.startswith("label_values("):  # the $tenant variable's own query
+            continue
+        for m in re.finditer(r"\b(nexus_\w+)(\{[^}]*\})?", expr):
+            if m.group(1) in tenant_series:
+                checked += 1
+                assert m.group(2) and 'tenant=~"$tenant"' in m.group(2), f"{m.group(1)} unfiltered in {expr!r}"
+    assert checked >= 20
 
 
 def test_rules_reference_only_real_metrics() -> None:

@@ -38,7 +38,7 @@ class Metrics:
                                        "Share of a step's attention mass on slots that were kept",
                                        ["tenant", "policy"], buckets=_FRAC, registry=r)
         self.eviction_age = Histogram("nexus_evicted_token_age_calls", "Age (in calls) of tokens at eviction",
-                                      ["policy"], buckets=_AGE, registry=r)
+                                      ["tenant", "policy"], buckets=_AGE, registry=r)
         self.sessions_open = Gauge("nexus_sessions_open", "Hot sessions", ["tenant"], registry=r)
         self.sessions_opened = Counter("nexus_sessions_opened_total", "Sessions opened", ["tenant"], registry=r)
         self.sessions_resumed = Counter("nexus_sessions_resumed_total", "Sessions resumed from the store",

@@ -362,7 +362,7 @@ class SessionManager:
             series = self._series_cache[key] = _Series(
                 seen=m.tokens_seen.labels(*key), evicted=m.tokens_evicted.labels(*key),
                 retained=m.tokens_retained.labels(*key), ratio=m.retention_ratio.labels(*key),
-                mass=m.retained_mass.labels(*key), age=m.eviction_age.labels(hs.cfg.policy))
+                mass=m.retained_mass.labels(*key), age=m.eviction_age.labels(*key))
         return series
 
     # -- durability ---------------------------------------------------------------------------
