@@ -179,6 +179,8 @@ class AsyncNexusRouter:
         self._ring = HashRing([], vnodes)
         self._clients: dict[str, AsyncNexusClient] = {}
         self._pins: dict[str, str] = {}  # routing key -> endpoint
+        self._load: collections.Counter[str] = collections.Counter()  # endpoint -> keys pinned to it
+        self._members: dict[str, set[str]] = collections.defaultdict(set)  # routing key -> its session ids
         self._sessions: dict[str, _Session] = {}
         self._down: dict[str, float] = {}  # endpoint -> monotonic time it was found lost
         self._resolved_at = -math.inf
@@ -226,20 +228,30 @@ class AsyncNexusRouter:
         alive = set(self._alive())
         if not alive:
             raise NoReplica(f"no sidecar replica reachable (known: {list(self._ring.endpoints) or 'none'})")
-        load = collections.Counter(ep for ep in self._pins.values() if ep in alive)
-        cap = math.ceil(self.load_factor * (sum(load.values()) + 1) / len(alive))
+        load = self._load  # kept up to date on every pin and unpin: placing is O(replicas), not O(sessions)
+        cap = math.ceil(self.load_factor * (sum(load[ep] for ep in alive) + 1) / len(alive))
         choice = next((ep for ep in self._ring.candidates(key) if ep in alive and load[ep] < cap), None)
         if choice is None:  # every live endpoint at the bound (rounding): the ring owner takes it
             choice = next(ep for ep in self._ring.candidates(key) if ep in alive)
-        self._pins[key] = choice
+        self._pin(key, choice)
         return choice
+
+    def _pin(self, key: str, endpoint: str) -> None:
+        self._release(key)
+        self._pins[key] = endpoint
+        self._load[endpoint] += 1
+
+    def _release(self, key: str) -> None:
+        """Forget ``key``'s pin (and its share of its replica's load)."""
+        old = self._pins.pop(key, None)
+        if old is not None:
+            self._load[old] -= 1
 
     def _unpin(self, key: str) -> None:
         """Forget ``key``'s replica; its sessions resume wherever it lands next."""
-        self._pins.pop(key, None)
-        for s in self._sessions.values():
-            if s.key == key:
-                s.needs_resume = True
+        self._release(key)
+        for sid in self._members.get(key, ()):
+            self._sessions[sid].needs_resume = True
 
     def _endpoint(self, s: _Session) -> str:
         ep = self._pins.get(s.key)
@@ -274,6 +286,7 @@ class AsyncNexusRouter:
         if s is None:
             s = _Session(session_id, self.affinity(session_id), config, collections.deque(maxlen=self.replay))
             self._sessions[session_id] = s
+            self._members[s.key].add(session_id)
         return await self._on_replica(s, lambda c: c.open_session(session_id, config))
 
     async def step(self, steps: Sequence[pb.SessionStep]) -> list[pb.SessionResult]:
@@ -353,8 +366,10 @@ class AsyncNexusRouter:
         s = self._session(session_id)
         step = await self._on_replica(s, lambda c: c.close_session(session_id))
         del self._sessions[session_id]
-        if not any(o.key == s.key for o in self._sessions.values()):
-            self._pins.pop(s.key, None)
+        self._members[s.key].discard(session_id)
+        if not self._members[s.key]:
+            del self._members[s.key]
+            self._release(s.key)
         return int(step)
 
     async def get_session(self, session_id: str, include_weights: bool = False) -> pb.GetSessionResponse:
