@@ -7,6 +7,8 @@ message. :func:`nexus_sidecar.cli.main` prints it as ``nexus-sidecar COMMAND: <w
 
 from __future__ import annotations
 
+import argparse
+
 EXIT_USAGE = 2
 
 
@@ -20,3 +22,27 @@ class UsageError(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad one is argparse's own one-line error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def check_cuda_device(flag: str, device: str) -> None:
+    """A CUDA device that torch cannot see is a user error, not a crash at the first step."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"{flag} {device}: torch sees no CUDA device here; use {flag} cpu")
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")

@@ -118,6 +118,16 @@ def test_generate_unknown_model() -> None:
     one_line_error(cli("generate", "--threads", "0", "--prompt", "hi"), "--threads 0", ">= 1")
 
 
+def test_demo_and_bench_arguments() -> None:
+    one_line_error(cli("demo", "--budget", "0"), "argument --budget", "must be >= 1")
+    one_line_error(cli("demo", "--sessions", "x"), "argument --sessions", "integer >= 1")
+    one_line_error(cli("bench", "survival", "--seeds", "0"), "argument --seeds", "must be >= 1")
+    import torch
+
+    if not torch.cuda.is_available():
+        one_line_error(cli("bench", "engine", "--quick", "--device", "cuda"), "--device cuda", "no CUDA device")
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     proc = cli("--debug", *SERVE, "--keys-file", str(tmp_path / "missing"))
     assert proc.returncode == 2

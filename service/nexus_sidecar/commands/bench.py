@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nexus_sidecar.usage import check_cuda_device, positive_int
+
 HELP = """\
 Benchmarks. Each prints a table, and with --json PATH writes PATH, PATH.md (table) and a PNG.
 
@@ -28,11 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         q.add_argument("--quick", action="store_true", help="a small grid that finishes fast (CI-adjacent)")
         q.add_argument("--json", help="write results here (plus .md and .png next to it)")
         q.add_argument("--no-progress", action="store_true")
-        q.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; use 1 on a "
-                                                   "shared machine, where spinning OpenMP threads cost 10x)")
+        q.add_argument("--threads", type=positive_int,
+                       help="torch intra-op threads (default: torch's choice; use 1 on a shared machine, where "
+                            "spinning OpenMP threads cost 10x)")
         if name in ("survival", "sweep"):
-            q.add_argument("--seeds", type=int, help="streams (sessions) per setting")
-            q.add_argument("--length", type=int, help="tokens per stream")
+            q.add_argument("--seeds", type=positive_int, help="streams (sessions) per setting")
+            q.add_argument("--length", type=positive_int, help="tokens per stream")
         if name == "engine":
             q.add_argument("--device", action="append", help="cpu, cuda (repeatable; default: cpu + cuda if present)")
         q.set_defaults(func=run)
@@ -66,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         from nexus_sidecar.bench import engine_bench as mod
 
         devices = tuple(args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]))
+        for device in devices:
+            check_cuda_device("--device", device)
         if args.quick:
             settings = mod.EngineBenchSettings(batch_sizes=(1, 64), slots=(4096,), fanouts=(8,), iterations=(2,),
                                                calls=9, warmup=2, devices=devices)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nexus_sidecar.usage import positive_int
+
 HELP = """\
 Start the sidecar in this process (memory store, three tenants with their own API keys), drive
 it over real gRPC with simulated inference workers (each decoding a batch of sessions whose
@@ -34,11 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``demo`` parser."""
     p = sub.add_parser("demo", help="run the service against simulated workers", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workers-per-tenant", type=int, default=2)
-    p.add_argument("--sessions", type=int, default=8, help="sessions per worker (one RPC carries all)")
-    p.add_argument("--prefill", type=int, default=256, help="prompt tokens per session")
-    p.add_argument("--steps", type=int, default=160, help="decode calls per session")
-    p.add_argument("--budget", type=int, default=96, help="KV slots each session may keep")
+    p.add_argument("--workers-per-tenant", type=positive_int, default=2)
+    p.add_argument("--sessions", type=positive_int, default=8, help="sessions per worker (one RPC carries all)")
+    p.add_argument("--prefill", type=positive_int, default=256, help="prompt tokens per session")
+    p.add_argument("--steps", type=positive_int, default=160, help="decode calls per session")
+    p.add_argument("--budget", type=positive_int, default=96, help="KV slots each session may keep")
     p.set_defaults(func=run)
 
 

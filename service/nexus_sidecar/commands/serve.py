@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nexus_sidecar.settings_cli import add_setting_flags, effective, settings_from_args
-from nexus_sidecar.usage import UsageError
+from nexus_sidecar.usage import UsageError, check_cuda_device
 
 if TYPE_CHECKING:
     from nexus_sidecar.server.auth import KeyRing
@@ -69,16 +69,8 @@ def load_keys(settings: ServerSettings) -> KeyRing:
 
 
 def check_device(device: str) -> None:
-    """A CUDA device that torch cannot see is a user error, not a crash at the first step."""
-    if not device.startswith("cuda"):
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: torch sees no CUDA device here; use --device cpu (or auto)")
-    index = int(device.split(":", 1)[1]) if ":" in device else 0
-    if index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    """``--device``: auto, cpu, or a CUDA device torch can see."""
+    check_cuda_device("--device", device)
 
 
 def check_ports(settings: ServerSettings) -> None:
