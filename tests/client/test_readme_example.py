@@ -65,7 +65,7 @@ def test_public_names_are_exported() -> None:
 
     for name in ("NexusClient", "AsyncNexusClient", "ClientOptions", "SessionConfig", "SidecarError",
                  "SessionNotFound", "FailedPrecondition", "Unavailable", "WorkerSession", "pack_step",
-                 "unpack_result", "top_edges"):
+                 "unpack_result", "top_edges", "NexusRouter", "AsyncNexusRouter", "DnsEndpoints", "SessionLost"):
         assert name in nexus_client.__all__ and hasattr(nexus_client, name), name
     assert sorted(nexus_client.__all__) == nexus_client.__all__
 
