@@ -23,13 +23,29 @@ class WorkerSession:
     step: int = 0
     retained_count: int = 0
     retained_checksum: int = 0
-    positions: list[torch.Tensor] = field(default_factory=list)
+    positions: list[torch.Tensor] = field(default_factory=list)  # retained per group (kept by ``advance``)
 
     def apply(self, result: pb.SessionResult) -> None:
         """Advance after a successful step."""
         self.step = result.step
         self.retained_count = result.retained_count
         self.retained_checksum = result.retained_checksum
+
+    def advance(self, new_positions: torch.Tensor, result: pb.SessionResult) -> None:
+        """:meth:`apply`, and track the retained positions per group (what a resync sends).
+
+        ``positions[g]`` becomes the kept slots of this call: the retained positions, then the new
+        ones, filtered by the sidecar's keep mask.
+        """
+        keep, _ = unpack_result(result)
+        new = new_positions.detach().to("cpu", torch.int64).reshape(-1)
+        held = self.positions or [torch.zeros(0, dtype=torch.int64) for _ in range(self.groups)]
+        out = []
+        for g in range(self.groups):
+            slots = torch.cat([held[g], new])
+            out.append(slots[keep[g, : slots.numel()]])
+        self.positions = out
+        self.apply(result)
 
 
 def pack_step(ws: WorkerSession, new_positions: torch.Tensor, attn: torch.Tensor, last: torch.Tensor,

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.timeout(600)
 CASES = 1000
 FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS}
 METHODS = {"OpenSession": pb.OpenSessionRequest, "Step": pb.StepRequest, "CloseSession": pb.CloseSessionRequest,
-           "GetSession": pb.GetSessionRequest, "ListPolicies": pb.ListPoliciesRequest}
+           "GetSession": pb.GetSessionRequest, "ListPolicies": pb.ListPoliciesRequest, "Resync": pb.ResyncRequest}
 
 
 @dataclass
@@ -189,7 +189,10 @@ def invalid_utf8_request(method: str, payload: bytes) -> bytes:
 
 cases = st.one_of(
     st.tuples(st.just("garbage"), st.sampled_from(sorted(METHODS)), st.binary(max_size=400)),
-    st.tuples(st.just("utf8"), st.sampled_from(["OpenSession", "CloseSession", "GetSession"]), st.binary(max_size=20)),
+    st.tuples(st.just("utf8"), st.sampled_from(["OpenSession", "CloseSession", "GetSession", "Resync"]),
+              st.binary(max_size=20)),
+    st.tuples(st.just("resync"), st.tuples(ids, st.one_of(st.none(), configs())),
+              st.tuples(st.integers(0, 2**64 - 1), st.lists(tensors, max_size=3))),
     st.tuples(st.just("truncated"), st.sampled_from(["OpenSession", "Step"]), st.integers(1, 200)),
     st.tuples(st.just("open"), ids, configs()),
     st.tuples(st.just("step"), mutations, st.lists(mutations, max_size=2)),
@@ -253,6 +256,11 @@ def test_fuzz_every_rpc(world: World, case: tuple[str, Any, Any]) -> None:
         steps = [pb.SessionStep(session_id=sid, step=n, new_positions=t[0], attn=t[1], last=t[2], edge_index=t[3],
                                 edge_weight=t[4]) for sid, n, t in a]
         code, _ = _rpc(w, w.client.step, steps)
+    elif kind == "resync":
+        req = pb.ResyncRequest(session_id=a[0], step=b[0], retained=b[1])
+        if a[1] is not None:
+            req.config.CopyFrom(a[1])
+        code, _ = _rpc(w, w.client._call, w.client._stub.Resync, req)
     elif kind == "get":
         code, _ = _rpc(w, w.client.get_session, a, b)
     elif kind == "close":

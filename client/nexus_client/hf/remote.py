@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from nexus_client.client import ClientOptions, NexusClient
+from nexus_client.errors import FailedPrecondition, SessionNotFound
 from nexus_client.hf.accumulate import StepTensors
 from nexus_client.hf.backends import StepDecision
 from nexus_client.packing import WorkerSession, pack_step, unpack_result
@@ -50,7 +51,7 @@ class RemoteBackend:
     """
 
     def __init__(self, target: str | ClientOptions, *, api_key: str | None = None,
-                 float_dtype: torch.dtype = torch.float32, timeout_s: float = 10.0, retries: int = 3,
+                 float_dtype: torch.dtype = torch.float32, timeout_s: float = 10.0, retries: int = 100,
                  session_prefix: str | None = None) -> None:
         if float_dtype not in _WIRE_FLOATS:
             raise ValueError(f"float_dtype must be torch.float32 or torch.float16, got {float_dtype}")
@@ -63,6 +64,8 @@ class RemoteBackend:
         self.bytes_sent = 0
         self.calls = 0
         self.records: list[CallRecord] = []
+        self.resyncs = 0  # sessions re-seeded after the sidecar lost or fell behind their state
+        self._configs: dict[str, Mapping[str, Any]] = {}
 
     @property
     def bytes_per_call(self) -> float:
@@ -76,6 +79,7 @@ class RemoteBackend:
         wanted = config.get("groups")
         if wanted is not None and resp.config.groups != wanted:
             raise RuntimeError(f"sidecar opened session {sid!r} with {resp.config.groups} groups, asked for {wanted}")
+        self._configs[sid] = dict(config)
         return WorkerSession(sid, groups=resp.config.groups, step=resp.step)
 
     def step(self, session: WorkerSession, tensors: StepTensors) -> StepDecision:
@@ -86,12 +90,21 @@ class RemoteBackend:
         self.bytes_sent += size
         self.calls += 1
         self.records.append(CallRecord(int(tensors.new_positions.numel()), int(tensors.attn.shape[-1]), size))
-        results = self.client.step([msg])
+        try:
+            results = self.client.step([msg])
+        except (FailedPrecondition, SessionNotFound):
+            # Failover to an older checkpoint, or the store lost it: re-seed the sidecar from this
+            # worker's cache (its truth) and send the same call again.
+            self.client.resync(session, self._configs.get(session.session_id))
+            self.resyncs += 1
+            msg = pack_step(session, tensors.new_positions, tensors.attn, tensors.last, tensors.edge_pos,
+                            tensors.edge_w, float_dtype=self.float_dtype)
+            results = self.client.step([msg])
         if len(results) != 1 or results[0].session_id != session.session_id or results[0].step != msg.step:
             got = [(r.session_id, r.step) for r in results]
             raise RuntimeError(f"sidecar answered {got} for step {msg.step} of session {session.session_id!r}")
         result = results[0]
-        session.apply(result)
+        session.advance(tensors.new_positions, result)
         keep, evicted = unpack_result(result)
         return StepDecision(keep=keep, evicted=evicted)
 

@@ -292,3 +292,35 @@ class ListPoliciesResponse(_message.Message):
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     policies: _containers.RepeatedCompositeFieldContainer[PolicyInfo]
     def __init__(self, policies: _Optional[_Iterable[_Union[PolicyInfo, _Mapping]]] = ...) -> None: ...
+
+class ResyncRequest(_message.Message):
+    __slots__ = ("session_id", "config", "step", "retained")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    config: PolicyConfig
+    step: int
+    retained: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[PolicyConfig, _Mapping]] = ..., step: _Optional[int] = ..., retained: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class ResyncResponse(_message.Message):
+    __slots__ = ("session_id", "config", "step", "retained_count", "retained_checksum", "known", "admitted", "previous_step")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_STEP_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    config: PolicyConfig
+    step: int
+    retained_count: int
+    retained_checksum: int
+    known: int
+    admitted: int
+    previous_step: int
+    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[PolicyConfig, _Mapping]] = ..., step: _Optional[int] = ..., retained_count: _Optional[int] = ..., retained_checksum: _Optional[int] = ..., known: _Optional[int] = ..., admitted: _Optional[int] = ..., previous_step: _Optional[int] = ...) -> None: ...

@@ -60,6 +60,11 @@ class EvictionServiceStub(object):
                 request_serializer=nexus_dot_v1_dot_sidecar__pb2.ListPoliciesRequest.SerializeToString,
                 response_deserializer=nexus_dot_v1_dot_sidecar__pb2.ListPoliciesResponse.FromString,
                 _registered_method=True)
+        self.Resync = channel.unary_unary(
+                '/nexus.v1.EvictionService/Resync',
+                request_serializer=nexus_dot_v1_dot_sidecar__pb2.ResyncRequest.SerializeToString,
+                response_deserializer=nexus_dot_v1_dot_sidecar__pb2.ResyncResponse.FromString,
+                _registered_method=True)
 
 
 class EvictionServiceServicer(object):
@@ -102,6 +107,16 @@ class EvictionServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resync(self, request, context):
+        """Resync re-seeds a session from the worker's own truth (its retained positions and step
+        number) when the sidecar's state is behind or missing (failover to an older checkpoint,
+        store lost). What the sidecar still knows about those positions is kept; the others are
+        admitted as newcomers. Afterwards the next step is step + 1.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EvictionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +144,11 @@ def add_EvictionServiceServicer_to_server(servicer, server):
                     servicer.ListPolicies,
                     request_deserializer=nexus_dot_v1_dot_sidecar__pb2.ListPoliciesRequest.FromString,
                     response_serializer=nexus_dot_v1_dot_sidecar__pb2.ListPoliciesResponse.SerializeToString,
+            ),
+            'Resync': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resync,
+                    request_deserializer=nexus_dot_v1_dot_sidecar__pb2.ResyncRequest.FromString,
+                    response_serializer=nexus_dot_v1_dot_sidecar__pb2.ResyncResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +287,33 @@ class EvictionService(object):
             '/nexus.v1.EvictionService/ListPolicies',
             nexus_dot_v1_dot_sidecar__pb2.ListPoliciesRequest.SerializeToString,
             nexus_dot_v1_dot_sidecar__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.v1.EvictionService/Resync',
+            nexus_dot_v1_dot_sidecar__pb2.ResyncRequest.SerializeToString,
+            nexus_dot_v1_dot_sidecar__pb2.ResyncResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,7 @@ class Sidecar:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.engine = Engine(device)
+        self._owns_store = store is None  # a store handed in is the caller's to close
         self.store = store or make_store(settings, self.metrics)
         self.sessions = SessionManager(self.engine, self.store, settings, self.metrics)
         self.servicer = EvictionServicer(self.sessions, self.keys, self.metrics)
@@ -158,7 +159,8 @@ class Sidecar:
             self._http.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._http_task, timeout=5)
-        await self.store.close()
+        if self._owns_store:
+            await self.store.close()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

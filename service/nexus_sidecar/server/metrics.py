@@ -46,6 +46,9 @@ class Metrics:
         self.sessions_closed = Counter("nexus_sessions_closed_total", "Sessions closed", ["tenant"], registry=r)
         self.sessions_expired = Counter("nexus_sessions_expired_total", "Hot sessions unloaded after idling",
                                         ["tenant"], registry=r)
+        self.sessions_resynced = Counter("nexus_sessions_resynced_total",
+                                         "Sessions re-seeded from a worker's retained positions (Resync)",
+                                         ["tenant"], registry=r)
         self.sessions_unloaded = Counter("nexus_sessions_unloaded_total",
                                          "Idle sessions checkpointed and unloaded to make room in the hot pool",
                                          ["tenant"], registry=r)

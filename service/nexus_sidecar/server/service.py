@@ -148,6 +148,19 @@ class EvictionServicer(pb_grpc.EvictionServiceServicer):
 
         return await self._call("GetSession", request, context, False, body)
 
+    async def Resync(self, request: pb.ResyncRequest, context: grpc.aio.ServicerContext) -> pb.ResyncResponse:
+        """Re-seed a session from the worker's retained positions and step."""
+        async def body(p: Principal) -> pb.ResyncResponse:
+            given = codec.config_from_proto(request.config, self.sessions.settings.default_policy) \
+                if request.HasField("config") else None
+            hs, seeded, before = await self.sessions.resync(p.tenant, request.session_id, given, request.step,
+                                                            list(request.retained))
+            return pb.ResyncResponse(session_id=hs.session_id, config=codec.config_to_proto(hs.cfg), step=hs.step,
+                                     retained_count=hs.count, retained_checksum=hs.checksum, known=seeded.known,
+                                     admitted=seeded.admitted, previous_step=before)
+
+        return await self._call("Resync", request, context, True, body)
+
     async def ListPolicies(self, request: pb.ListPoliciesRequest, context: grpc.aio.ServicerContext
                            ) -> pb.ListPoliciesResponse:
         """Registered policies with their default configs."""

@@ -37,6 +37,7 @@ from nexus_sidecar.server.errors import (
     step_field,
 )
 from nexus_sidecar.server.metrics import Metrics
+from nexus_sidecar.server.resync import Reseeded, reseed, retained_positions
 from nexus_sidecar.server.retention_history import RetentionHistory
 from nexus_sidecar.server.settings import ServerSettings
 from nexus_sidecar.server.stores import StateStore, StoreUnavailable, validate_id
@@ -243,6 +244,56 @@ class SessionManager:
             yield hs
         finally:
             hs.lock.release()
+
+    async def resync(self, tenant: str, session_id: str, given: PolicyConfig | None, step: int,
+                     retained: list[pb.Tensor]) -> tuple[HotSession, Reseeded, int]:
+        """Re-seed a session from the worker's retained positions and step (see server/resync.py).
+
+        Returns the hot session, what was known/admitted, and the step the sidecar was at before.
+        A session the sidecar knows nothing about needs ``given`` (its config).
+        """
+        validate_id("session_id", session_id)
+        try:
+            async with self.locked(tenant, session_id) as hs:
+                prior = await self.on_engine(self.engine.snapshot, hs.handle)
+                before = hs.step
+                positions = retained_positions(retained, hs.cfg)
+                seeded = reseed(hs.cfg, prior, positions, step)
+                handle = await self.on_engine(self.engine.restore, seeded.state)
+                old, hs.handle = hs.handle, handle
+                await self.on_engine(self.engine.close, old)
+                self._reset_to(hs, step, positions)
+                await self._write(hs)
+        except SessionNotFound:
+            if given is None:
+                raise InvalidArgument("config", "the sidecar has no state for this session: send its config") \
+                    from None
+            self.admission.check_config(given)
+            self.admission.check_tenant_sessions(tenant, len(self.hot_sessions(tenant)))
+            positions = retained_positions(retained, given)
+            seeded = reseed(given, None, positions, step)
+            await self.make_room(lambda: self.admission.open_fits(given), "resyncing a session")
+            handle = await self.on_engine(self.engine.restore, seeded.state)
+            hs = HotSession(tenant, session_id, handle, given)
+            self._hot[(tenant, session_id)] = hs
+            self._reset_to(hs, step, positions)
+            async with hs.lock:
+                await self._write(hs)
+            self.metrics.sessions_open.labels(tenant).set(len(self.hot_sessions(tenant)))
+            before = 0
+        self.metrics.sessions_resynced.labels(tenant).inc()
+        log.warning("resynced session %s/%s from the worker at step %d (sidecar was at step %d): %d positions known, "
+                    "%d admitted as newcomers", tenant, session_id, step, before, seeded.known, seeded.admitted)
+        return hs, seeded, before
+
+    def _reset_to(self, hs: HotSession, step: int, positions: list[torch.Tensor]) -> None:
+        """The session's bookkeeping after a resync: the worker's step, count and checksum."""
+        count = sum(p.numel() for p in positions)
+        self._series(hs).retained.inc(count - hs.count)
+        hs.step, hs.count, hs.checksum = step, count, codec.checksum_of(positions)
+        hs.digest, hs.last_result = b"", None  # nothing to answer a retry of an older step with
+        hs.checkpointed_step, hs.stored = 0, False
+        hs.last_used = time.monotonic()
 
     async def _unload(self, hs: HotSession) -> None:
         key = (hs.tenant, hs.session_id)
