@@ -1,8 +1,11 @@
 """Engine cost per batched call: B sessions x N retained slots, one new token each (k = 1).
 
 Each session is prefilled to N slots with budget N, so every timed call appends one token and
-evicts one (steady state). Timing covers ``Engine.step`` end to end (input padding,
-validation, scoring, selection, compaction, write-back), median of the timed calls.
+evicts one (steady state). With ``priors`` (the default) every call also carries the three
+query-agnostic priors, as a worker running ``cache_priors`` sends them: every policy pays for their
+transfer and validation, Nexus mixes ``key_diversity`` into its walk, keydiff/knorm score by them.
+Timing covers ``Engine.step`` end to end (input padding, validation, scoring, selection, compaction,
+write-back), median of the timed calls.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from nexus_sidecar.bench.report import machine, markdown_table
 from nexus_sidecar.engine import POLICIES, Engine, PolicyConfig, StepInput
 
-ORDER = ("streaming", "tova", "h2o", "snapkv", "random", "nexus_topk", "nexus")
+ORDER = ("streaming", "tova", "h2o", "snapkv", "random", "keydiff", "knorm", "nexus_topk", "nexus")
 
 
 @dataclass
@@ -33,6 +36,7 @@ class EngineBenchSettings:
     calls: int = 15
     warmup: int = 3
     devices: tuple[str, ...] = ("cpu",)
+    priors: bool = True  # every call carries key_diversity, key_norm and value_norm
 
 
 def _sync(device: torch.device) -> None:
@@ -40,8 +44,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(policy: str, device: str, B: int, N: int, F: int, R: int, calls: int, warmup: int) -> dict[str, Any]:
-    """Median time of one batched call at the given shape."""
+def _priors(width: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"key_diversity": torch.rand(1, width, generator=g) * 2 - 1,
+            "key_norm": torch.rand(1, width, generator=g) * 20, "value_norm": torch.rand(1, width, generator=g)}
+
+
+def measure(policy: str, device: str, B: int, N: int, F: int, R: int, calls: int, warmup: int,
+            priors: bool = True) -> dict[str, Any]:
+    """Median time of one batched call at the given shape (``priors``: the calls carry them)."""
+    if POLICIES[policy].requires and not priors:
+        raise ValueError(f"policy {policy!r} needs the priors")
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     eng = Engine(dev)
@@ -51,15 +63,16 @@ def measure(policy: str, device: str, B: int, N: int, F: int, R: int, calls: int
     pos = torch.arange(N)
     tgt = (torch.rand(N, F, generator=g) * (pos.unsqueeze(1) + 1)).long()
     prefill = StepInput(pos, torch.rand(1, N, generator=g), torch.rand(1, N, generator=g), tgt[None],
-                        torch.rand(1, N, F, generator=g))
-    eng.step({h: _to(prefill, dev) for h in handles})
+                        torch.rand(1, N, F, generator=g), **(_priors(N, g) if priors else {}))
+    eng.step({h: prefill.to(dev) for h in handles})
     inputs = []
     for c in range(calls + warmup):
         p = N + c
         # Edges of the new token: itself and recent (protected) tokens, which are always cached.
         e = torch.arange(p, p - F, -1).clamp(min=0)[None, None]
-        inputs.append({h: _to(StepInput(torch.tensor([p]), torch.rand(1, N + 1, generator=g),
-                                        torch.rand(1, N + 1, generator=g), e, torch.rand(1, 1, F, generator=g)), dev)
+        inputs.append({h: StepInput(torch.tensor([p]), torch.rand(1, N + 1, generator=g),
+                                    torch.rand(1, N + 1, generator=g), e, torch.rand(1, 1, F, generator=g),
+                                    **(_priors(N + 1, g) if priors else {})).to(dev)
                        for h in handles})
     times = []
     for c, items in enumerate(inputs):
@@ -71,12 +84,8 @@ def measure(policy: str, device: str, B: int, N: int, F: int, R: int, calls: int
             times.append(time.perf_counter() - t0)
     ms = statistics.median(times) * 1e3
     assert all(n == [N] for n in (eng.counts(h) for h in handles)), "steady state broken"
-    return {"policy": policy, "device": device, "B": B, "N": N, "F": F, "R": R, "ms_per_call": ms,
+    return {"policy": policy, "device": device, "priors": priors, "B": B, "N": N, "F": F, "R": R, "ms_per_call": ms,
             "session_steps_per_s": B / (ms / 1e3), "calls_timed": len(times)}
-
-
-def _to(inp: StepInput, dev: torch.device) -> StepInput:
-    return StepInput(*(t.to(dev) for t in (inp.new_positions, inp.attn, inp.last, inp.edge_pos, inp.edge_w)))
 
 
 def run(settings: EngineBenchSettings, progress: bool = True) -> dict[str, Any]:
@@ -90,7 +99,8 @@ def run(settings: EngineBenchSettings, progress: bool = True) -> dict[str, Any]:
         grid += [(dev, pol, B, N, F, R) for R in rs]
     records = []
     for dev, pol, B, N, F, R in tqdm(grid, desc="engine", disable=not progress):
-        records.append(measure(pol, dev, B, N, F, max(R, 1) if R else 2, settings.calls, settings.warmup))
+        records.append(measure(pol, dev, B, N, F, max(R, 1) if R else 2, settings.calls, settings.warmup,
+                               settings.priors))
         records[-1]["R"] = R
     # Ratio to TOVA at the same device/B/N/F, measured in this run.
     tova = {(r["device"], r["B"], r["N"], r["F"]): r["ms_per_call"] for r in records if r["policy"] == "tova"}
@@ -102,7 +112,7 @@ def run(settings: EngineBenchSettings, progress: bool = True) -> dict[str, Any]:
 
 def table(payload: dict[str, Any]) -> str:
     """Markdown table of the records."""
-    return markdown_table(payload["records"], ["policy", "device", "B", "N", "F", "R", "ms_per_call",
+    return markdown_table(payload["records"], ["policy", "device", "priors", "B", "N", "F", "R", "ms_per_call",
                                                "session_steps_per_s", "x_tova"])
 
 

