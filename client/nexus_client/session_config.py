@@ -37,6 +37,7 @@ class SessionConfig(Mapping[str, Any]):
     pool_reduce: Literal["max", "mean"] | None = None
     prior: Literal["key_diversity", "key_norm", "value_norm"] | None = None  # Nexus: the prior in its walk
     prior_mix: float | None = None  # Nexus: the prior's share of the walk's direct mass, in [0, 1]
+    prior_sharpness: float | None = None  # Nexus: contrast of the prior's mass, exp(sharpness * z-score)
 
     def _set(self) -> dict[str, Any]:
         return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}

@@ -28,6 +28,7 @@ BAD: list[tuple[str, object]] = [
     ("pool_reduce", "sum"),
     ("prior", "attention"), ("prior", None), ("prior", "KEY_NORM"),
     ("prior_mix", -0.1), ("prior_mix", 1.5), ("prior_mix", math.nan), ("prior_mix", "0.5"), ("prior_mix", True),
+    ("prior_sharpness", -1.0), ("prior_sharpness", 17.0), ("prior_sharpness", math.inf), ("prior_sharpness", None),
 ]
 
 
@@ -115,7 +116,7 @@ def test_batch_key_separates_structural_fields_only() -> None:
     for structural in ({"policy": "h2o"}, {"beta": 0.1}, {"iterations": 3}, {"gamma": 0.5}, {"tau": 1.0},
                        {"randomness": other_randomness}, {"pool": 3}, {"granularity": "block"}, {"block_size": 32},
                        {"attn_reduce": "mean"}, {"pool_reduce": "mean"}, {"prior": "value_norm"},
-                       {"prior_mix": 0.25}):
+                       {"prior_mix": 0.25}, {"prior_sharpness": 3.0}):
         assert cfg.with_(**structural).batch_key() != cfg.batch_key(), structural
 
 

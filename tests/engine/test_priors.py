@@ -96,7 +96,7 @@ def _blob_without_prior_knobs(blob: bytes) -> bytes:
     from nexus_sidecar.engine import SessionState
 
     state = SessionState.from_bytes(blob)
-    state.config = state.config.with_(prior="key_diversity", prior_mix=0.5)
+    state.config = state.config.with_(prior="key_diversity", prior_mix=0.5, prior_sharpness=1.0)
     return state.to_bytes()
 
 
@@ -106,7 +106,7 @@ def test_nexus_without_priors_or_with_mix_zero_is_the_attention_walk(policy: str
     ref_hist, ref_blob = _nexus_history(base, strip=True)
     runs = [
         _nexus_history(base.with_(prior_mix=0.0), strip=False),  # priors sent, mix 0
-        _nexus_history(base.with_(prior="value_norm", prior_mix=1.0), strip=True),  # knobs, no priors
+        _nexus_history(base.with_(prior="value_norm", prior_mix=1.0, prior_sharpness=4.0), strip=True),  # no priors
     ]
     for hist, blob in runs:
         assert hist == ref_hist
@@ -169,3 +169,31 @@ def test_nexus_reads_the_configured_prior_in_its_keep_direction(prior: str, keep
     x = priors[prior][0, 1 : n - 1]  # the candidates (slot 0 is a sink, slot n - 1 recent)
     expect = torch.argsort(x, descending=keep_low, stable=True)[:3] + 1
     assert sorted(gone) == sorted(expect.tolist())
+
+
+def test_prior_sharpness_zero_makes_the_prior_uniform() -> None:
+    # mix 1, no walk, no reaction: the direct mass is the prior's alone; at sharpness 0 it is flat,
+    # so the top-K ties evict the oldest candidates, whatever the prior says.
+    n = 12
+    kd = torch.linspace(1.0, -1.0, n)[None]  # oldest = most distinctive
+    gone = {}
+    for sharp in (0.0, 1.0):
+        eng = Engine("cpu")
+        h = eng.open(_nexus_cfg(budget=n - 3, beta=0.0, prior_mix=1.0, prior_sharpness=sharp))
+        out = eng.step({h: StepInput(torch.arange(n), torch.zeros(1, n), torch.zeros(1, n), *_no_edges(1, n, 2),
+                                     key_diversity=kd)})[h]
+        gone[sharp] = evicted_lists(out)[0]
+    assert gone == {0.0: [1, 2, 3], 1.0: [8, 9, 10]}
+
+
+def test_an_extreme_prior_outlier_stays_finite() -> None:
+    # One distinctive key among 3000 identical ones: its z-score is ~55, exp(16 * 55) would overflow.
+    n = 3000
+    kd = torch.full((1, n), -1.0)
+    kd[0, 1500] = 1.0
+    eng = Engine("cpu")
+    h = eng.open(_nexus_cfg(budget=100, beta=0.5, prior_mix=0.5, prior_sharpness=16.0))
+    attn = torch.rand(1, n, generator=torch.Generator().manual_seed(0))
+    out = eng.step({h: StepInput(torch.arange(n), attn, attn.clone(), *_no_edges(1, n, 2), key_diversity=kd)})[h]
+    assert out.keep[0, 1500] and out.retained == [100]
+    assert all(torch.isfinite(m).all() for m in eng.memory(h))

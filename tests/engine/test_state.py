@@ -195,7 +195,8 @@ def test_bad_config_inside_the_blob() -> None:
 
 @pytest.mark.parametrize(("knobs", "defaults"), [
     ({"attn_reduce": "sum", "pool_reduce": "max"}, {}),
-    ({"prior": "key_diversity", "prior_mix": 0.5}, {"prior": "value_norm", "prior_mix": 0.25}),
+    ({"prior": "key_diversity", "prior_mix": 0.5, "prior_sharpness": 1.0},
+     {"prior": "value_norm", "prior_mix": 0.25, "prior_sharpness": 3.0}),
 ])
 def test_a_blob_written_before_knobs_existed_restores_with_their_defaults(knobs: dict, defaults: dict) -> None:
     # Rolling upgrade: checkpoints in Redis may predate a knob (attn_reduce / pool_reduce, prior /

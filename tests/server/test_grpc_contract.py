@@ -136,10 +136,13 @@ def test_priors_travel_and_are_checked_like_attn() -> None:
     async def body() -> None:
         async with running_sidecar() as sc:
             c = client(sc)
-            opened = await c.open_session("n1", {**SMALL, "prior": "key_norm", "prior_mix": 0.25})
+            opened = await c.open_session("n1", {**SMALL, "prior": "key_norm", "prior_mix": 0.25,
+                                                 "prior_sharpness": 2.0})
             assert opened.config.prior == pb.PRIOR_KEY_NORM and opened.config.prior_mix == 0.25
+            assert opened.config.prior_sharpness == 2.0
             default = await c.open_session("d1", SMALL)
             assert default.config.prior == pb.PRIOR_KEY_DIVERSITY and default.config.prior_mix == 0.5
+            assert default.config.prior_sharpness == 1.0
 
             sim = SimSession("k1", config={**SMALL, "policy": "keydiff"}, priors=True)
             await c.open_session("k1", sim.config)

@@ -82,7 +82,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PolicyConfig(_message.Message):
-    __slots__ = ("policy", "budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma", "tau", "randomness", "seed", "pool", "granularity", "block_size", "attn_reduce", "pool_reduce", "prior", "prior_mix")
+    __slots__ = ("policy", "budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma", "tau", "randomness", "seed", "pool", "granularity", "block_size", "attn_reduce", "pool_reduce", "prior", "prior_mix", "prior_sharpness")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     SLACK_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class PolicyConfig(_message.Message):
     POOL_REDUCE_FIELD_NUMBER: _ClassVar[int]
     PRIOR_FIELD_NUMBER: _ClassVar[int]
     PRIOR_MIX_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_SHARPNESS_FIELD_NUMBER: _ClassVar[int]
     policy: str
     budget: int
     slack: int
@@ -123,7 +124,8 @@ class PolicyConfig(_message.Message):
     pool_reduce: PoolReduce
     prior: Prior
     prior_mix: float
-    def __init__(self, policy: _Optional[str] = ..., budget: _Optional[int] = ..., slack: _Optional[int] = ..., sinks: _Optional[int] = ..., recent: _Optional[int] = ..., groups: _Optional[int] = ..., beta: _Optional[float] = ..., iterations: _Optional[int] = ..., fanout: _Optional[int] = ..., gamma: _Optional[float] = ..., tau: _Optional[float] = ..., randomness: _Optional[_Union[Randomness, str]] = ..., seed: _Optional[int] = ..., pool: _Optional[int] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., block_size: _Optional[int] = ..., attn_reduce: _Optional[_Union[AttnReduce, str]] = ..., pool_reduce: _Optional[_Union[PoolReduce, str]] = ..., prior: _Optional[_Union[Prior, str]] = ..., prior_mix: _Optional[float] = ...) -> None: ...
+    prior_sharpness: float
+    def __init__(self, policy: _Optional[str] = ..., budget: _Optional[int] = ..., slack: _Optional[int] = ..., sinks: _Optional[int] = ..., recent: _Optional[int] = ..., groups: _Optional[int] = ..., beta: _Optional[float] = ..., iterations: _Optional[int] = ..., fanout: _Optional[int] = ..., gamma: _Optional[float] = ..., tau: _Optional[float] = ..., randomness: _Optional[_Union[Randomness, str]] = ..., seed: _Optional[int] = ..., pool: _Optional[int] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., block_size: _Optional[int] = ..., attn_reduce: _Optional[_Union[AttnReduce, str]] = ..., pool_reduce: _Optional[_Union[PoolReduce, str]] = ..., prior: _Optional[_Union[Prior, str]] = ..., prior_mix: _Optional[float] = ..., prior_sharpness: _Optional[float] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("session_id", "config")

@@ -9,8 +9,9 @@ from nexus_sidecar.usage import check_cuda_device, positive_int
 HELP = """\
 Benchmarks. Each prints a table, and with --json PATH writes PATH, PATH.md (table) and a PNG.
 
-  survival  which planted tokens (subtle, bridge, strong) each policy still holds at the end of
-            synthetic attention streams, at 80% and 90% eviction, with 95% CIs over seeds
+  survival  which planted tokens (subtle, bridge, strong; with --scenario needle also stale and
+            needle) each policy still holds at the end of synthetic attention streams, at 80% and
+            90% eviction, with 95% CIs over seeds
   sweep     the same for nexus, one knob at a time around the defaults (how the defaults were chosen)
   engine    time per batched engine call and session-steps/s across B, N, F, R for every policy
   service   end-to-end gRPC throughput and latency against a bare gRPC echo and the engine alone
@@ -36,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         if name in ("survival", "sweep"):
             q.add_argument("--seeds", type=positive_int, help="streams (sessions) per setting")
             q.add_argument("--length", type=positive_int, help="tokens per stream")
+            q.add_argument("--scenario", choices=("stationary", "needle"), default="stationary",
+                           help="stream generator: stationary (subtle, bridge, strong tokens) or needle (also "
+                                "needles nothing attends to until their question, a topic shift, and the "
+                                "query-agnostic priors)")
         if name == "engine":
             q.add_argument("--device", action="append", help="cpu, cuda (repeatable; default: cpu + cuda if present)")
         q.set_defaults(func=run)
@@ -55,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if args.bench in ("survival", "sweep"):
         from nexus_sidecar.bench import survival as mod
 
-        settings = mod.SurvivalSettings(length=512 if args.quick else 1024, seeds=4 if args.quick else 16)
+        settings = mod.SurvivalSettings(length=512 if args.quick else 1024, seeds=4 if args.quick else 16,
+                                        scenario=args.scenario)
         if args.seeds:
             settings.seeds = args.seeds
         if args.length:

@@ -53,12 +53,15 @@ class PolicyConfig:
     # slot over the queries that could see it (causal masking lets more queries see older slots,
     # so a sum favours old tokens the way H2O's accumulation does). Equal for one-token calls.
     attn_reduce: AttnReduce = "sum"
-    # Nexus personalisation: d = (1 - prior_mix) * norm(attn) + prior_mix * norm(weight(prior)), both
+    # Nexus personalisation: d = (1 - prior_mix) * norm(attn) + prior_mix * norm(w(prior)), both
     # normalised over the evictable slots, so a token nothing has attended to yet (a needle before
     # its question) still gets direct mass, which the walk passes on to what it attended. Used only
     # when the step carries that prior (old clients: the attention-only walk, bit for bit).
     prior: Prior = "key_diversity"
     prior_mix: float = 0.5
+    # Contrast of the prior's weights: w = exp(prior_sharpness * z) with z the prior's keep weight
+    # standardised over the evictable slots (0 = uniform: the prior carries no information).
+    prior_sharpness: float = 1.0
 
     def validate(self) -> PolicyConfig:
         """Raise :class:`ConfigError` naming the first bad field; return self when valid."""
@@ -93,6 +96,7 @@ class PolicyConfig:
         if self.prior not in PRIORS:
             raise ConfigError("prior", f"must be one of {list(PRIORS)}, got {self.prior!r}")
         _float_range("prior_mix", self.prior_mix, 0.0, 1.0)
+        _float_range("prior_sharpness", self.prior_sharpness, 0.0, 16.0)
         if self.granularity not in ("token", "block"):
             raise ConfigError("granularity", f"must be 'token' or 'block', got {self.granularity!r}")
         need = self.protected_capacity()
@@ -121,7 +125,7 @@ class PolicyConfig:
         return (
             self.policy, self.beta, self.iterations, self.fanout, self.gamma, self.tau,
             self.randomness, self.pool, self.granularity, self.block_size, self.attn_reduce,
-            self.pool_reduce, self.prior, self.prior_mix,
+            self.pool_reduce, self.prior, self.prior_mix, self.prior_sharpness,
         )
 
     def with_(self, **changes: Any) -> PolicyConfig:

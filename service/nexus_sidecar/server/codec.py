@@ -17,7 +17,8 @@ _FLOAT_WIRE = (pb.D_TYPE_FLOAT16, pb.D_TYPE_FLOAT32)
 _INT_WIRE = (pb.D_TYPE_INT32, pb.D_TYPE_INT64)
 _ENUM_NAMES = {field: {v: k for k, v in names.items()} for field, names in ENUM_FIELDS.items()}
 _OPTIONAL_NUMBERS = ("budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma",
-                     "tau", "seed", "pool", "block_size", "prior_mix")
+                     "tau", "seed", "pool", "block_size", "prior_mix",
+                     "prior_sharpness")
 
 
 def config_from_proto(msg: pb.PolicyConfig, default_policy: str) -> PolicyConfig:

@@ -146,6 +146,19 @@ def prior_weight(name: str, x: torch.Tensor) -> torch.Tensor:
     return PRIOR_WEIGHTS[name](x)
 
 
+def standardize(x: torch.Tensor, over: torch.Tensor) -> torch.Tensor:
+    """float64 ``(x - mean) / std`` with mean and std over ``over`` per row (0 where std is 0).
+
+    Sums accumulate in float64 (padding cannot change the result: batch invariance)."""
+    m = over.to(torch.float64)
+    n = m.sum(dim=1, keepdim=True).clamp(min=1.0)
+    x64 = torch.where(over, x, 0.0).to(torch.float64)
+    mean = x64.sum(dim=1, keepdim=True) / n
+    var = (torch.where(over, x.to(torch.float64) - mean, 0.0) ** 2).sum(dim=1, keepdim=True) / n
+    std = var.sqrt()
+    return torch.where(std > 0, (x.to(torch.float64) - mean) / std.clamp(min=1e-300), 0.0)
+
+
 def normalize(x: torch.Tensor, over: torch.Tensor) -> torch.Tensor:
     """``x / sum(x[over])`` per row (0 where the sum is 0).
 

@@ -7,24 +7,47 @@ from typing import ClassVar
 
 import torch
 
-from nexus_sidecar.engine.policies.base import Policy, ScoreContext, Scores, normalize, prior_weight, register
+from nexus_sidecar.engine.policies.base import (
+    Policy,
+    ScoreContext,
+    Scores,
+    normalize,
+    prior_weight,
+    register,
+    standardize,
+)
+
+
+def prior_mass(policy: Policy, ctx: ScoreContext, prior: torch.Tensor) -> torch.Tensor:
+    """The prior as non-negative walk mass: ``exp(prior_sharpness * (z - max z))``.
+
+    ``z`` is the prior's keep weight standardised over the candidates: a token 2 standard deviations
+    more distinctive than the average weighs ``e^(2 * sharpness)`` times more, whatever the prior's
+    units (a cosine, a norm). The linear keep weight alone gave a needle only ~1.6x a haystack
+    token's mass on the survival streams (needle survival 0.07, as attention alone). The offset
+    ``max z`` (over candidates) keeps every exponent <= 0 (no overflow); a protected slot weighs at
+    most what the most distinctive candidate does.
+    """
+    z = standardize(prior_weight(policy.cfg.prior, prior), ctx.cand)
+    top = torch.where(ctx.cand, z, -torch.inf).amax(dim=1, keepdim=True).clamp(min=-1e300)
+    return torch.exp(policy.cfg.prior_sharpness * (z - top).clamp(max=0.0)).to(prior.dtype)
 
 
 def personalisation(policy: Policy, ctx: ScoreContext, attn: torch.Tensor) -> torch.Tensor:
     """The walk's direct mass ``d``: attention mixed with the query-agnostic prior.
 
-    ``d = (1 - prior_mix) * attn / sum(attn[cand]) + prior_mix * w / sum(w[cand])`` with
-    ``w = prior_weight(prior)``: two distributions over the evictable slots, so ``prior_mix`` is
-    the prior's share of the candidates' mass whatever the protected slots absorb (sinks take most
-    of the attention, and would shrink the candidates' attention share under a normalisation over
-    every slot). Without the prior (an old client) or with ``prior_mix = 0``, ``d`` is the
-    attention normalised over every valid slot, exactly as before priors existed.
+    ``d = (1 - prior_mix) * attn / sum(attn[cand]) + prior_mix * w / sum(w[cand])`` with ``w`` the
+    :func:`prior_mass`: two distributions over the evictable slots, so ``prior_mix`` is the prior's
+    share of the candidates' mass whatever the protected slots absorb (sinks take most of the
+    attention, and would shrink the candidates' attention share under a normalisation over every
+    slot). Without the prior (an old client) or with ``prior_mix = 0``, ``d`` is the attention
+    normalised over every valid slot, exactly as before priors existed.
     """
     mix = policy.cfg.prior_mix
     prior = ctx.priors.get(policy.cfg.prior)
     if prior is None or mix == 0.0:
         return normalize(attn, ctx.valid)
-    w = prior_weight(policy.cfg.prior, prior)
+    w = prior_mass(policy, ctx, prior)
     return (1.0 - mix) * normalize(attn, ctx.cand) + mix * normalize(w, ctx.cand)
 
 
