@@ -169,6 +169,8 @@ class AsyncNexusRouter:
                  ) -> None:
         if load_factor < 1.0:
             raise ValueError("load_factor must be >= 1")
+        if isinstance(endpoints, str):  # one "host:port", not a sequence of characters
+            endpoints = [endpoints]
         self.source: EndpointSource = (StaticEndpoints(list(endpoints)) if isinstance(endpoints, Sequence)
                                        else endpoints)
         self.options = options or ClientOptions("", api_key=api_key)

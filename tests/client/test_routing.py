@@ -17,6 +17,7 @@ from tests.server.conftest import SMALL, Reference, SimSession, assert_same_answ
 def test_dns_endpoints_resolve_a_records() -> None:
     assert asyncio.run(DnsEndpoints("localhost", 5051).resolve()) == ["127.0.0.1:5051"]
     assert asyncio.run(DnsEndpoints("no-such-host.invalid", 5051).resolve()) == []  # no crash, no endpoint
+    assert asyncio.run(AsyncNexusRouter("127.0.0.1:5051").source.resolve()) == ["127.0.0.1:5051"]  # one target
 
 
 def test_sync_router_over_dns_name() -> None:
