@@ -115,9 +115,9 @@ def test_retention_page_real_data_tenancy_and_chromium(keys_file: Path, tmp_path
             dom = await chromium(url, tmp_path, "--dump-dom")
             assert f"<title>Session {SID}</title>" in dom and dom.count("<rect") > 500
             shot = tmp_path / "retention-page.png"
-            await chromium(url, tmp_path, "--window-size=1100,1000", f"--screenshot={shot}")
+            await chromium(url, tmp_path, "--window-size=1100,1060", f"--screenshot={shot}")
         img = np.asarray(Image.open(shot).convert("RGB"))
-        assert img.shape[:2] == (1000, 1100)
+        assert img.shape[:2] == (1060, 1100)
         ramp = sum(near(img, colour(x)) for x in np.linspace(0, 1, 11)).astype(bool)
         assert ramp.mean() > 0.03, f"heatmap colours cover only {ramp.mean():.1%} of the screenshot"
         assert near(img, "#c0392b").sum() > 500, "no eviction bars painted"
@@ -163,3 +163,29 @@ def test_history_tracks_the_most_recently_started_sessions_only() -> None:
         assert calls[-1].weights is not None and calls[0].weights is not None
     hist.forget("t", "b")
     assert hist.calls("t", "b") == []
+
+
+def test_page_of_a_session_live_elsewhere_reads_the_store_and_does_not_resume_it(redis_server) -> None:
+    """Two replicas on one Redis: the session lives on A; B's page shows A's last checkpoint and
+    leaves the session alone (looking must not move a session to the replica that was asked)."""
+    from tests.server.conftest import SMALL, SimSession, drive
+
+    async def body() -> None:
+        async with running_sidecar(store=redis_server.url, checkpoint_every=2) as a, \
+                running_sidecar(store=redis_server.url, checkpoint_every=2) as b:
+            sim = SimSession("elsewhere-1", config=dict(SMALL))
+            async with client(a) as c:
+                await c.open_session(sim.session_id, sim.config)
+                await drive(c, [sim], 6)
+            await asyncio.sleep(0.3)  # the step-6 checkpoint is written in the background
+            async with http(b) as hb, http(a) as ha:
+                r = await hb.get(f"/ui/sessions/{sim.session_id}")
+                assert r.status_code == 200, r.text
+                assert "the store&#x27;s checkpoint at step 6" in r.text and "not live on this replica" in r.text
+                assert "No calls recorded" in r.text  # B never stepped it
+                assert b.sessions.hot_sessions() == []  # not resumed by looking
+                live = await ha.get(f"/ui/sessions/{sim.session_id}")
+                assert "the live session on this replica" in live.text and "over the last 6 calls" in live.text
+                assert (await hb.get("/ui/sessions/never-opened")).status_code == 404
+
+    arun(body(), timeout=120)

@@ -15,7 +15,9 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import HTMLResponse
 
 from nexus_sidecar.server.auth import Principal
-from nexus_sidecar.server.errors import http_status, to_status
+from nexus_sidecar.server.checkpoint import Checkpoint
+from nexus_sidecar.server.errors import SessionNotFound, http_status, to_status
+from nexus_sidecar.server.stores import validate_id
 from nexus_sidecar.server.ui_render import SessionSummary, error_page, index_page, page
 
 if TYPE_CHECKING:
@@ -68,12 +70,33 @@ async def session_page(session_id: str, request: Request,
     sidecar: Sidecar = request.app.state.sidecar
     try:
         caller = _caller(request, authorization)
-        snap = await sidecar.sessions.describe(caller.tenant, session_id)  # tenant-scoped: NOT_FOUND otherwise
-        hs = await sidecar.sessions.get(caller.tenant, session_id)
+        summary = await _summary(sidecar, caller.tenant, session_id)
     except Exception as exc:
         return _html_error(exc)
-    summary = SessionSummary(tenant=caller.tenant, session_id=session_id, step=snap.step, policy=hs.cfg.policy,
-                             config=hs.cfg.to_dict(), groups=hs.cfg.groups, retained=snap.retained_count,
-                             tokens_seen=snap.tokens_seen, tokens_evicted=snap.tokens_evicted)
     calls = sidecar.sessions.history.calls(caller.tenant, session_id)
     return HTMLResponse(page(summary, calls, history_sessions=sidecar.settings.ui_history_sessions))
+
+
+async def _summary(sidecar: Sidecar, tenant: str, session_id: str) -> SessionSummary:
+    """The page header: from the hot session, or else from its checkpoint in the store.
+
+    Looking must not move a session: resuming it here (as a step or GetSession would) could take it
+    from the replica that steps it, so a session that is not hot here is read from the store only.
+    """
+    validate_id("session_id", session_id)
+    if any(hs.session_id == session_id for hs in sidecar.sessions.hot_sessions(tenant)):
+        snap = await sidecar.sessions.describe(tenant, session_id)
+        hs = await sidecar.sessions.get(tenant, session_id)
+        return SessionSummary(tenant=tenant, session_id=session_id, step=snap.step, policy=hs.cfg.policy,
+                              config=hs.cfg.to_dict(), groups=hs.cfg.groups, retained=snap.retained_count,
+                              tokens_seen=snap.tokens_seen, tokens_evicted=snap.tokens_evicted)
+    stored = await sidecar.store.get(tenant, session_id)
+    if stored is None:
+        raise SessionNotFound(session_id)
+    cp = Checkpoint.from_bytes(stored.blob)
+    st = cp.state
+    return SessionSummary(tenant=tenant, session_id=session_id, step=cp.step, policy=st.config.policy,
+                          config=st.config.to_dict(), groups=st.config.groups,
+                          retained=sum(g.pos.numel() for g in st.groups), tokens_seen=st.tokens_seen,
+                          tokens_evicted=st.tokens_evicted, source=f"the store's checkpoint at step {cp.step} "
+                          "(not live on this replica: its recent calls are drawn by the replica that steps it)")

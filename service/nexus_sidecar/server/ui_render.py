@@ -49,6 +49,7 @@ class SessionSummary:
     retained: int
     tokens_seen: int
     tokens_evicted: int
+    source: str = "the live session on this replica"
 
 
 def weight_range(calls: Sequence[CallRecord]) -> tuple[float, float]:
@@ -204,7 +205,8 @@ def page(summary: SessionSummary, calls: Sequence[CallRecord], *, history_sessio
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             f'<div class="sub">Nexus eviction sidecar · retention page · <a href="/v1/sessions/'
             f'{quote(s.session_id, safe="")}">JSON snapshot</a></div>'
-            f"{_facts(facts)}{chart}<h2>Policy config</h2>{_table(dict(s.config), columns=3)}</body></html>")
+            f'{_facts(facts)}<p class="note">Now: {html.escape(s.source)}.</p>{chart}'
+            f"<h2>Policy config</h2>{_table(dict(s.config), columns=3)}</body></html>")
 
 
 def error_page(status: int, message: str) -> str:
