@@ -52,6 +52,12 @@ class Unavailable(SidecarError):
     retryable = True
 
 
+class Aborted(SidecarError):
+    """Another sidecar replica took the session over: retry (the replica resumes it from the store)."""
+
+    retryable = True
+
+
 class DeadlineExceeded(SidecarError):
     """The deadline passed: retry with the same step number."""
 
@@ -68,6 +74,7 @@ _BY_CODE: dict[grpc.StatusCode, type[SidecarError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.ABORTED: Aborted,
 }
 
 

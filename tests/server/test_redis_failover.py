@@ -15,7 +15,7 @@ import redis
 from nexus_client.v1 import sidecar_pb2 as pb
 from nexus_sidecar.bench.procs import sidecar_process
 from nexus_sidecar.server.checkpoint import Checkpoint
-from nexus_sidecar.server.stores import RedisStore
+from nexus_sidecar.server.stores import Fenced, RedisStore
 
 from tests.server.conftest import (
     Planned,
@@ -131,20 +131,26 @@ def test_cas_fences_a_stale_replica(redis_server) -> None:
             await wait_until(lambda: _eq(stored(), 5), 10, "B's checkpoint of step 5")
             b_blob = await raw.hget(_key(sim.session_id), "blob")
 
-            # Stale A still answers step 4 from its hot state, but its checkpoint must be refused.
-            await _step_one(target(a), stale_worker)
+            # Stale A must neither answer nor write: B's resume took a newer owner epoch. A's step
+            # is refused (ABORTED), A drops its hot copy, and the stored state stays B's.
+            a_epoch = a.sessions.hot_sessions()[0].epoch
+            stale = stale_worker.make()
+            await expect_error(client(a).step([stale.msg]), grpc.StatusCode.ABORTED)
+            assert a.sessions.hot_sessions() == []
             async with http(a) as h:
-                async def conflicts() -> float:
-                    return sample_value((await h.get("/metrics")).text, "nexus_store_cas_conflicts_total")
-                await wait_until(lambda: _eq(conflicts(), 1), 10, "A's refused checkpoint to be counted")
-                assert await stored() == 5 and await raw.hget(_key(sim.session_id), "blob") == b_blob
-
-                assert await a.store.put("default", sim.session_id, 3, stale_blob) is False
-                assert await conflicts() == 2
+                text = (await h.get("/metrics")).text
+                assert sample_value(text, "nexus_sessions_fenced_total", tenant="default") == 1
+                assert sample_value(text, "nexus_steps_rejected_total", code="ABORTED") == 1
+            assert await stored() == 5 and await raw.hget(_key(sim.session_id), "blob") == b_blob
+            with pytest.raises(Fenced):  # a direct write with A's old epoch is fenced too
+                await a.store.put("default", sim.session_id, 9, stale_blob, epoch=a_epoch)
             assert await stored() == 5 and await raw.hget(_key(sim.session_id), "blob") == b_blob
             assert Checkpoint.from_bytes(b_blob).state.groups[0].pos.tolist() == sim.retained[0].tolist()
+            # The worker, routed to the winner, loses nothing: B goes on with the engine's answers.
+            for _ in range(3):
+                await _step_one(target(b), sim, ref)
             async with http(b) as h:
-                assert sample_value((await h.get("/metrics")).text, "nexus_store_cas_conflicts_total") == 0
+                assert sample_value((await h.get("/metrics")).text, "nexus_store_fenced_total") == 0
                 assert sample_value((await h.get("/metrics")).text, "nexus_sessions_resumed_total",
                                     tenant="default") == 1
             await raw.aclose()
@@ -219,7 +225,9 @@ def test_sigterm_checkpoints_dirty_sessions(redis_server) -> None:
             await c.close()
         arun(work())
         with redis_server.client() as r:
-            assert r.keys("nexus:*") == [], "checkpoint_every=0 writes nothing before shutdown"
+            # Opening claimed an owner epoch for each session; no state was written.
+            assert not [k for k in r.keys("nexus:*") if r.hexists(k, "blob")], \
+                "checkpoint_every=0 writes nothing before shutdown"
         a.proc.send_signal(signal.SIGTERM)
         assert a.proc.wait(timeout=30) == 0
     with redis_server.client() as r:

@@ -101,6 +101,16 @@ class LimitExceeded(ServiceError):
         self.value = value
 
 
+class SessionFenced(ServiceError):
+    """Another replica took the session over (a newer owner epoch): this replica dropped its copy."""
+
+    code = grpc.StatusCode.ABORTED
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {brief(session_id, 160)} was taken over by another replica (newer owner epoch); "
+                         "this replica dropped its copy and never wrote after that: retry (it resumes from the store)")
+
+
 class Draining(ServiceError):
     """The server is shutting down and takes no new work."""
 

@@ -58,6 +58,11 @@ class Metrics:
         self.store_errors = Counter("nexus_store_errors_total", "State store failures", ["op"], registry=r)
         self.store_cas_conflicts = Counter("nexus_store_cas_conflicts_total",
                                            "Checkpoints refused because the store holds a newer step", registry=r)
+        self.store_fenced = Counter("nexus_store_fenced_total",
+                                    "Writes refused because another replica holds a newer owner epoch", registry=r)
+        self.sessions_fenced = Counter("nexus_sessions_fenced_total",
+                                       "Hot sessions dropped because another replica took them over", ["tenant"],
+                                       registry=r)
         self.degraded = Gauge("nexus_degraded", "1 while the state store is unreachable (serving from hot state)",
                               registry=r)
         self.steps_rejected = Counter("nexus_steps_rejected_total", "Session steps answered with an error",
@@ -70,3 +75,5 @@ class Metrics:
             self.store_errors.labels(op).inc()
         if outcome == "conflict":
             self.store_cas_conflicts.inc()
+        if outcome == "fenced":
+            self.store_fenced.inc()

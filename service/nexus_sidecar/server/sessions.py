@@ -31,12 +31,14 @@ from nexus_sidecar.server.checkpoint import Checkpoint
 from nexus_sidecar.server.errors import (
     InvalidArgument,
     SessionConflict,
+    SessionFenced,
     SessionNotFound,
     StateMismatch,
     StepOutOfOrder,
     step_field,
 )
 from nexus_sidecar.server.metrics import Metrics
+from nexus_sidecar.server.ownership import Ownership
 from nexus_sidecar.server.resync import Reseeded, reseed, retained_positions
 from nexus_sidecar.server.retention_history import RetentionHistory
 from nexus_sidecar.server.settings import ServerSettings
@@ -81,6 +83,7 @@ class HotSession:
     last_result: pb.SessionResult | None = None
     checkpointed_step: int = 0
     stored: bool = False  # a checkpoint of it is in the store (else unloading it would lose it)
+    epoch: int = 0  # the owner epoch this replica claimed (server/ownership.py)
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -99,6 +102,7 @@ class SessionManager:
         self.settings = settings
         self.metrics = metrics
         self.admission = Admission(settings, engine)
+        self.ownership = Ownership(store, metrics)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-engine")
         self._hot: dict[tuple[str, str], HotSession] = {}
         self._loading: dict[tuple[str, str], asyncio.Future[HotSession]] = {}
@@ -168,8 +172,9 @@ class SessionManager:
             return hs
         self.admission.check_tenant_sessions(tenant, len(self.hot_sessions(tenant)))
         await self.make_room(lambda: self.admission.open_fits(cfg), f"opening a session of {cfg.groups} groups")
+        epoch, _ = await self.ownership.claim(tenant, session_id)
         handle = await self.on_engine(self.engine.open, cfg)
-        hs = HotSession(tenant, session_id, handle, cfg)
+        hs = HotSession(tenant, session_id, handle, cfg, epoch=epoch)
         self._hot[(tenant, session_id)] = hs
         self.metrics.sessions_opened.labels(tenant).inc()
         self.metrics.sessions_open.labels(tenant).set(len(self.hot_sessions(tenant)))
@@ -200,7 +205,10 @@ class SessionManager:
             del self._loading[key]
 
     async def _resume(self, tenant: str, session_id: str) -> HotSession:
-        stored = await self.store.get(tenant, session_id)
+        # A plain read first: an unknown id must not leave an epoch behind in the store.
+        if await self.store.get(tenant, session_id) is None:
+            raise SessionNotFound(session_id)
+        epoch, stored = await self.ownership.claim(tenant, session_id)  # ours from now on
         if stored is None:
             raise SessionNotFound(session_id)
         cp = Checkpoint.from_bytes(stored.blob)
@@ -210,7 +218,7 @@ class SessionManager:
         last = pb.SessionResult.FromString(cp.last_result) if cp.last_result else None
         hs = HotSession(tenant, session_id, handle, cp.state.config, step=cp.step, checksum=cp.checksum,
                         count=sum(g.pos.numel() for g in cp.state.groups), digest=cp.digest,
-                        last_result=last, checkpointed_step=cp.step, stored=True)
+                        last_result=last, checkpointed_step=cp.step, stored=True, epoch=epoch)
         self._hot[(tenant, session_id)] = hs
         self._series(hs).retained.inc(hs.count)  # _unload decrements it
         self.metrics.sessions_resumed.labels(tenant).inc()
@@ -221,8 +229,10 @@ class SessionManager:
     async def close(self, tenant: str, session_id: str) -> int:
         """Drop a session's hot and durable state; returns its last step."""
         async with self.locked(tenant, session_id) as hs:
+            # Durable first: the tombstone is written (or UNAVAILABLE is raised and the session
+            # stays as it was), and only then is the hot copy released.
+            await self.ownership.close(tenant, session_id)
             await self._unload(hs)
-            await self.store.delete(tenant, session_id)
         self.history.forget(tenant, session_id)
         self.metrics.sessions_closed.labels(tenant).inc()
         return hs.step
@@ -262,6 +272,7 @@ class SessionManager:
                 handle = await self.on_engine(self.engine.restore, seeded.state)
                 old, hs.handle = hs.handle, handle
                 await self.on_engine(self.engine.close, old)
+                hs.epoch, _ = await self.ownership.claim(tenant, session_id)  # the worker's truth takes over
                 self._reset_to(hs, step, positions)
                 await self._write(hs)
         except SessionNotFound:
@@ -273,8 +284,9 @@ class SessionManager:
             positions = retained_positions(retained, given)
             seeded = reseed(given, None, positions, step)
             await self.make_room(lambda: self.admission.open_fits(given), "resyncing a session")
+            epoch, _ = await self.ownership.claim(tenant, session_id)
             handle = await self.on_engine(self.engine.restore, seeded.state)
-            hs = HotSession(tenant, session_id, handle, given)
+            hs = HotSession(tenant, session_id, handle, given, epoch=epoch)
             self._hot[(tenant, session_id)] = hs
             self._reset_to(hs, step, positions)
             async with hs.lock:
@@ -328,6 +340,11 @@ class SessionManager:
             for sid in sorted(ids):  # fixed order: no lock-order deadlock
                 by_id[sid] = await stack.enter_async_context(self.locked(tenant, sid))
             sessions = [by_id[sid] for sid in ids]
+            stale = await self.ownership.stale(tenant, sessions)
+            if stale:  # another replica took these over: never answer for them
+                for hs in stale:
+                    await self._drop_fenced(hs)  # type: ignore[arg-type]
+                raise SessionFenced(stale[0].session_id)
             plans = [self._plan(hs, st) for hs, st in zip(sessions, steps, strict=True)]
             ks = {hs.handle: plan.inp.new_positions.numel() for hs, plan in zip(sessions, plans, strict=True)
                   if isinstance(plan, _Planned)}
@@ -427,26 +444,44 @@ class SessionManager:
             if not hs.dirty or (hs.tenant, hs.session_id) not in self._hot:
                 return True
             step, blob = await self._blob(hs)
-        return await self._put(hs, step, blob)
+        written = await self._put(hs, step, blob)
+        if written is None:  # fenced: drop the copy once no step of it is running
+            async with hs.lock:
+                await self._drop_fenced(hs)
+        return bool(written)
 
     async def _write(self, hs: HotSession) -> bool:
-        """Checkpoint with the caller holding ``hs.lock`` (unload paths)."""
+        """Checkpoint with the caller holding ``hs.lock`` (unload and resync paths)."""
         step, blob = await self._blob(hs)
-        return await self._put(hs, step, blob)
+        written = await self._put(hs, step, blob)
+        if written is None:
+            await self._drop_fenced(hs)
+        return bool(written)
+
+    async def _drop_fenced(self, hs: HotSession) -> None:
+        """Release a hot copy another replica owns now (no checkpoint: it would be refused)."""
+        if self._hot.get((hs.tenant, hs.session_id)) is hs:
+            await self._unload(hs)
+            self.metrics.sessions_fenced.labels(hs.tenant).inc()
+            log.warning("dropped session %s/%s at step %d: another replica owns it now (newer epoch)", hs.tenant,
+                        hs.session_id, hs.step)
 
     async def _blob(self, hs: HotSession) -> tuple[int, bytes]:
         state = await self.on_engine(self.engine.snapshot, hs.handle)
         last = hs.last_result.SerializeToString() if hs.last_result is not None else b""
         return hs.step, Checkpoint(hs.step, hs.checksum, hs.digest, last, state).to_bytes()
 
-    async def _put(self, hs: HotSession, step: int, blob: bytes) -> bool:
+    async def _put(self, hs: HotSession, step: int, blob: bytes) -> bool | None:
+        """True written, False refused (CAS) or store unreachable, None fenced."""
         try:
-            written = await self.store.put(hs.tenant, hs.session_id, step, blob)
+            written = await self.ownership.put(hs, step, blob)
         except StoreUnavailable as exc:
             self.metrics.degraded.set(1)
             log.warning("checkpoint of %s/%s failed: %s (serving from hot state)", hs.tenant, hs.session_id, exc)
             return False
         self.metrics.degraded.set(0)
+        if written is None:
+            return None
         if written:
             hs.checkpointed_step = max(hs.checkpointed_step, step)
             hs.stored = True
@@ -518,6 +553,9 @@ class SessionManager:
     async def describe(self, tenant: str, session_id: str, include_weights: bool = False) -> pb.GetSessionResponse:
         """Retention snapshot of one session."""
         async with self.locked(tenant, session_id) as hs:
+            if await self.ownership.stale(tenant, [hs]):
+                await self._drop_fenced(hs)
+                raise SessionFenced(session_id)
             positions = await self.on_engine(self.engine.positions, hs.handle)
             weights = await self.on_engine(self.engine.memory, hs.handle)
             seen, evicted = self.engine.stats(hs.handle)

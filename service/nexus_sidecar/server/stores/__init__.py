@@ -1,6 +1,7 @@
 """Durable session-state stores: in-process memory (default) and Redis (standalone/Cluster)."""
 
 from nexus_sidecar.server.stores.base import (
+    Fenced,
     InvalidId,
     OnOp,
     StateStore,
@@ -13,6 +14,7 @@ from nexus_sidecar.server.stores.memory import MemoryStore
 from nexus_sidecar.server.stores.redis_store import RedisStore
 
 __all__ = [
+    "Fenced",
     "InvalidId",
     "MemoryStore",
     "OnOp",

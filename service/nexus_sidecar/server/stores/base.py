@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 __all__ = [
     "MAX_ID_LENGTH",
     "MAX_STEP",
+    "Fenced",
     "InvalidId",
     "OnOp",
     "StateStore",
@@ -47,6 +48,11 @@ class StoreUnavailable(StoreError):
     """The backing store cannot be reached (connection refused, timeout, cluster down)."""
 
 
+class Fenced(StoreError):
+    """A write by a replica whose owner epoch is no longer the session's: another replica took
+    the session over (or it was closed). The write did not happen."""
+
+
 class InvalidId(StoreError, ValueError):
     """A tenant or session id cannot be used as (part of) a store key."""
 
@@ -72,15 +78,26 @@ class StateStore(Protocol):
         """Return the stored state (refreshing its TTL), or None when nothing is stored."""
         ...
 
-    async def put(self, tenant: str, session_id: str, step: int, blob: bytes) -> bool:
+    async def put(self, tenant: str, session_id: str, step: int, blob: bytes, epoch: int | None = None) -> bool:
         """Store ``blob`` at ``step`` iff nothing is stored or the stored step is < ``step``.
 
         Returns False on a CAS conflict (stored step >= ``step``): the stored state is untouched.
+        With ``epoch``, raises :class:`Fenced` (and writes nothing) unless it is the session's
+        current owner epoch.
         """
         ...
 
     async def delete(self, tenant: str, session_id: str) -> None:
-        """Remove the session's state; deleting a missing session is not an error."""
+        """Remove the session's state, leaving a tombstone epoch that fences earlier writers;
+        deleting a missing session is not an error."""
+        ...
+
+    async def claim(self, tenant: str, session_id: str) -> tuple[int, StoredState | None]:
+        """Take ownership of a session: a new owner epoch, and its stored state (or None)."""
+        ...
+
+    async def epochs(self, tenant: str, session_ids: list[str]) -> list[int | None]:
+        """The current owner epoch of each session (None: never claimed)."""
         ...
 
     async def list(self, tenant: str) -> list[str]:

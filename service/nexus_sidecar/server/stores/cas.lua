@@ -5,8 +5,10 @@
 -- ARGV[1]  incoming step: decimal digits, no leading zeros, 0 .. 2^63-1
 -- ARGV[2]  blob (binary-safe)
 -- ARGV[3]  sliding TTL in milliseconds, "0" = no expiry
+-- ARGV[4]  the writer's owner epoch (decimal), or "" for no epoch check
 --
--- Returns {1, step} when written, {0, stored_step} when refused (stored step >= incoming).
+-- Returns {1, step} when written, {0, stored_step} when refused (stored step >= incoming),
+-- {-1, stored_epoch} when fenced (another replica claimed the session: a newer epoch).
 -- A refused put still refreshes the TTL: the session is alive, only this writer is stale.
 
 -- Steps are compared as digit strings (length first, then bytes) rather than with tonumber:
@@ -19,6 +21,12 @@ local function step_lt(a, b)
 end
 
 local ttl = tonumber(ARGV[3])
+if ARGV[4] ~= '' then
+  local epoch = redis.call('HGET', KEYS[1], 'epoch')
+  if epoch and epoch ~= ARGV[4] then
+    return {-1, epoch}
+  end
+end
 local stored = redis.call('HGET', KEYS[1], 'step')
 if stored and not step_lt(stored, ARGV[1]) then
   if ttl > 0 then

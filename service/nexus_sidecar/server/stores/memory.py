@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 from nexus_sidecar.server.stores.base import (
+    Fenced,
     OnOp,
     StoredState,
     StoreError,
@@ -42,7 +43,12 @@ class MemoryStore:
         self._clock = clock
         # (tenant, session) -> (state, expiry deadline or None)
         self._data: dict[tuple[str, str], tuple[StoredState, float | None]] = {}
+        # Owner epochs (also the tombstones of closed sessions). Kept for the process's life: an
+        # int per session ever claimed.
+        self._epochs: dict[tuple[str, str], int] = {}
         self._closed = False
+
+    shared = False  # one process: no other replica writes here, so steps skip the epoch check
 
     def _deadline(self) -> float | None:
         return None if self._ttl is None else self._clock() + self._ttl
@@ -82,14 +88,19 @@ class MemoryStore:
             self._data[key] = (state, self._deadline())
             return state
 
-    async def put(self, tenant: str, session_id: str, step: int, blob: bytes) -> bool:
-        """Compare-and-set: write iff nothing is stored or the stored step is < ``step``."""
+    async def put(self, tenant: str, session_id: str, step: int, blob: bytes, epoch: int | None = None) -> bool:
+        """Compare-and-set: write iff nothing is stored or the stored step is < ``step``, and
+        (``epoch`` given) the owner epoch is still ``epoch`` (else :class:`Fenced`)."""
         key = (validate_id("tenant", tenant, allow_colon=False), validate_id("session_id", session_id))
         validate_step(step)
         if not isinstance(blob, bytes | bytearray | memoryview):
             raise StoreError(f"blob: must be bytes, got {type(blob).__name__}")
         with observe(self._on_op, "put") as outcome:
             self._check_open()
+            owner = self._epochs.get(key)
+            if epoch is not None and owner is not None and owner != epoch:
+                outcome[0] = "fenced"
+                raise Fenced(f"session {session_id!r} is owned by epoch {owner}, this writer holds {epoch}")
             current = self._live(key)
             if current is not None and current.step >= step:
                 # Same sliding-TTL rule as Redis: a put touches the entry even when refused.
@@ -105,6 +116,25 @@ class MemoryStore:
         with observe(self._on_op, "delete"):
             self._check_open()
             self._data.pop(key, None)
+            self._epochs[key] = self._epochs.get(key, 0) + 1  # the tombstone: earlier writers are fenced
+
+    async def claim(self, tenant: str, session_id: str) -> tuple[int, StoredState | None]:
+        """Take ownership: a new owner epoch, with the stored state (refreshing its TTL) or None."""
+        key = (validate_id("tenant", tenant, allow_colon=False), validate_id("session_id", session_id))
+        with observe(self._on_op, "claim") as outcome:
+            self._check_open()
+            epoch = self._epochs[key] = self._epochs.get(key, 0) + 1
+            state = self._live(key)
+            if state is None:
+                outcome[0] = "miss"
+                return epoch, None
+            self._data[key] = (state, self._deadline())
+            return epoch, state
+
+    async def epochs(self, tenant: str, session_ids: list[str]) -> list[int | None]:
+        """The current owner epoch of each session."""
+        self._check_open()
+        return [self._epochs.get((tenant, sid)) for sid in session_ids]
 
     async def list(self, tenant: str) -> list[str]:
         """Sorted session ids with live state for ``tenant``."""

@@ -28,6 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from nexus_sidecar.server.stores.base import (
+    Fenced,
     OnOp,
     StoredState,
     StoreError,
@@ -55,9 +56,9 @@ _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 _PREFIX_OK = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
-def load_cas_script() -> str:
-    """The CAS Lua source, read from package data (``cas.lua`` next to this module)."""
-    return resources.files(__package__).joinpath("cas.lua").read_text(encoding="utf-8")
+def load_cas_script(name: str = "cas.lua") -> str:
+    """A Lua source from package data (``cas.lua``, ``claim.lua`` next to this module)."""
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
 
 def _translate(op: str, exc: BaseException) -> StoreError:
@@ -96,6 +97,16 @@ class RedisStore:
         self._ready = not self._cluster
         self._init_lock = asyncio.Lock()
         self._cas_sha = hashlib.sha1(self._cas_src.encode()).hexdigest()
+        self._claim_src = load_cas_script("claim.lua")
+        self._claim_sha = hashlib.sha1(self._claim_src.encode()).hexdigest()
+
+    shared = True  # other replicas write the same keys: owner epochs are checked on every step
+
+    async def _script(self, sha: str, src: str, key: str, *args: Any) -> Any:
+        try:
+            return await self._client.evalsha(sha, 1, key, *args)
+        except rex.NoScriptError:
+            return await self._client.eval(src, 1, key, *args)
 
     @classmethod
     def from_url(
@@ -181,8 +192,9 @@ class RedisStore:
                 return None
             return StoredState(step=int(step), blob=bytes(blob))
 
-    async def put(self, tenant: str, session_id: str, step: int, blob: bytes) -> bool:
-        """Compare-and-set via ``cas.lua``: write iff nothing is stored or stored step < ``step``."""
+    async def put(self, tenant: str, session_id: str, step: int, blob: bytes, epoch: int | None = None) -> bool:
+        """Compare-and-set via ``cas.lua``: write iff nothing is stored or stored step < ``step``,
+        and (``epoch`` given) the session's owner epoch is still ``epoch`` (else :class:`Fenced`)."""
         key = self.key(tenant, session_id)
         validate_step(step)
         if not isinstance(blob, bytes | bytearray | memoryview):
@@ -190,27 +202,56 @@ class RedisStore:
         with observe(self._on_op, "put") as outcome:
             try:
                 await self._ensure_ready()
-                args = (key, str(step), bytes(blob), self._ttl_ms)
-                try:
-                    written, _stored = await self._client.evalsha(self._cas_sha, 1, *args)
-                except rex.NoScriptError:
-                    written, _stored = await self._client.eval(self._cas_src, 1, *args)
+                written, stored = await self._script(self._cas_sha, self._cas_src, key, str(step), bytes(blob),
+                                                     self._ttl_ms, "" if epoch is None else str(epoch))
             except Exception as exc:
                 raise _translate("put", exc) from exc
+            if int(written) == -1:
+                outcome[0] = "fenced"
+                raise Fenced(f"session {session_id!r} is owned by epoch {int(stored)}, this writer holds {epoch}")
             if int(written) != 1:
                 outcome[0] = "conflict"
                 return False
             return True
 
     async def delete(self, tenant: str, session_id: str) -> None:
-        """Remove the session's state (no error when absent)."""
+        """Remove the session's state and leave a tombstone: a new owner epoch that fences every
+        earlier writer (no error when absent)."""
         key = self.key(tenant, session_id)
         with observe(self._on_op, "delete"):
             try:
                 await self._ensure_ready()
-                await self._client.delete(key)
+                await self._script(self._claim_sha, self._claim_src, key, "close", self._ttl_ms)
             except Exception as exc:
                 raise _translate("delete", exc) from exc
+
+    async def claim(self, tenant: str, session_id: str) -> tuple[int, StoredState | None]:
+        """Take ownership: a new owner epoch, with the stored state (None when nothing is stored)."""
+        key = self.key(tenant, session_id)
+        with observe(self._on_op, "claim") as outcome:
+            try:
+                await self._ensure_ready()
+                epoch, step, blob = await self._script(self._claim_sha, self._claim_src, key, "claim", self._ttl_ms)
+            except Exception as exc:
+                raise _translate("claim", exc) from exc
+            if step is None or blob is None:
+                outcome[0] = "miss"
+                return int(epoch), None
+            return int(epoch), StoredState(step=int(step), blob=bytes(blob))
+
+    async def epochs(self, tenant: str, session_ids: list[str]) -> list[int | None]:
+        """The current owner epoch of each session (one pipelined round trip)."""
+        keys = [self.key(tenant, sid) for sid in session_ids]
+        with observe(self._on_op, "epochs"):
+            try:
+                await self._ensure_ready()
+                pipe = self._client.pipeline(transaction=False)
+                for k in keys:
+                    pipe.hget(k, "epoch")
+                res = await pipe.execute()
+            except Exception as exc:
+                raise _translate("epochs", exc) from exc
+        return [None if e is None else int(e) for e in res]
 
     async def list(self, tenant: str) -> list[str]:
         """Sorted session ids of ``tenant`` (SCAN over every primary in Cluster mode)."""
@@ -220,16 +261,22 @@ class RedisStore:
         # Escape glob metacharacters so a tenant like "a*" cannot match other tenants.
         pattern = _GLOB_SPECIAL.sub(r"\\\1", head) + "*" + tail
         with observe(self._on_op, "list"):
-            found: set[str] = set()
+            found: dict[str, str] = {}
             try:
                 await self._ensure_ready()
                 async for raw in self._client.scan_iter(match=pattern, count=1000):
                     k = raw.decode() if isinstance(raw, bytes) else raw
                     if k.startswith(head) and k.endswith(tail):
-                        found.add(k[len(head) : -len(tail)])
+                        found[k[len(head) : -len(tail)]] = k
+                # Tombstones (closed sessions: an epoch, no state) are not sessions.
+                pipe = self._client.pipeline(transaction=False)
+                ids = sorted(found)
+                for sid in ids:
+                    pipe.hexists(found[sid], "blob")
+                alive = await pipe.execute() if ids else []
             except Exception as exc:
                 raise _translate("list", exc) from exc
-            return sorted(found)
+            return [sid for sid, ok in zip(ids, alive, strict=True) if ok]
 
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless Redis answers PING."""
