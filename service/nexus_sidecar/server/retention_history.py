@@ -7,7 +7,7 @@ policy memory (the weight the page colours by), and what the call evicted. Posit
 evictions come from the step's output (already on the host); the memory is read on the engine
 thread by one job per burst of commits, queued right after the commit, so it is the state after
 exactly that step (the engine thread runs jobs in order and the session's next step can only be
-queued later). Reading it costs ~45 us per tracked session and call at 4096 slots, which is why
+queued later). Reading it costs ~65 us per tracked session and call at 4096 slots, which is why
 only a few sessions are tracked (``ui_history_sessions``).
 """
 
