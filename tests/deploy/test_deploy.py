@@ -534,11 +534,27 @@ def test_deployment_contract() -> None:
     assert "replicas" not in dep["spec"], "the HPA owns the replica count"
 
 
-def test_keys_example_parses_with_keyring(tmp_path: Path) -> None:
+def test_the_kustomize_base_ships_no_usable_key(tmp_path: Path) -> None:
+    # keys.example is well-formed but a placeholder: the server refuses to start with it (as the
+    # Helm chart refuses to render without keys), so the base cannot deploy a working example key.
     from nexus_sidecar.server.auth import KeyRing
 
-    ring = KeyRing.from_file(K8S / "base" / "keys.example")
-    assert ring.tenants == ["example"]
+    with pytest.raises(ValueError, match="placeholder key"):
+        KeyRing.from_file(K8S / "base" / "keys.example")
+    real = tmp_path / "keys"
+    real.write_text((K8S / "base" / "keys.example").read_text().replace("REPLACE-ME-example-key-0000000000",
+                                                                          "k3Yq9vTtW1pZ0aR7sL2m"))
+    assert KeyRing.from_file(real).tenants == ["example"]
+
+
+def test_serve_refuses_to_start_with_the_placeholder_key() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "nexus_sidecar.cli", "serve", "--device", "cpu", "--grpc-port", "0",
+                          "--http-port", "0", "--keys-file", str(K8S / "base" / "keys.example")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "placeholder key" in (out.stdout + out.stderr), out.stdout + out.stderr
 
 
 def test_gpu_overlay_requests_a_gpu() -> None:

@@ -71,6 +71,7 @@ class Sidecar:
         self._http_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._ready_task: asyncio.Task[None] | None = None
+        self._serving: bool | None = None
 
     def grpc_options(self) -> list[tuple[str, Any]]:
         """Channel options: explicit message sizes, keepalive, max connection age."""
@@ -110,39 +111,51 @@ class Sidecar:
             await asyncio.sleep(0.01)
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
         report = await self.readiness()
-        if report["ready"]:
-            await self._set_serving(True)
-        else:
+        if not report["ready"]:
             log.warning("not ready at start-up: %s", report)
-            self._ready_task = asyncio.create_task(self._wait_ready())
+        self._ready_task = asyncio.create_task(self._watch_health())
 
-    async def _wait_ready(self) -> None:
+    async def _watch_health(self) -> None:
+        """Re-check readiness every second: gRPC health follows the store and the device both ways."""
         while not self._stopped.is_set():
             await asyncio.sleep(1.0)
-            if (await self.readiness())["ready"]:
-                await self._set_serving(True)
-                return
+            with contextlib.suppress(Exception):
+                await self.readiness()
 
     async def _set_serving(self, on: bool) -> None:
+        if on == self._serving:
+            return
+        self._serving = on
         status = health_pb2.HealthCheckResponse.SERVING if on else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", status)
         await self.health.set(SERVICE, status)
+        log.log(logging.INFO if on else logging.WARNING, "gRPC health: %s", "SERVING" if on else "NOT_SERVING")
 
     async def readiness(self) -> dict[str, Any]:
-        """Store ping + a tiny op on the engine's device; not ready while draining."""
+        """Store ping + a tiny op on the device, each bounded by ``readiness_timeout_s``; not ready
+        while draining. Sets gRPC health to the same verdict, so the two never disagree."""
+        limit = self.settings.readiness_timeout_s
         report: dict[str, Any] = {"draining": self.servicer.draining, "device": str(self.engine.device)}
         try:
-            await self.store.ping()
+            await asyncio.wait_for(self.store.ping(), limit)
             report["store"] = "ok"
+        except TimeoutError:
+            report["store"] = f"unavailable: no answer within {limit} s"
+            self.metrics.degraded.set(1)  # a hung store is unreachable too
         except Exception as exc:
             report["store"] = f"unavailable: {exc}"
         try:
-            await self.sessions.on_engine(lambda: float(torch.ones(1, device=self.engine.device).sum()))
+            # Its own thread, not the engine's: a long batch in flight is not a dead device.
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.run_in_executor(
+                None, lambda: float(torch.ones(1, device=self.engine.device).sum())), limit)
             report["device_ok"] = True
         except Exception as exc:
             report["device_ok"] = False
-            report["device_error"] = str(exc)
+            report["device_error"] = str(exc) or type(exc).__name__
         report["ready"] = report["store"] == "ok" and report["device_ok"] and not report["draining"]
+        if not self._stopped.is_set():
+            await self._set_serving(report["ready"])
         return report
 
     async def stop(self, grace: float | None = None) -> None:
@@ -152,6 +165,8 @@ class Sidecar:
         grace = self.settings.shutdown_grace_s if grace is None else grace
         self.servicer.draining = True
         await self._set_serving(False)
+        if self._ready_task is not None:
+            self._ready_task.cancel()
         await self.sessions.shutdown()
         if self._grpc is not None:
             await self._grpc.stop(grace)

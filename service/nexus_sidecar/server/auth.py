@@ -14,6 +14,7 @@ does not reveal which prefix matched. With no keys file the server is single-ten
 from __future__ import annotations
 
 import hmac
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,10 @@ from nexus_sidecar.server.errors import PermissionDenied, Unauthenticated
 from nexus_sidecar.server.stores import validate_id
 
 DEFAULT_TENANT = "default"
+
+
+# Keys that are examples, not secrets: a deployment that still carries one must not start.
+_PLACEHOLDER = re.compile(r"replace[-_]?me|change[-_]?me|example|placeholder", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,9 @@ class KeyRing:
                 raise ValueError(f"{path}:{lineno}: expected 'tenant key [rw|ro]'")
             if len(parts[1]) < 16:
                 raise ValueError(f"{path}:{lineno}: key shorter than 16 characters")
+            if _PLACEHOLDER.search(parts[1]):
+                raise ValueError(f"{path}:{lineno}: placeholder key (an example that must be replaced); "
+                                 "generate a real one with `nexus-sidecar keys new TENANT`")
             keys.append((parts[0], parts[1], parts[2] if len(parts) == 3 else "rw"))
         return cls(keys)
 

@@ -10,12 +10,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
-from nexus_client.wire import tensor_from_proto
+from nexus_client.wire import WireError, tensor_from_proto
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
+from nexus_sidecar.engine import EngineError
 from nexus_sidecar.server.auth import Principal
-from nexus_sidecar.server.errors import Draining, http_status, to_status
+from nexus_sidecar.server.errors import Draining, ServiceError, forget_frames, http_status, to_status
+from nexus_sidecar.server.stores import StoreError
 from nexus_sidecar.server.ui import router as ui_router
 
 if TYPE_CHECKING:
@@ -78,10 +80,18 @@ def build_app(sidecar: Sidecar) -> FastAPI:
     app.state.sidecar = sidecar
     app.include_router(ui_router)  # /ui/sessions/{id}: the retention page (server/ui.py)
 
-    @app.exception_handler(Exception)
     async def _errors(request: Request, exc: Exception) -> JSONResponse:
         code, message = to_status(exc)
+        forget_frames(exc)
         return JSONResponse({"error": code.name, "message": message}, status_code=http_status(code))
+
+    # The errors a client can cause, one handler per base class: Starlette answers these in its
+    # ExceptionMiddleware (a clean response, the keep-alive connection stays open). A handler for
+    # bare Exception runs in ServerErrorMiddleware instead, which re-raises after answering: the
+    # "Exception in ASGI application" traceback and a closed connection on every 404.
+    for cls in (ServiceError, EngineError, WireError, StoreError):
+        app.add_exception_handler(cls, _errors)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _errors)  # a bug: 500, logged with its traceback
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, str]:

@@ -63,14 +63,20 @@ class Metrics:
         self.sessions_fenced = Counter("nexus_sessions_fenced_total",
                                        "Hot sessions dropped because another replica took them over", ["tenant"],
                                        registry=r)
-        self.degraded = Gauge("nexus_degraded", "1 while the state store is unreachable (serving from hot state)",
+        self.degraded = Gauge("nexus_degraded",
+                              "1 while the state store is unreachable (since an operation failed to reach it)",
                               registry=r)
         self.steps_rejected = Counter("nexus_steps_rejected_total", "Session steps answered with an error",
                                       ["tenant", "code"], registry=r)
 
     def on_store_op(self, op: str, seconds: float, outcome: str) -> None:
-        """The stores' ``on_op`` hook."""
+        """The stores' ``on_op`` hook; also the one place that sets ``nexus_degraded``: 1 from the
+        first operation that could not reach the store (pings included), 0 from the next one that did."""
         self.store_seconds.labels(op, outcome).observe(seconds)
+        if outcome == "unavailable":
+            self.degraded.set(1)
+        elif outcome != "error":
+            self.degraded.set(0)
         if outcome in ("error", "unavailable"):
             self.store_errors.labels(op).inc()
         if outcome == "conflict":

@@ -43,9 +43,7 @@ class Ownership:
 
     async def claim(self, tenant: str, session_id: str) -> tuple[int, StoredState | None]:
         """A new owner epoch for this replica, with the stored state (None when there is none)."""
-        epoch, stored = await self.store.claim(tenant, session_id)
-        self.metrics.degraded.set(0)
-        return epoch, stored
+        return await self.store.claim(tenant, session_id)
 
     async def stale(self, tenant: str, sessions: list[Owned]) -> list[Owned]:
         """The sessions whose owner epoch in the store is no longer this replica's.
@@ -58,10 +56,8 @@ class Ownership:
         try:
             current = await self.store.epochs(tenant, [s.session_id for s in sessions])
         except StoreUnavailable as exc:
-            self.metrics.degraded.set(1)
             log.warning("owner epochs of %d sessions unreadable (%s): serving from hot state", len(sessions), exc)
             return []
-        self.metrics.degraded.set(0)
         return [s for s, e in zip(sessions, current, strict=True) if e is not None and e != s.epoch]
 
     async def put(self, hs: Owned, step: int, blob: bytes) -> bool | None:

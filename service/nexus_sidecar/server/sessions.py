@@ -476,10 +476,8 @@ class SessionManager:
         try:
             written = await self.ownership.put(hs, step, blob)
         except StoreUnavailable as exc:
-            self.metrics.degraded.set(1)
             log.warning("checkpoint of %s/%s failed: %s (serving from hot state)", hs.tenant, hs.session_id, exc)
             return False
-        self.metrics.degraded.set(0)
         if written is None:
             return None
         if written:

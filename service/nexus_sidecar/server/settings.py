@@ -65,6 +65,9 @@ class ServerSettings(BaseSettings):
         1024, ge=0, description="glibc: allocations of at least this many KiB are mmapped and returned to the OS "
                                 "when freed, keeping RSS flat under bursts of large requests (0 = glibc default)",
         json_schema_extra={"group": _LIMITS})
+    readiness_timeout_s: float = Field(
+        0.5, gt=0, le=10, description="longest wait for the store ping and the device op of one readiness check "
+                                      "(/readyz and gRPC health answer within about twice this)")
     pool_budget_mb: int = Field(
         2048, ge=1, description="bytes the hot session pool may occupy on the device, MiB; idle sessions are "
                                 "checkpointed and unloaded (LRU) before anything is refused",
