@@ -29,8 +29,8 @@ def prior_mass(policy: Policy, ctx: ScoreContext, prior: torch.Tensor) -> torch.
     most what the most distinctive candidate does.
     """
     z = standardize(prior_weight(policy.cfg.prior, prior), ctx.cand)
-    top = torch.where(ctx.cand, z, -torch.inf).amax(dim=1, keepdim=True).clamp(min=-1e300)
-    return torch.exp(policy.cfg.prior_sharpness * (z - top).clamp(max=0.0)).to(prior.dtype)
+    top = torch.where(ctx.cand, z, -torch.inf).amax(dim=1, keepdim=True).clamp(min=-3e38)
+    return torch.exp((z - top).clamp_(max=0.0).mul_(policy.cfg.prior_sharpness))
 
 
 def personalisation(policy: Policy, ctx: ScoreContext, attn: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,14 @@ def personalisation(policy: Policy, ctx: ScoreContext, attn: torch.Tensor) -> to
     if prior is None or mix == 0.0:
         return normalize(attn, ctx.valid)
     w = prior_mass(policy, ctx, prior)
-    return (1.0 - mix) * normalize(attn, ctx.cand) + mix * normalize(w, ctx.cand)
+    # Both normalisations folded into one per-row scale each (float64 sums, float32 elementwise).
+    scale = [torch.where(t > 0, share / t.clamp(min=1e-300), 0.0).to(attn.dtype)
+             for share, t in ((1.0 - mix, _cand_total(attn, ctx)), (mix, _cand_total(w, ctx)))]
+    return attn * scale[0] + w * scale[1]
+
+
+def _cand_total(x: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    return torch.where(ctx.cand, x, 0.0).sum(dim=1, keepdim=True, dtype=torch.float64)
 
 
 def nexus_scores(policy: Policy, ctx: ScoreContext) -> Scores:
