@@ -24,7 +24,7 @@ def prior_mass(policy: Policy, ctx: ScoreContext, prior: torch.Tensor) -> torch.
     ``z`` is the prior's keep weight standardised over the candidates: a token 2 standard deviations
     more distinctive than the average weighs ``e^(2 * sharpness)`` times more, whatever the prior's
     units (a cosine, a norm). The linear keep weight alone gave a needle only ~1.6x a haystack
-    token's mass on the survival streams (needle survival 0.07, as attention alone). The offset
+    token's mass on the survival streams (needle survival 0.07, no better than attention alone). The offset
     ``max z`` (over candidates) keeps every exponent <= 0 (no overflow); a protected slot weighs at
     most what the most distinctive candidate does.
     """
