@@ -9,7 +9,11 @@ the shared store (Redis) on its first request; the store can be a few steps behi
 checkpoints every ``checkpoint_every`` steps), so the router keeps the worker's last ``replay``
 acknowledged steps per session and re-sends those the new replica has not seen. The engine is
 deterministic, so a replayed step gives the answer the lost replica gave, which is checked
-(retained checksum) before the worker's current step goes on.
+(retained checksum) before the worker's current step goes on. When neither reaches back far enough
+(the store lost the session, or it is older than the buffer), a router given ``worker_sessions``
+re-seeds the session on the new replica from the worker's own truth (the Resync RPC with the
+positions ``WorkerSession.advance`` tracks): nothing is lost, though the re-seeded tokens start
+with fresh policy state; without it the router raises :class:`SessionLost`.
 
 ``AsyncNexusRouter`` is the implementation; ``NexusRouter`` runs it on a private event loop for
 blocking code. Both wrap :class:`~nexus_client.client.AsyncNexusClient`, one per endpoint.
@@ -35,6 +39,7 @@ import grpc
 
 from nexus_client.client import AsyncNexusClient, ClientOptions
 from nexus_client.errors import DeadlineExceeded, SessionNotFound, SidecarError, Unavailable
+from nexus_client.packing import WorkerSession
 from nexus_client.v1 import sidecar_pb2 as pb
 
 T = TypeVar("T")
@@ -149,6 +154,7 @@ class RouterStats:
     moves: int = 0  # sessions moved to another replica
     replayed_steps: int = 0  # acknowledged steps re-sent to a new replica
     reopened: int = 0  # sessions the store did not have yet, rebuilt from step 1 by replay
+    resynced: int = 0  # sessions re-seeded from the worker's positions (Resync RPC)
     lost_endpoints: list[str] = field(default_factory=list)
 
 
@@ -165,8 +171,8 @@ class AsyncNexusRouter:
 
     def __init__(self, endpoints: Sequence[str] | EndpointSource, *, options: ClientOptions | None = None,
                  api_key: str | None = None, vnodes: int = 256, load_factor: float = 1.1, replay: int = 32,
-                 refresh_s: float = 10.0, down_s: float = 30.0, affinity: Callable[[str], str] | None = None
-                 ) -> None:
+                 refresh_s: float = 10.0, down_s: float = 30.0, affinity: Callable[[str], str] | None = None,
+                 worker_sessions: Callable[[str], WorkerSession | None] | None = None) -> None:
         if load_factor < 1.0:
             raise ValueError("load_factor must be >= 1")
         if isinstance(endpoints, str):  # one "host:port", not a sequence of characters
@@ -177,6 +183,7 @@ class AsyncNexusRouter:
         self.vnodes, self.load_factor, self.replay = vnodes, load_factor, replay
         self.refresh_s, self.down_s = refresh_s, down_s
         self.affinity = affinity or (lambda sid: sid)
+        self.worker_sessions = worker_sessions  # session id -> the worker's WorkerSession (for Resync)
         self.stats = RouterStats()
         self._ring = HashRing([], vnodes)
         self._clients: dict[str, AsyncNexusClient] = {}
@@ -340,6 +347,8 @@ class AsyncNexusRouter:
             stored = 0
         acked = [(st, ck) for st, ck in s.replay if st.step > stored]
         if stored < s.acked and (not acked or acked[0][0].step != stored + 1):
+            if await self._resync(s, client):
+                return
             kept = f"steps {s.replay[0][0].step}..{s.acked}" if s.replay else "no steps"
             raise SessionLost(f"session {s.session_id!r}: the store has step {stored}, the worker is at step "
                               f"{s.acked} and {kept} are kept for replay (replay={self.replay}; make it >= the "
@@ -355,6 +364,21 @@ class AsyncNexusRouter:
             self.stats.replayed_steps += 1
         s.needs_resume = False
         self.stats.moves += 1
+
+    async def _resync(self, s: _Session, client: AsyncNexusClient) -> bool:
+        """Re-seed ``s`` on ``client``'s replica from the worker's positions; False if none given."""
+        ws = self.worker_sessions(s.session_id) if self.worker_sessions is not None else None
+        if ws is None or ws.step != s.acked or (ws.step and not ws.positions):
+            return False  # no truth to send, or not the worker's state at the last answer it got
+        # A copy: the Resync answer's count and checksum are the worker's own, but the worker's
+        # object stays the worker's to change.
+        await client.resync(dataclasses.replace(ws, positions=list(ws.positions)), s.config)
+        # Steps before the re-seed belong to the lost lineage: never replay them on top of it.
+        s.replay.clear()
+        s.needs_resume = False
+        self.stats.resynced += 1
+        self.stats.moves += 1
+        return True
 
     def _session(self, session_id: str) -> _Session:
         s = self._sessions.get(session_id)

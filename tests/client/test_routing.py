@@ -88,3 +88,38 @@ def test_affinity_keeps_a_workers_sessions_together_and_placement_scales() -> No
         plans = [sim.make() for sim in sims]
         results = router.step([p.msg for p in plans])
         assert [r.session_id for r in results] == [s.session_id for s in sims] and all(r.step == 1 for r in results)
+
+
+def test_resync_from_the_worker_when_replay_cannot_reach_back(redis_server) -> None:
+    """The same move as above with a 2-step buffer, but the worker lends the router its positions:
+    the new replica is re-seeded by Resync, and the stream goes on within the budget."""
+    from nexus_client.packing import WorkerSession
+
+    with running_sidecar(store=redis_server.url, checkpoint_every=0) as a, \
+            running_sidecar(store=redis_server.url, checkpoint_every=0) as b:
+        source = StaticEndpoints([a.target])
+        sim = SimSession("resync-1", config=dict(SMALL))
+
+        def truth(sid: str) -> WorkerSession:
+            assert sid == sim.session_id
+            return WorkerSession(sid, sim.cfg.groups, step=sim.ws.step, retained_count=sim.ws.retained_count,
+                                 retained_checksum=sim.ws.retained_checksum, positions=list(sim.retained))
+
+        with NexusRouter(source, replay=2, refresh_s=0.0, worker_sessions=truth) as router:
+            router.open_session(sim.session_id, sim.config)
+            for _ in range(5):
+                planned = sim.make()
+                (result,) = router.step([planned.msg])
+                sim.apply(planned, result)
+            source.set([b.target])
+            for step in range(6, 10):
+                before = sim.retained[0]
+                planned = sim.make()
+                (result,) = router.step([planned.msg])
+                assert result.step == step
+                sim.apply(planned, result)
+                held = set(before.tolist()) | set(planned.new.tolist())
+                assert set(sim.retained[0].tolist()) <= held and sim.retained[0].numel() <= SMALL["budget"]
+            assert router.endpoint_of("resync-1") == b.target
+            assert router.stats.resynced == 1 and router.stats.replayed_steps == 0
+            assert router.get_session("resync-1").step == 9
