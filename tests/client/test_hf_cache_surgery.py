@@ -32,7 +32,7 @@ def tiny() -> transformers.LlamaForCausalLM:
 def _prefill(model, ids):
     cache = transformers.DynamicCache(config=model.config)
     pos = torch.arange(ids.shape[1])[None]
-    model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True)
+    model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
     return cache
 
 
@@ -51,7 +51,7 @@ def _masked_reference(model, cache, new_ids, keep_rows):
     if len(masks) == 1:
         model.set_attn_implementation("eager")
         try:
-            return model(input_ids=new_ids, position_ids=pos, cache=cache, attention_mask=masks[0]).logits
+            return model(input_ids=new_ids, position_ids=pos, past_key_values=cache, attention_mask=masks[0]).logits
         finally:
             model.set_attn_implementation("sdpa")
     # Per-layer masks: the standard mask plumbing passes one mask to every layer, so hand each
@@ -67,7 +67,7 @@ def _masked_reference(model, cache, new_ids, keep_rows):
         mod._test_mask = m
     model.set_attn_implementation("test_per_layer_mask")
     try:
-        return model(input_ids=new_ids, position_ids=pos, cache=cache).logits
+        return model(input_ids=new_ids, position_ids=pos, past_key_values=cache).logits
     finally:
         model.set_attn_implementation("sdpa")
         for mod in mods:
@@ -80,7 +80,7 @@ def _surgery_logits(model, cache, new_ids, keep, first_pos):
     pos = torch.arange(first_pos, first_pos + new_ids.shape[1])[None]
     with capture_attention(model, recorder):
         assert model.config._attn_implementation == ATTN_IMPL
-        return model(input_ids=new_ids, position_ids=pos, cache=cache).logits
+        return model(input_ids=new_ids, position_ids=pos, past_key_values=cache).logits
 
 
 @torch.inference_mode()
@@ -98,7 +98,7 @@ def test_shared_keep_mask_matches_masked_full_cache(tiny) -> None:
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     # Sanity: eviction really changes the output (the test would be vacuous otherwise).
     dense = tiny(
-        input_ids=new_ids, position_ids=torch.arange(PROMPT_LEN, PROMPT_LEN + NEW)[None], cache=_prefill(tiny, ids)
+        input_ids=new_ids, position_ids=torch.arange(PROMPT_LEN, PROMPT_LEN + NEW)[None], past_key_values=_prefill(tiny, ids)
     ).logits
     assert (dense - got).abs().max() > 1e-3
 
@@ -143,7 +143,7 @@ def test_per_layer_keep_masks(tiny) -> None:
     with capture_attention(tiny, recorder):
         recorder.start()
         pos = torch.arange(PROMPT_LEN, PROMPT_LEN + NEW)[None]
-        got = tiny(input_ids=new_ids, position_ids=pos, cache=short).logits
+        got = tiny(input_ids=new_ids, position_ids=pos, past_key_values=short).logits
         cap = recorder.finish()
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     assert [m.numel() for m in cap.mass] == [lengths[0] + NEW, lengths[1] + NEW]

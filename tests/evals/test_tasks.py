@@ -44,14 +44,22 @@ def test_passkey_needle_appears_once_and_number_is_five_digits() -> None:
     assert s.answer_prefix == "The pass key is"
 
 
-def test_multikey_has_distractors_with_other_values() -> None:
+def test_multikey_asks_two_keys_and_keeps_two_distractors() -> None:
     s = generate_sample("multikey", 512, "test", 0)
-    assert s.context.count("special magic numbers for") + s.context.count("special magic number for") >= 0
     assert len(re.findall(r"special magic numbers for [a-z]+-[a-z]+ is: \d{5}", s.context)) == 4
-    distractors = s.meta["distractors"]
-    assert len(distractors) == 3 and s.answers[0] not in {str(d) for d in distractors}
-    key = re.search(r"number for ([a-z]+-[a-z]+) mentioned", s.question).group(1)  # type: ignore[union-attr]
-    assert f"for {key} is: {s.answers[0]}." in s.context
+    distractors = {str(d) for d in s.meta["distractors"]}  # type: ignore[union-attr]
+    assert len(s.questions) == 2 and len(distractors) == 2
+    for q in s.questions:  # each question names its own key, whose value is its answer and no distractor
+        key = re.search(r"number for ([a-z]+-[a-z]+) mentioned", q.question).group(1)  # type: ignore[union-attr]
+        assert f"for {key} is: {q.answers[0]}." in s.context and q.answers[0] not in distractors
+        assert key in q.answer_prefix
+    assert s.questions[0].answers != s.questions[1].answers
+
+
+def test_multiquery_is_one_question_per_key() -> None:
+    s = generate_sample("multiquery", 512, "test", 2)
+    assert len(s.questions) == 3 and len({q.answers for q in s.questions}) == 3
+    assert all(len(q.answers) == 1 and q.answers[0] in s.context for q in s.questions)
 
 
 def test_vartrack_chain_is_ordered_and_bridges() -> None:

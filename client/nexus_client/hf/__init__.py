@@ -9,6 +9,7 @@ from nexus_client.hf.cache_surgery import apply_keep_mask, cache_lengths
 from nexus_client.hf.capture import ATTN_IMPL, AttentionRecorder, ForwardCapture, capture_attention
 from nexus_client.hf.generate import Eviction, GenerationResult, generate
 from nexus_client.hf.models import LoadedModel, ModelResolutionError, load_model
+from nexus_client.hf.policy_run import PolicyRun
 
 __all__ = [
     "ATTN_IMPL",
@@ -21,6 +22,7 @@ __all__ = [
     "LocalBackend",
     "ModelResolutionError",
     "PolicyBackend",
+    "PolicyRun",
     "StepDecision",
     "StepTensors",
     "apply_keep_mask",

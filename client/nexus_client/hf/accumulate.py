@@ -37,14 +37,22 @@ class StepTensors:
 
 
 class AttentionAccumulator:
-    """Sums captures between policy calls and builds one :class:`StepTensors` per call."""
+    """Sums captures between policy calls and builds one :class:`StepTensors` per call.
 
-    def __init__(self, groups: int, fanout: int, exclude_self: bool = True) -> None:
+    ``window``: when set, ``attn`` is the mass of only the last ``window`` query rows added since
+    the last call (SnapKV's observation window), across forward passes: a question shorter than the
+    window borrows the last rows of the context before it. ``None`` sums every pending query.
+    """
+
+    def __init__(self, groups: int, fanout: int, exclude_self: bool = True, window: int | None = None) -> None:
         if groups < 1 or fanout < 1:
             raise ValueError(f"groups and fanout must be >= 1, got groups={groups} fanout={fanout}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 or None, got {window}")
         self.groups = groups
         self.fanout = fanout
         self.exclude_self = exclude_self
+        self.window = window
         self.reset()
 
     def reset(self) -> None:
@@ -54,6 +62,7 @@ class AttentionAccumulator:
         self._new: list[torch.Tensor] = []
         self._edge_pos: list[list[torch.Tensor]] = [[] for _ in range(self.groups)]
         self._edge_w: list[list[torch.Tensor]] = [[] for _ in range(self.groups)]
+        self._tail: list[torch.Tensor | None] = [None] * self.groups  # last `window` rows, right-padded
 
     @property
     def pending(self) -> int:
@@ -77,8 +86,8 @@ class AttentionAccumulator:
             if not torch.equal(slot_positions[g][length - q :].cpu(), new_positions.cpu()):
                 raise ValueError(f"group {g}: the last {q} slots are not the new positions")
             prev = self._mass[g]
-            mass = capture.mass[g].float()
-            if prev is not None:
+            mass = capture.mass[g].float() if self.window is None else self._window_mass(g, capture.rows[g])
+            if prev is not None and self.window is None:
                 if prev.numel() > length:
                     raise ValueError(f"group {g}: cache shrank from {prev.numel()} to {length} without a policy call")
                 mass = mass.clone()
@@ -89,6 +98,17 @@ class AttentionAccumulator:
             self._edge_pos[g].append(ep)
             self._edge_w[g].append(ew)
         self._new.append(new_positions.to(torch.int64))
+
+    def _window_mass(self, g: int, rows: torch.Tensor) -> torch.Tensor:
+        """Sum of the last ``window`` query rows seen since the last call (older rows zero-padded)."""
+        assert self.window is not None
+        rows = rows.float()
+        tail = self._tail[g]
+        if tail is not None:
+            tail = torch.nn.functional.pad(tail, (0, rows.shape[1] - tail.shape[1]))
+            rows = torch.cat([tail, rows], dim=0)
+        self._tail[g] = rows[-self.window :]
+        return self._tail[g].sum(dim=0)
 
     def build(self) -> StepTensors:
         """The summary for one policy call over everything added since the last :meth:`reset`."""

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from nexus_client.hf.accumulate import AttentionAccumulator
 from nexus_client.hf.backends import PolicyBackend
-from nexus_client.hf.cache_surgery import apply_keep_mask, cache_lengths
+from nexus_client.hf.cache_surgery import cache_lengths
 from nexus_client.hf.capture import AttentionRecorder, HeadReduce, attention_modules, capture_attention
+from nexus_client.hf.policy_run import PolicyRun
 
 
 @dataclass
@@ -102,7 +102,7 @@ def generate(
     budget = _policy_int(policy_config, "budget", 256)
     slack = _policy_int(policy_config, "slack", 0)
     groups = _policy_int(policy_config, "groups", 1)
-    fanout = _policy_int(policy_config, "fanout", 8)
+    _policy_int(policy_config, "fanout", 8)  # validated here; PolicyRun reads it
     num_layers = len(attention_modules(model))
     if groups not in (1, num_layers):
         raise ValueError(f"policy_config['groups'] must be 1 or the model's {num_layers} layers, got {groups}")
@@ -119,54 +119,32 @@ def generate(
     eos = getattr(tokenizer, "eos_token_id", None)
 
     recorder = AttentionRecorder(num_layers, groups=groups, head_reduce=head_reduce, obs_window=obs_window)
-    acc = AttentionAccumulator(groups, fanout)
     cache = DynamicCache(config=model.config)
     slots = [torch.empty(0, dtype=torch.int64) for _ in range(groups)]  # positions in cache, per group
     sizes: list[tuple[int, int]] = []
     evictions: list[Eviction] = []
     t: dict[str, Any] = {"prefill_s": 0.0, "policy_s": 0.0, "surgery_s": 0.0, "cache_after_call": []}
     t.update(forward_steps=[], policy_steps=[], decode_steps=[])
-    calls = 0
 
     def forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         recorder.start()
         out = model(
             input_ids=tokens[None].to(device),
             position_ids=positions[None].to(device),
-            cache=cache,
+            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,  # only the last position is read: skips the LM head on prefill chunks
         )
         cap = recorder.finish()
         for g in range(groups):
             slots[g] = torch.cat([slots[g], positions])
-        acc.add(cap, positions, slots)
+        run.add(cap, positions, slots)
         return out.logits[0, -1]
 
     def policy_call(step: int, phase: str) -> float:
-        nonlocal calls
         t0 = time.perf_counter()
-        decision = backend.step(session, acc.build())
-        t1 = time.perf_counter()
-        acc.reset()
-        calls += 1
-        keep = decision.keep
-        if keep.dim() != 2 or keep.shape[0] != groups:
-            raise RuntimeError(f"backend returned keep of shape {tuple(keep.shape)}, expected [{groups}, N]")
-        evicted: list[list[int]] = []
-        for g in range(groups):
-            n = slots[g].numel()
-            row = keep[g]
-            if row.numel() < n or bool(row[n:].any()):
-                raise RuntimeError(f"group {g}: keep covers {row.numel()} slots, cache group holds {n}")
-            gone = slots[g][~row[:n]]
-            if not torch.equal(torch.sort(gone).values, torch.sort(decision.evicted[g].to(torch.int64)).values):
-                raise RuntimeError(f"group {g}: keep mask and evicted positions disagree")
-            evicted.append(gone.tolist())
-            slots[g] = slots[g][row[:n]]
-        apply_keep_mask(cache, keep if groups > 1 else keep[0])
-        t["surgery_s"] += time.perf_counter() - t1
-        t["policy_s"] += t1 - t0
+        evicted = run.call(cache, slots)
+        t["surgery_s"], t["policy_s"] = run.surgery_seconds, run.seconds
         if any(evicted):
             evictions.append(Eviction(step=step, phase=phase, positions=evicted))
         size = max(cache_lengths(cache))
@@ -175,44 +153,40 @@ def generate(
         return time.perf_counter() - t0
 
     generated: list[int] = []
-    with capture_attention(model, recorder):
-        session = backend.open(policy_config)
-        try:
-            t0 = time.perf_counter()
-            chunks = list(torch.arange(ids.numel(), dtype=torch.int64).split(chunk_size))
-            for c, pos in enumerate(chunks):
-                logits = forward(ids[pos], pos)
-                policy_call(c - len(chunks), "prefill")
-            t["prefill_s"] = time.perf_counter() - t0
-            next_pos = ids.numel()
-            bar = None
-            if progress:
-                from tqdm import tqdm
+    with capture_attention(model, recorder), PolicyRun(backend, policy_config) as run:
+        t0 = time.perf_counter()
+        chunks = list(torch.arange(ids.numel(), dtype=torch.int64).split(chunk_size))
+        for c, pos in enumerate(chunks):
+            logits = forward(ids[pos], pos)
+            policy_call(c - len(chunks), "prefill")
+        t["prefill_s"] = time.perf_counter() - t0
+        next_pos = ids.numel()
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-                bar = tqdm(total=max_new_tokens, desc="decode", unit="tok", leave=False)
-            for step in range(max_new_tokens):
-                token = int(torch.argmax(logits))
-                generated.append(token)
-                if bar is not None:
-                    bar.update(1)
-                if (stop_at_eos and eos is not None and token == eos) or step == max_new_tokens - 1:
-                    break  # the last token needs no forward pass: nothing would read its logits
-                s0 = time.perf_counter()
-                logits = forward(torch.tensor([token]), torch.tensor([next_pos]))
-                next_pos += 1
-                s1 = time.perf_counter()
-                size = max(cache_lengths(cache))
-                sizes.append((step, size))
-                p = 0.0
-                if acc.pending >= every_k or size > budget + slack:
-                    p = policy_call(step, "decode")
-                t["forward_steps"].append(s1 - s0)
-                t["policy_steps"].append(p)
-                t["decode_steps"].append(time.perf_counter() - s0)
+            bar = tqdm(total=max_new_tokens, desc="decode", unit="tok", leave=False)
+        for step in range(max_new_tokens):
+            token = int(torch.argmax(logits))
+            generated.append(token)
             if bar is not None:
-                bar.close()
-        finally:
-            backend.close(session)
+                bar.update(1)
+            if (stop_at_eos and eos is not None and token == eos) or step == max_new_tokens - 1:
+                break  # the last token needs no forward pass: nothing would read its logits
+            s0 = time.perf_counter()
+            logits = forward(torch.tensor([token]), torch.tensor([next_pos]))
+            next_pos += 1
+            s1 = time.perf_counter()
+            size = max(cache_lengths(cache))
+            sizes.append((step, size))
+            p = 0.0
+            if run.pending >= every_k or size > budget + slack:
+                p = policy_call(step, "decode")
+            t["forward_steps"].append(s1 - s0)
+            t["policy_steps"].append(p)
+            t["decode_steps"].append(time.perf_counter() - s0)
+        if bar is not None:
+            bar.close()
     text = tokenizer.decode(generated, skip_special_tokens=True) if tokenizer is not None else ""
     return GenerationResult(
         text=text,
@@ -221,5 +195,5 @@ def generate(
         cache_sizes_over_time=sizes,
         evictions=evictions,
         timings=t,
-        policy_calls=calls,
+        policy_calls=run.calls,
     )

@@ -17,9 +17,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_POLICIES = "dense,streaming,tova,h2o,snapkv,random,nexus_topk,nexus"
-DEFAULT_TASKS = "passkey,multikey,multivalue,multiquery,vartrack,cwe,passkey-stdlib"
-QUICK_TASKS = "passkey,vartrack"
+KVPRESS_POLICIES = (
+    "kvpress:keydiff,kvpress:snapkv,kvpress:tova,kvpress:expected_attention,kvpress:knorm,kvpress:streaming_llm"
+)
+DEFAULT_POLICIES = "dense,streaming,tova,h2o,snapkv,random,nexus_topk,nexus," + KVPRESS_POLICIES
+DEFAULT_TASKS = "passkey,multikey,multivalue,multiquery,passkey-stdlib,multikey-stdlib"
+QUICK_TASKS = "passkey,multiquery"
+MODE_HELP = (
+    "settings, comma list (default all three): streaming (context streamed in chunks, budget enforced "
+    "after every chunk), agnostic (context prefilled then compressed once, then asked: kvpress's protocol), "
+    "aware (context + question prefilled, compressed with the observation window)"
+)
 
 
 def _floats(text: str) -> list[float]:
@@ -50,21 +58,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="smollm2", help="'smollm2' (bundled GGUF, cached) or a local model dir")
     p.add_argument("--tasks", type=_names, default=None, help=f"comma list (default: {DEFAULT_TASKS})")
-    p.add_argument("--lengths", type=_ints, default=[512], help="context lengths in tokens, comma list (default 512)")
+    p.add_argument("--lengths", type=_ints, default=None,
+                   help="context lengths in tokens, comma list (default 2048; 512 with --quick)")  # fmt: skip
     p.add_argument("--policies", type=_names, default=_names(DEFAULT_POLICIES),
                    help="comma list; knobs per policy as name:key=value, any PolicyConfig field, checked "
-                        "before the model loads (e.g. nexus:pool=7:pool_reduce=mean, nexus:tau=inf)")  # fmt: skip
-    p.add_argument("--eviction", type=_floats, default=None, help="eviction rates, comma list (default 0.8,0.9)")
-    p.add_argument("--modes", type=_names, default=["streaming", "oneshot"], help="streaming,oneshot")
+                        "before the model loads (e.g. nexus:pool=7:pool_reduce=mean, nexus:tau=inf); "
+                        "kvpress:<press>[:field=value] runs kvpress's own press (keydiff, snapkv, tova, "
+                        "expected_attention, knorm, streaming_llm, random; needs the [kvpress] extra)")  # fmt: skip
+    p.add_argument("--eviction", type=_floats, default=None,
+                   help="compression ratios (fraction of KV pairs removed, kvpress's definition), comma list "
+                        "(default 0.8)")  # fmt: skip
+    p.add_argument("--modes", type=_names, default=["streaming", "agnostic", "aware"], help=MODE_HELP)
+    p.add_argument("--window", type=int, default=32,
+                   help="observation window of one-shot calls: attention is read over the last W prompt "
+                        "queries (SnapKV's definition; default 32)")  # fmt: skip
     p.add_argument("--samples", type=int, default=None, help="samples per task (default 8; 2 with --quick)")
     p.add_argument("--start", type=int, default=0, help="index of the first sample (to extend a run)")
     p.add_argument("--split", choices=["dev", "test"], default="test", help="dev for tuning, test for reporting")
-    p.add_argument("--quick", action="store_true", help=f"2 samples of {QUICK_TASKS}, eviction 0.8 (a few minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"2 samples of {QUICK_TASKS} at 512 tokens, compression 0.8 (a few minutes)")  # fmt: skip
     p.add_argument("--chunk-size", type=int, default=64, help="streaming mode: context chunk size (default 64)")
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--recent", type=int, default=16)
     p.add_argument("--knobs", default="", help="knobs for every policy, key=value:key=value (e.g. pool=3)")
-    p.add_argument("--no-chat", action="store_true", help="plain prompt instead of the tokenizer's chat template")
+    p.add_argument("--prompt", choices=["plain", "chat"], default="plain",
+                   help="prompt format: plain (context, blank line, question, answer prefix; chosen on dev by "
+                        "dense accuracy, see docs/evaluation.md) or the tokenizer's chat template")  # fmt: skip
     p.add_argument("--dataset-file", type=Path, help="LongBench-format JSONL (context, input, answers) instead")
     p.add_argument("--metric", default=None, help="--dataset-file metric: match_all, match_any, exact, f1, rouge_l")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for --dataset-file")
@@ -135,6 +154,7 @@ def _shard_argv(args: argparse.Namespace, log: Path, k: int, n: int) -> list[str
             "--lengths", ",".join(map(str, args.lengths)), "--policies", ",".join(args.policies),
             "--eviction", ",".join(f"{e:g}" for e in args.eviction), "--modes", ",".join(args.modes),
             "--samples", str(args.samples), "--start", str(args.start), "--chunk-size", str(args.chunk_size),
+            "--window", str(args.window), "--prompt", args.prompt,
             "--sinks", str(args.sinks), "--recent", str(args.recent), "--device", args.device,
             "--threads", str(args.threads), "--max-new-tokens", str(args.max_new_tokens),
             "--json", str(args.json), "--runs", str(log), "--shard", f"{k}/{n}", "--no-progress"]  # fmt: skip
@@ -145,8 +165,6 @@ def _shard_argv(args: argparse.Namespace, log: Path, k: int, n: int) -> list[str
     for flag, value in (("--knobs", args.knobs), ("--metric", args.metric), ("--sidecar", args.sidecar)):
         if value:
             argv += [flag, value]
-    if args.no_chat:
-        argv.append("--no-chat")
     return argv
 
 
@@ -188,11 +206,14 @@ def run(args: argparse.Namespace) -> int:
     if args.tasks is None:
         args.tasks = _names(QUICK_TASKS if args.quick else DEFAULT_TASKS)
     if args.eviction is None:
-        args.eviction = [0.8] if args.quick else [0.8, 0.9]
+        args.eviction = [0.8]
+    if args.lengths is None:
+        args.lengths = [512] if args.quick else [2048]
     if args.samples is None:
         args.samples = 2 if args.quick else 8
-    if args.samples < 1 or args.chunk_size < 1:
-        raise SystemExit(f"eval: --samples and --chunk-size must be >= 1, got {args.samples}, {args.chunk_size}")
+    if args.samples < 1 or args.chunk_size < 1 or args.window < 1:
+        raise SystemExit(f"eval: --samples, --chunk-size and --window must be >= 1, got {args.samples}, "
+                         f"{args.chunk_size}, {args.window}")  # fmt: skip
     base: dict[str, Any] = {"sinks": args.sinks, "recent": args.recent}
     for part in filter(None, args.knobs.split(":")):
         key, sep, raw = part.partition("=")
@@ -250,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
         samples = _samples(args, count)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"eval: {exc}") from None
-    settings = EvalSettings(model=args.model, chunk_size=args.chunk_size, chat=not args.no_chat, base_knobs=base)
+    settings = EvalSettings(model=args.model, chunk_size=args.chunk_size, chat=args.prompt == "chat",
+                            window=args.window, base_knobs=base)  # fmt: skip
     if shard is not None:  # a child of --jobs: its share of the samples, into its own log, no reports
         k, n = shard
         for _ in iter_eval(loaded.model, tok, samples[k::n], runs, settings, factory, shard_log(paths["jsonl"], k, n),
@@ -280,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
         "python": sys.version.split()[0],
         "model_source": loaded.source,
         "verdict": list(verdicts.values()),
+        "agreement": [row for ev in args.eviction for row in report.agreement(results, ev)],
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -287,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
     paths["meta"].write_text(json.dumps(meta, indent=1, default=str) + "\n")
     md = report.markdown(records, title)
     md += "\n## verdict\n\n" + report.verdict_markdown(meta["verdict"])
+    if meta["agreement"]:
+        md += "\n## ours vs kvpress, same method\n\n" + report.agreement_markdown(meta["agreement"])
     md += "\n<details><summary>verdict as JSON</summary>\n\n```json\n" + json.dumps(meta["verdict"], indent=1)
     md += "\n```\n\n</details>\n"
     paths["md"].write_text(md)

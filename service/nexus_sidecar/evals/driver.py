@@ -1,91 +1,155 @@
-"""Greedy decoding over explicit prompt *segments*, with a policy call after each segment.
+"""One context, compressed in one of four settings, then every question of the sample answered from it.
 
-:func:`nexus_client.hf.generate` splits the whole prompt into equal chunks, so a question can
-straddle two chunks and there is no way to say "compress the context once, then ask". The
-evaluation needs exactly that control, so this module re-runs the same loop (same capture,
-accumulator and cache surgery, nothing re-implemented below that level) over caller-chosen
-segments:
+Settings (DESIGN.md section 6); ``compression`` is the fraction of KV pairs removed (kvpress's
+definition), applied to what the setting compresses:
 
-- streaming: ``[ctx[0:C], ctx[C:2C], ..., question]`` -- the budget holds after every chunk, so
-  tokens are evicted before the question exists;
-- one-shot (question-agnostic): ``[context, question]`` -- the context is compressed once, then the
-  question arrives;
-- dense: ``backend=None`` -- no policy call at all.
+- ``dense``: no eviction.
+- ``streaming``: the context streams through the cache in chunks and the policy is called after
+  every chunk with ``budget = round((1 - compression) * context)``, so tokens are evicted before
+  any question exists (the source's continuous-inference setting).
+- ``agnostic``: the whole context is prefilled, then compressed once to the same budget (kvpress's
+  default protocol). One-shot calls read attention over the observation ``window`` (the last ``w``
+  context queries, SnapKV's definition), not summed over every query.
+- ``aware``: context and question are prefilled together and compressed once with the window over
+  the last ``w`` prompt queries (the question's own), ``budget = round((1 - compression) *
+  (context + question))``.
 
-During decode a policy call is made whenever the cache exceeds ``budget`` (``slack`` = 0,
-``every_k`` = 1), so the budget holds after every token.
+In every setting the question(s) and the answer are then appended without further eviction
+(kvpress's protocol): settings differ only in what survived the context. Several questions of one
+sample are answered from copies of one compressed cache (``aware`` compresses once per question,
+since the question is part of what it sees), with no re-prefill.
+
+Compressors: an engine policy through a :class:`~nexus_client.hf.PolicyBackend` (``policy``), or a
+kvpress press (``press``, see :mod:`.kvpress_baselines`), whose own ``compress`` runs on the layer
+inputs captured during the shared prefill: the same computation kvpress's forward hook does.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from nexus_client.hf.accumulate import AttentionAccumulator
 from nexus_client.hf.backends import PolicyBackend
-from nexus_client.hf.cache_surgery import apply_keep_mask, cache_lengths
+from nexus_client.hf.cache_surgery import cache_lengths
 from nexus_client.hf.capture import AttentionRecorder, ForwardCapture, attention_modules, capture_attention
+from nexus_client.hf.policy_run import PolicyRun
+
+SETTINGS = ("streaming", "agnostic", "aware")
+Press = Any  # a kvpress BasePress; kvpress is an optional extra
+
+
+@dataclass
+class LayerInputs:
+    """What each attention layer received during one forward pass: kvpress's ``compress`` inputs."""
+
+    hidden: list[torch.Tensor]  # per layer [1, q, hidden]
+    cos: torch.Tensor  # [1, q, head_dim]
+    sin: torch.Tensor
+
+    def cat(self, other: LayerInputs) -> LayerInputs:
+        """This pass followed by ``other`` (the question after the context), as one prefill would see it."""
+        hidden = [torch.cat([a, b], dim=1) for a, b in zip(self.hidden, other.hidden, strict=True)]
+        return LayerInputs(hidden, torch.cat([self.cos, other.cos], dim=1), torch.cat([self.sin, other.sin], dim=1))
+
+
+class _InputRecorder:
+    """Forward hooks that keep each attention layer's ``hidden_states`` and RoPE tables."""
+
+    def __init__(self, model: Any) -> None:
+        self.mods = attention_modules(model)
+        self.hidden: list[torch.Tensor | None] = [None] * len(self.mods)
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _InputRecorder:
+        for i, m in enumerate(self.mods):
+            self.handles.append(m.register_forward_hook(self._hook(i), with_kwargs=True))
+        return self
+
+    def _hook(self, i: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+            self.hidden[i] = kwargs["hidden_states"].detach()
+            if self.rope is None:
+                cos, sin = kwargs["position_embeddings"]
+                self.rope = (cos.detach(), sin.detach())
+
+        return hook
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def result(self) -> LayerInputs:
+        assert self.rope is not None and all(h is not None for h in self.hidden)
+        return LayerInputs([h for h in self.hidden if h is not None], *self.rope)
 
 
 @dataclass
 class Prefix:
-    """A prefilled first segment, shared by every run that starts with it (one-shot and dense runs).
-
-    The context prefill is the same forward pass whatever the policy; computing it once per sample
-    and deep-copying the cache per run removes most of the one-shot cost. ``cache`` is never mutated.
-    """
+    """A prefilled context, shared by every run of a sample that starts from it (never mutated)."""
 
     ids: list[int]
     cache: Any
     capture: ForwardCapture
+    inputs: LayerInputs
     logits: torch.Tensor
     seconds: float
 
 
+def _forward(model: Any, cache: Any, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = model(input_ids=tokens[None].to(device), position_ids=positions[None].to(device),
+                past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+    return out.logits[0, -1]
+
+
 @torch.inference_mode()
-def prefill(model: Any, ids: Sequence[int]) -> Prefix:
-    """Run ``ids`` (positions ``0..n-1``) through ``model`` once, recording attention as :func:`drive` does."""
+def prefill(model: Any, ids: Sequence[int], start: int = 0, cache: Any = None) -> Prefix:
+    """Run ``ids`` (at positions ``start..``) through ``model`` on ``cache`` (a new one by default),
+    recording head-reduced attention (shared group) and every layer's inputs."""
     from transformers import DynamicCache
 
     if not ids:
         raise ValueError("empty prefix")
     t0 = time.perf_counter()
     recorder = AttentionRecorder(len(attention_modules(model)), groups=1)
-    cache = DynamicCache(config=model.config)
-    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config) if cache is None else cache
     tokens = torch.as_tensor(list(ids), dtype=torch.int64)
-    with capture_attention(model, recorder):
+    with capture_attention(model, recorder), _InputRecorder(model) as inputs:
         recorder.start()
-        out = model(input_ids=tokens[None].to(device), position_ids=torch.arange(tokens.numel())[None].to(device),
-                    cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        logits = _forward(model, cache, tokens, torch.arange(start, start + tokens.numel()))
         cap = recorder.finish()
-    return Prefix(list(ids), cache, cap, out.logits[0, -1].clone(), time.perf_counter() - t0)
+    return Prefix(list(ids), cache, cap, inputs.result(), logits.clone(), time.perf_counter() - t0)
+
+
+@dataclass
+class Answer:
+    """One question's reply from a compressed context."""
+
+    token_ids: list[int]
+    text: str
+    retained: list[int] | None  # context positions cached when the question arrived (None: per-head press)
 
 
 @dataclass
 class DriveResult:
-    """What one segmented generation produced.
+    """What one (sample, compressor, setting) produced.
 
-    ``peak_cache``: the largest cache length (tokens, max over layers) held at any moment, including
-    the transient peak right after a segment's forward pass and before its policy call.
-    ``max_after_call``: the largest cache length right after a policy call (<= budget).
-    ``retained_before_last``: the positions in the cache right before the last segment (the
-    question) was fed, i.e. what survived the context.
+    ``peak_cache``: the most tokens (max over layers) held at any moment, transient peaks included.
+    ``kept_context``: cache length right after the context's compression (before any question).
     """
 
-    token_ids: list[int]
-    text: str
+    answers: list[Answer]
     peak_cache: int
-    max_after_call: int
+    kept_context: int
     policy_calls: int
     evicted: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
-    retained_before_last: list[int] = field(default_factory=list)
 
 
 def kv_bytes_per_token(model: Any) -> int:
@@ -99,129 +163,172 @@ def kv_bytes_per_token(model: Any) -> int:
 
 
 @torch.inference_mode()
+def apply_press(press: Press, model: Any, cache: Any, inputs: LayerInputs) -> None:
+    """Compress every layer of ``cache`` in place with kvpress ``press``, from the captured ``inputs``.
+
+    This is the body of kvpress's ``BasePress.forward_hook`` (``compress`` on the layer's inputs,
+    then the cache layer replaced), run after the prefill instead of inside it. The two agree
+    because a layer's compression never changes the attention output of the pass that filled it.
+    """
+    press.post_init_from_model(model)
+    base = model.model
+    kwargs = {"position_embeddings": (inputs.cos, inputs.sin)}
+    for layer_module, layer_cache, hidden in zip(attention_modules(model), cache.layers, inputs.hidden, strict=True):
+        layer_module.rotary_emb = base.rotary_emb  # what kvpress's context manager sets
+        keys, values = press.compress(layer_module, hidden, layer_cache.keys, layer_cache.values, None, kwargs)
+        layer_cache.keys, layer_cache.values = keys.contiguous(), values.contiguous()
+
+
+@torch.inference_mode()
 def drive(
     model: Any,
     tokenizer: Any,
-    segments: Sequence[Sequence[int]],
-    backend: PolicyBackend | None,
-    policy_config: Mapping[str, Any] | None,
+    context: Sequence[int],
+    questions: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
+    setting: str,
+    backend: PolicyBackend | None = None,
+    policy_config: Mapping[str, Any] | None = None,
+    press: Press | None = None,
+    window: int = 32,
+    chunk_size: int = 64,
     stop_ids: Sequence[int] = (),
     prefix: Prefix | None = None,
 ) -> DriveResult:
-    """Feed ``segments`` (token ids, in order), calling the policy after each one, then decode greedily.
+    """Compress ``context`` in ``setting`` (``dense`` needs neither ``backend`` nor ``press``), then
+    answer each of ``questions`` greedily (at most ``max_new_tokens``, stopping at ``stop_ids``).
 
-    ``backend=None`` runs dense attention (no eviction, same attention kernel as the evicting runs so
-    numerics match). ``policy_config`` holds the engine ``PolicyConfig`` fields; ``groups`` must be 1
-    (a shared eviction set: the setting the evaluation uses). Decoding stops at any of ``stop_ids``
-    (the generated stop token is not included) or after ``max_new_tokens`` tokens. ``prefix``: the
-    first segment already prefilled by :func:`prefill` (its ids must equal ``segments[0]``); its
-    cache is copied, and its prefill time is added to ``seconds`` so timings stay comparable.
+    ``policy_config`` holds the engine ``PolicyConfig`` fields including ``budget``; ``prefix``: the
+    context already prefilled by :func:`prefill` (shared across runs; its prefill time is added to
+    ``seconds`` so timings stay comparable). ``streaming`` never uses a prefix (it prefills itself).
     """
+    if setting not in (*SETTINGS, "dense"):
+        raise ValueError(f"unknown setting {setting!r}; known: dense, {', '.join(SETTINGS)}")
+    if (setting == "dense") != (backend is None and press is None) or (backend is not None and press is not None):
+        raise ValueError("dense takes no compressor; every other setting takes exactly one of backend / press")
+    if setting == "streaming" and press is not None:
+        raise ValueError("kvpress presses compress a prefill; they have no streaming setting")
+    if not context or not questions or any(not q for q in questions) or max_new_tokens < 1:
+        raise ValueError("need a context, >= 1 non-empty question and max_new_tokens >= 1")
     from transformers import DynamicCache
 
-    segs = [torch.as_tensor(list(s), dtype=torch.int64) for s in segments]
-    if not segs or any(s.numel() == 0 for s in segs):
-        raise ValueError("need at least one segment and no empty segment")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    cfg = dict(policy_config or {})
-    groups = int(cfg.get("groups", 1))
-    if groups != 1:
-        raise ValueError(f"drive() uses one shared eviction group; policy_config['groups'] is {groups}")
-    budget = int(cfg.get("budget", 1 << 30))
-    fanout = int(cfg.get("fanout", 8))
+    ctx = torch.as_tensor(list(context), dtype=torch.int64)
+    n_ctx = int(ctx.numel())
+    stops = {int(s) for s in stop_ids}
     num_layers = len(attention_modules(model))
-    device = next(model.parameters()).device
-    stops = set(int(s) for s in stop_ids)
-
     recorder = AttentionRecorder(num_layers, groups=1)
-    acc = AttentionAccumulator(1, fanout)
-    if prefix is not None and prefix.ids != [int(x) for x in segs[0]]:
-        raise ValueError("prefix ids differ from the first segment")
-    cache = DynamicCache(config=model.config) if prefix is None else copy.deepcopy(prefix.cache)
-    slots = [torch.empty(0, dtype=torch.int64)]
-    stats = {"peak": 0, "after": 0, "calls": 0, "evicted": 0}
+    if backend is not None and int((policy_config or {}).get("groups", 1)) != 1:
+        raise ValueError("the evaluation uses one shared eviction group (policy_config['groups'] = 1)")
+    policy = (lambda: PolicyRun(backend, policy_config or {}, None if setting == "streaming" else window)) \
+        if backend is not None else None  # fmt: skip
+    t_start = time.perf_counter()
     t: dict[str, float] = {"forward_s": 0.0, "policy_s": 0.0}
+    peak = 0
+    calls = evicted = 0
+    answers: list[Answer] = []
 
-    def forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def fwd(cache: Any, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ForwardCapture]:
+        nonlocal peak
         t0 = time.perf_counter()
         recorder.start()
-        out = model(input_ids=tokens[None].to(device), position_ids=positions[None].to(device),
-                    cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        logits = _forward(model, cache, tokens, positions)
         cap = recorder.finish()
-        slots[0] = torch.cat([slots[0], positions])
-        if backend is not None:  # dense runs never call the policy: skip the edge extraction cost
-            acc.add(cap, positions, slots)
-        stats["peak"] = max(stats["peak"], max(cache_lengths(cache)))
+        peak = max(peak, max(cache_lengths(cache)))
         t["forward_s"] += time.perf_counter() - t0
-        return out.logits[0, -1]
+        return logits, cap
 
-    def policy_call() -> None:
-        assert backend is not None
-        t0 = time.perf_counter()
-        decision = backend.step(session, acc.build())
-        acc.reset()
-        keep = decision.keep
-        n = slots[0].numel()
-        if keep.dim() != 2 or keep.shape[0] != 1 or keep.shape[1] < n or bool(keep[0, n:].any()):
-            raise RuntimeError(f"backend returned keep of shape {tuple(keep.shape)} for a cache of {n} slots")
-        row = keep[0, :n]
-        stats["evicted"] += int((~row).sum())
-        slots[0] = slots[0][row]
-        apply_keep_mask(cache, row)
-        stats["calls"] += 1
-        stats["after"] = max(stats["after"], max(cache_lengths(cache)))
-        t["policy_s"] += time.perf_counter() - t0
+    def decode(cache: Any, logits: torch.Tensor, pos: int) -> list[int]:
+        out: list[int] = []
+        for step in range(max_new_tokens):
+            token = int(torch.argmax(logits))
+            if token in stops:
+                break
+            out.append(token)
+            if step == max_new_tokens - 1:
+                break  # nothing would read the next logits
+            logits, _ = fwd(cache, torch.tensor([token]), torch.tensor([pos]))
+            pos += 1
+        return out
 
-    t_start = time.perf_counter()
-    generated: list[int] = []
-    before_last: list[int] = []
+    def finish(run: PolicyRun | None) -> None:
+        nonlocal calls, evicted
+        if run is not None:
+            calls += run.calls
+            evicted += run.evicted
+            t["policy_s"] += run.seconds
+            run.close()
+
+    if setting != "streaming":
+        if prefix is None:
+            prefix = prefill(model, ctx.tolist())  # before capture_attention below: the two do not nest
+        elif prefix.ids != ctx.tolist():
+            raise ValueError("prefix ids differ from the context")
     with capture_attention(model, recorder):
-        session = backend.open(cfg) if backend is not None else None
-        try:
-            pos = 0
-            logits = None
-            for i, seg in enumerate(segs):
-                if i == len(segs) - 1:
-                    before_last = slots[0].tolist()
-                positions = torch.arange(pos, pos + seg.numel(), dtype=torch.int64)
-                if i == 0 and prefix is not None:
-                    slots[0] = positions
-                    if backend is not None:
-                        acc.add(prefix.capture, positions, slots)
-                    stats["peak"] = int(seg.numel())
-                    logits = prefix.logits
-                else:
-                    logits = forward(seg, positions)
-                pos += seg.numel()
-                if backend is not None:
-                    policy_call()
-            assert logits is not None
-            for step in range(max_new_tokens):
-                token = int(torch.argmax(logits))
-                if token in stops:
-                    break
-                generated.append(token)
-                if step == max_new_tokens - 1:
-                    break  # nothing would read the next logits
-                logits = forward(torch.tensor([token]), torch.tensor([pos]))
-                pos += 1
-                if backend is not None and max(cache_lengths(cache)) > budget:
-                    policy_call()
-        finally:
-            if backend is not None:
-                backend.close(session)
-    text = tokenizer.decode(generated, skip_special_tokens=True) if tokenizer is not None else ""
+        slots = [torch.arange(n_ctx, dtype=torch.int64)]
+        if setting == "streaming":
+            assert policy is not None
+            run = policy()
+            try:
+                cache = DynamicCache(config=model.config)
+                slots = [torch.empty(0, dtype=torch.int64)]
+                for pos in torch.arange(n_ctx, dtype=torch.int64).split(chunk_size):
+                    _, cap = fwd(cache, ctx[pos], pos)
+                    slots[0] = torch.cat([slots[0], pos])
+                    run.add(cap, pos, slots)
+                    run.call(cache, slots)
+            finally:
+                finish(run)
+        else:
+            assert prefix is not None
+            peak = max(peak, n_ctx)
+            cache = copy.deepcopy(prefix.cache)
+            if setting == "agnostic" and policy is not None:
+                run = policy()
+                try:
+                    run.add(prefix.capture, slots[0], slots)
+                    run.call(cache, slots)
+                finally:
+                    finish(run)
+            elif setting == "agnostic" and press is not None:
+                apply_press(press, model, cache, prefix.inputs)
+                slots = []  # per-head selection: no shared position list
+        kept_context = max(cache_lengths(cache)) if setting != "aware" else 0
+
+        for q in questions:
+            qt = torch.as_tensor(list(q), dtype=torch.int64)
+            qpos = torch.arange(n_ctx, n_ctx + qt.numel(), dtype=torch.int64)
+            c = copy.deepcopy(cache)
+            retained = slots[0].tolist() if slots else None
+            with _InputRecorder(model) as q_inputs:
+                logits, cap = fwd(c, qt, qpos)
+            if setting == "aware" and press is not None:
+                assert prefix is not None
+                apply_press(press, model, c, prefix.inputs.cat(q_inputs.result()))
+                retained = None
+            elif setting == "aware" and policy is not None:
+                assert prefix is not None
+                run = policy()
+                try:
+                    s = [slots[0].clone()]
+                    run.add(prefix.capture, s[0], s)  # the context's queries, then the question's
+                    s[0] = torch.cat([s[0], qpos])
+                    run.add(cap, qpos, s)
+                    run.call(c, s)
+                    retained = [p for p in s[0].tolist() if p < n_ctx]
+                finally:
+                    finish(run)
+            if setting == "aware":
+                kept_context = max(kept_context, max(cache_lengths(c)))
+            ids = decode(c, logits, n_ctx + int(qt.numel()))
+            text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
+            answers.append(Answer(ids, text, retained))
     return DriveResult(
-        token_ids=generated,
-        text=text,
-        peak_cache=stats["peak"],
-        max_after_call=stats["after"],
-        policy_calls=stats["calls"],
-        evicted=stats["evicted"],
+        answers=answers,
+        peak_cache=peak,
+        kept_context=kept_context,
+        policy_calls=calls,
+        evicted=evicted,
         seconds=time.perf_counter() - t_start + (prefix.seconds if prefix is not None else 0.0),
         timings=t,
-        retained_before_last=before_last,
     )

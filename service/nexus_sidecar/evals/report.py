@@ -21,6 +21,8 @@ from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from nexus_sidecar.evals.kvpress_baselines import SAME_METHOD, is_kvpress
+
 Z95 = 1.959963984540054
 TOPK_BASELINES = ("streaming", "tova", "h2o", "snapkv")
 RETRIEVAL_TASKS = ("passkey", "multikey", "multivalue", "multiquery", "vartrack")
@@ -131,7 +133,8 @@ def verdict(records: list[dict[str, Any]], nexus: str = "nexus", eviction: float
     out: dict[str, Any] = {"nexus_policy": nexus, "eviction": eviction, "modes": {}}
     modes = sorted({r["mode"] for r in records if r["mode"] != "dense"})
     tasks = sorted({r["task"] for r in records if r["task"].split("-")[0] in RETRIEVAL_TASKS})
-    labels = sorted({r["policy"] for r in records if r["policy"].split(":")[0] in TOPK_BASELINES})
+    labels = sorted({r["policy"] for r in records
+                     if r["policy"].split(":")[0] in TOPK_BASELINES or is_kvpress(r["policy"])})  # fmt: skip
     ablation = ":".join(["nexus_topk", *nexus.split(":")[1:]])
 
     def retrieval(policy: str, mode: str) -> float | None:
@@ -165,6 +168,43 @@ def verdict(records: list[dict[str, Any]], nexus: str = "nexus", eviction: float
                 "nexus_minus_topk_ablation": paired(runs, me, (ablation, eviction, mode)),
             }
     return out
+
+
+def agreement(runs: Sequence[dict[str, Any]], eviction: float) -> list[dict[str, Any]]:
+    """Our re-implementation vs kvpress's press of the same method, per setting, on the same samples.
+
+    ``same_answer``: the fraction of paired samples where both scored the same; ``diff``: ours -
+    kvpress, paired, with a bootstrap CI (:func:`paired`).
+    """
+    have = {(r["policy"], r["mode"]) for r in runs if float(r["eviction"]) == eviction}
+    out = []
+    for press, ours in sorted(SAME_METHOD.items()):
+        theirs = f"kvpress:{press}"
+        for mode in sorted({m for _, m in have}):
+            if (ours, mode) not in have or (theirs, mode) not in have:
+                continue
+            a, b = (ours, eviction, mode), (theirs, eviction, mode)
+            by: dict[str, dict[str, float]] = {ours: {}, theirs: {}}
+            for r in runs:
+                if r["mode"] == mode and float(r["eviction"]) == eviction and r["policy"] in by:
+                    by[r["policy"]][r["sample_id"]] = float(r["score"])
+            common = sorted(set(by[ours]) & set(by[theirs]))
+            out.append({"method": press, "ours": ours, "kvpress": theirs, "mode": mode, "eviction": eviction,
+                        "ours_score": round(sum(by[ours][s] for s in common) / len(common), 4),
+                        "kvpress_score": round(sum(by[theirs][s] for s in common) / len(common), 4),
+                        "same_answer": round(sum(by[ours][s] == by[theirs][s] for s in common) / len(common), 4),
+                        "paired": paired(runs, a, b)})  # fmt: skip
+    return out
+
+
+def agreement_markdown(rows: Iterable[dict[str, Any]]) -> str:
+    """:func:`agreement` as a table."""
+    head = ["method", "setting", "compression", "ours", "kvpress", "ours - kvpress (paired)", "same score"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['ours']} vs {r['kvpress']} | {r['mode']} | {r['eviction']:g} | {r['ours_score']:.3f} | "
+                     f"{r['kvpress_score']:.3f} | {_diff(r['paired'])} | {r['same_answer']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _diff(p: dict[str, Any] | None) -> str:

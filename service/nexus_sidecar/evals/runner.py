@@ -5,9 +5,11 @@ the results file (flushed and fsynced), keyed by :func:`run_key`, which also has
 changes the outcome (model, chunk size, knobs). On restart, lines already present are skipped, so a
 killed run loses at most the sample in flight; a torn last line (killed mid-write) is ignored.
 
-Budget: the eviction rate is a fraction of the *whole* sequence, context + question + the answer's
-``max_new_tokens``: ``budget = round((1 - eviction) * total)``. Eviction 0 (policy ``dense``) runs
-without any policy call.
+Compression (``eviction`` in records, kvpress's ``compression_ratio``) is the fraction of the KV
+pairs of what the setting compresses that is removed: the context in ``streaming`` and ``agnostic``,
+context + question in ``aware`` (see :mod:`.driver`). Policy ``dense`` runs once (mode ``dense``).
+Policies named ``kvpress:<press>`` are kvpress's own presses (:mod:`.kvpress_baselines`); they have
+no ``streaming`` setting (they compress a prefill), so those runs are not planned.
 
 The backend is pluggable: :data:`BackendFactory` builds one from the CLI arguments, so a remote
 sidecar backend (``--sidecar ADDR``) slots in without touching this loop.
@@ -25,11 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nexus_sidecar.evals.driver import Prefix, drive, kv_bytes_per_token, prefill
+from nexus_sidecar.evals.driver import SETTINGS, Prefix, drive, kv_bytes_per_token, prefill
+from nexus_sidecar.evals.kvpress_baselines import PREFIX as KVPRESS_PREFIX
+from nexus_sidecar.evals.kvpress_baselines import check_press_knobs, is_kvpress, make_press
 from nexus_sidecar.evals.longbench import score as score_answer
-from nexus_sidecar.evals.tasks import Sample
+from nexus_sidecar.evals.tasks import Question, Sample
 
-MODES = ("streaming", "oneshot")
+MODES = SETTINGS
 DENSE = "dense"
 BackendFactory = Callable[[], Any]  # () -> nexus_client.hf.PolicyBackend
 
@@ -54,6 +58,8 @@ class PolicySpec:
         model loads, naming the field, instead of after hours of other runs.
         """
         name, *parts = text.strip().split(":")
+        if name + ":" == KVPRESS_PREFIX and parts:  # kvpress:<press>[:knob=value]*
+            name = KVPRESS_PREFIX + parts.pop(0)
         if not name:
             raise ValueError(f"empty policy name in {text!r}")
         knobs: dict[str, Any] = {}
@@ -62,7 +68,9 @@ class PolicySpec:
             if not sep or not key or not raw:
                 raise ValueError(f"policy {text!r}: knob {part!r} is not key=value")
             knobs[key] = knob_value(raw)
-        if name != DENSE:
+        if is_kvpress(name):
+            check_press_knobs(name, knobs, f"policy {text!r}")
+        elif name != DENSE:
             check_knobs(name, knobs, f"policy {text!r}")
         return cls(name, tuple(sorted(knobs.items())))
 
@@ -97,7 +105,8 @@ class EvalSettings:
 
     model: str
     chunk_size: int = 64
-    chat: bool = True
+    chat: bool = False
+    window: int = 32
     base_knobs: dict[str, Any] = field(default_factory=lambda: {"sinks": 4, "recent": 16})
 
     def fingerprint(self) -> str:
@@ -128,7 +137,7 @@ def expand_runs(policies: Sequence[PolicySpec], evictions: Sequence[float], mode
         if p.name == DENSE:
             runs.append(RunSpec(p, 0.0, DENSE))
             continue
-        runs.extend(RunSpec(p, e, m) for e in evictions for m in modes)
+        runs.extend(RunSpec(p, e, m) for e in evictions for m in modes if not (is_kvpress(p.name) and m == "streaming"))
     return runs
 
 
@@ -137,26 +146,35 @@ def run_key(settings: EvalSettings, sample: Sample, run: RunSpec) -> str:
     return f"{settings.fingerprint()}|{sample.sample_id}|{run.policy.label}|{run.eviction:g}|{run.mode}"
 
 
-def _prompt_text(tokenizer: Any, sample: Sample, chat: bool) -> tuple[str, int]:
-    """The whole prompt text and the character index where the context ends."""
-    user = sample.context + "\n\n" + sample.question
+def _prompt_text(tokenizer: Any, sample: Sample, chat: bool, question: Question | None = None) -> tuple[str, int]:
+    """The whole prompt text for ``question`` (default: the first) and the index where the context ends.
+
+    Plain format (the default, chosen on dev by dense accuracy): ``context`` + blank line +
+    ``question`` + newline + answer prefix. ``chat``: the tokenizer's chat template around
+    ``context + question`` as one user turn, the answer prefix opening the assistant turn.
+    """
+    q = question or sample.questions[0]
+    user = sample.context + "\n\n" + q.question
     if chat and getattr(tokenizer, "chat_template", None):
         full = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                              add_generation_prompt=True)  # fmt: skip
     else:
         full = user + "\n"
-    full += sample.answer_prefix
+    full += q.answer_prefix
     return full, full.index(sample.context) + len(sample.context)
 
 
-def answer_positions(tokenizer: Any, sample: Sample, ctx: Sequence[int], chat: bool = True) -> list[int] | None:
+def answer_positions(
+    tokenizer: Any, sample: Sample, ctx: Sequence[int], chat: bool = False, question: Question | None = None
+) -> list[int] | None:
     """Positions (indices into the context segment ``ctx``) of the tokens that overlap an occurrence
     of an answer string in the context: the evidence the question will need.
 
     ``None`` when the tokenizer gives no character offsets (slow tokenizers), so no number is made up.
     Occurrences are whole words/numbers (``12345`` does not match inside ``123456``).
     """
-    full, cut = _prompt_text(tokenizer, sample, chat)
+    q = question or sample.questions[0]
+    full, cut = _prompt_text(tokenizer, sample, chat, q)
     try:
         enc = tokenizer(full[:cut], add_special_tokens=False, return_offsets_mapping=True)
         offsets = list(enc["offset_mapping"])
@@ -164,26 +182,32 @@ def answer_positions(tokenizer: Any, sample: Sample, ctx: Sequence[int], chat: b
         return None
     shift = len(ctx) - len(offsets)  # a BOS the caller prepended
     start = full.index(sample.context)
-    spans = [(m.start(), m.end()) for a in sample.answers if a
+    spans = [(m.start(), m.end()) for a in q.answers if a
              for m in re.finditer(rf"(?<!\w){re.escape(a)}(?!\w)", full[start:cut])]  # fmt: skip
     spans = [(start + s, start + e) for s, e in spans]
     return [shift + i for i, (s, e) in enumerate(offsets) if any(s < se and e > ss for ss, se in spans)]
 
 
-def prompt_segments(tokenizer: Any, sample: Sample, chat: bool = True) -> tuple[list[int], list[int]]:
-    """Token ids of (context, question part) of ``sample``.
+def prompt_segments(tokenizer: Any, sample: Sample, chat: bool = False) -> tuple[list[int], list[list[int]]]:
+    """Token ids of the context and of each question part of ``sample``.
 
-    With ``chat`` the tokenizer's chat template wraps ``context + question`` as one user turn and
-    the answer prefix opens the assistant turn; the ids are split where the question starts (the
-    two halves are tokenized separately, so nothing of the question leaks into the context stream).
+    The ids are split where the question starts (the halves are tokenized separately, so nothing of
+    a question leaks into the context stream); every question shares the same context ids.
     """
-    full, cut = _prompt_text(tokenizer, sample, chat)
-    ctx = tokenizer(full[:cut], add_special_tokens=False).input_ids
-    q = tokenizer(full[cut:], add_special_tokens=False).input_ids
+    ctx: list[int] | None = None
+    qs: list[list[int]] = []
+    for question in sample.questions:
+        full, cut = _prompt_text(tokenizer, sample, chat, question)
+        c = list(tokenizer(full[:cut], add_special_tokens=False).input_ids)
+        if ctx is not None and c != ctx:
+            raise ValueError(f"{sample.sample_id}: the context tokenizes differently for different questions")
+        ctx = c
+        qs.append(list(tokenizer(full[cut:], add_special_tokens=False).input_ids))
+    assert ctx is not None
     bos = getattr(tokenizer, "bos_token_id", None)
     if not chat and bos is not None and getattr(tokenizer, "add_bos_token", False):
         ctx = [bos, *ctx]
-    return list(ctx), list(q)
+    return ctx, qs
 
 
 def load_done(path: Path) -> dict[str, dict[str, Any]]:
@@ -240,43 +264,48 @@ def _append(path: Path, rec: dict[str, Any]) -> None:
 
 def run_one(
     model: Any, tokenizer: Any, sample: Sample, run: RunSpec, settings: EvalSettings,
-    backend_factory: BackendFactory, segments: tuple[list[int], list[int]], prefix: Prefix | None = None,
-    evidence: list[int] | None = None,
+    backend_factory: BackendFactory, segments: tuple[list[int], list[list[int]]], prefix: Prefix | None = None,
+    evidence: list[list[int] | None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Run one sample under one (policy, eviction, mode) and return its record (not yet written).
+    """Run one sample under one (policy, compression, setting) and return its record (not yet written).
 
-    Dense and one-shot runs feed ``[context, question]`` and may share the context ``prefix``
-    (:func:`~nexus_sidecar.evals.driver.prefill`); streaming runs feed the context chunk by chunk.
-    ``evidence``: the sample's :func:`answer_positions`, when the caller computed them once for all
-    its runs (else they are computed here).
+    Dense and one-shot runs may share the context ``prefix`` (:func:`~nexus_sidecar.evals.driver.prefill`);
+    streaming runs feed the context chunk by chunk. ``evidence``: per question, the sample's
+    :func:`answer_positions`, when the caller computed them once for all its runs.
     """
-    ctx, q = segments
-    total = len(ctx) + len(q) + sample.max_new_tokens
+    ctx, qs = segments
+    questions = sample.questions
     stop_ids = [i for i in {getattr(tokenizer, "eos_token_id", None)} if i is not None]
     per_token = kv_bytes_per_token(model)
-    budget = total
+    seed = zlib.crc32(sample.sample_id.encode())
+    compressed = len(ctx) + (max(len(q) for q in qs) if run.mode == "aware" else 0)
+    budget = compressed if run.policy.name == DENSE else round((1.0 - run.eviction) * compressed)
+    backend = press = cfg = None
     if run.policy.name == DENSE:
-        segs, backend, cfg = [ctx, q], None, None
+        setting = DENSE
+    elif is_kvpress(run.policy.name):
+        setting = run.mode
+        press = make_press(run.policy.name, run.eviction, dict(run.policy.knobs), seed)
     else:
-        budget = round((1.0 - run.eviction) * total)
+        setting = run.mode
         knobs = {**settings.base_knobs, **dict(run.policy.knobs)}
-        cfg = {"policy": run.policy.name, "budget": budget, "slack": 0, "groups": 1,
-               "seed": zlib.crc32(sample.sample_id.encode()), **knobs}  # fmt: skip
+        cfg = {"policy": run.policy.name, "budget": budget, "slack": 0, "groups": 1, "seed": seed, **knobs}
         need = int(cfg.get("sinks", 4)) + int(cfg.get("recent", 16))
         if budget <= need:
-            raise ValueError(f"{sample.sample_id}: budget {budget} at eviction {run.eviction} is not above "
-                             f"sinks + recent = {need}; lower the eviction rate or the protected window")  # fmt: skip
-        if run.mode == "streaming":
-            c = settings.chunk_size
-            segs = [ctx[i : i + c] for i in range(0, len(ctx), c)] + [q]
-        else:
-            segs = [ctx, q]
+            raise ValueError(f"{sample.sample_id}: budget {budget} at compression {run.eviction} is not above "
+                             f"sinks + recent = {need}; lower the compression or the protected window")  # fmt: skip
         backend = backend_factory()
     shared = prefix if run.mode != "streaming" else None
-    res = drive(model, tokenizer, segs, backend, cfg, sample.max_new_tokens, stop_ids=stop_ids, prefix=shared)
+    res = drive(model, tokenizer, ctx, qs, sample.max_new_tokens, setting=setting, backend=backend,
+                policy_config=cfg, press=press, window=settings.window, chunk_size=settings.chunk_size,
+                stop_ids=stop_ids, prefix=shared)  # fmt: skip
     if evidence is None:
-        evidence = answer_positions(tokenizer, sample, ctx, settings.chat)
-    kept = set(res.retained_before_last)
+        evidence = [answer_positions(tokenizer, sample, ctx, settings.chat, q) for q in questions]
+    scores = [score_answer(sample.metric, a.text, list(q.answers)) for a, q in zip(res.answers, questions, strict=True)]
+    kept = [None if a.retained is None or not ev else sum(p in set(a.retained) for p in ev) / len(ev)
+            for a, ev in zip(res.answers, evidence, strict=True)]  # fmt: skip
+    known = [k for k in kept if k is not None]
+    total = len(ctx) + max(len(q) for q in qs) + sample.max_new_tokens
     return {
         "key": run_key(settings, sample, run),
         "model": settings.model,
@@ -287,24 +316,30 @@ def run_one(
         "knobs": dict(run.policy.knobs),
         "eviction": run.eviction,
         "mode": run.mode,
-        "score": score_answer(sample.metric, res.text, list(sample.answers)),
+        "length": len(ctx),
+        "questions": len(questions),
+        "score": sum(scores) / len(scores),
+        "scores": scores,
         "metric": sample.metric,
-        "answers": list(sample.answers),
-        "output": res.text,
+        "answers": [list(q.answers) for q in questions],
+        "output": res.answers[0].text,
+        "outputs": [a.text for a in res.answers],
         "context_tokens": len(ctx),
+        "question_tokens": max(len(q) for q in qs),
         "total_tokens": total,
         "budget": budget,
+        "kept_context": res.kept_context,
         "peak_cache": res.peak_cache,
-        "max_after_call": res.max_after_call,
         "peak_kv_bytes": res.peak_cache * per_token,
         "dense_kv_bytes": total * per_token,
         "kv_bytes_per_token": per_token,
         "policy_calls": res.policy_calls,
         "evicted": res.evicted,
-        # The answer's occurrences in the context, and the fraction of their tokens still cached
-        # when the question arrives: a needle-survival signal even where every answer is wrong.
-        "answer_tokens": None if evidence is None else len(evidence),
-        "answer_kept": None if not evidence else round(sum(p in kept for p in evidence) / len(evidence), 4),
+        # The answers' occurrences in the context, and the fraction of their tokens still cached when
+        # the question arrives: a needle-survival signal even where every answer is wrong (None for
+        # kvpress presses, whose per-head selection keeps no single position list).
+        "answer_tokens": None if evidence[0] is None else sum(len(e or []) for e in evidence),
+        "answer_kept": round(sum(known) / len(known), 4) if known else None,
         "seconds": round(res.seconds, 3),
     }
 
@@ -344,8 +379,8 @@ def iter_eval(
         bar = tqdm(total=total, desc="eval", unit="run", dynamic_ncols=True)
     try:
         for sample in samples:
-            segments: tuple[list[int], list[int]] | None = None
-            evidence: list[int] | None = None
+            segments: tuple[list[int], list[list[int]]] | None = None
+            evidence: list[list[int] | None] | None = None
             prefix: Prefix | None = None
             for run in runs:
                 key = run_key(settings, sample, run)
@@ -353,7 +388,8 @@ def iter_eval(
                 if rec is None:
                     if segments is None:
                         segments = prompt_segments(tokenizer, sample, settings.chat)
-                        evidence = answer_positions(tokenizer, sample, segments[0], settings.chat)
+                        evidence = [answer_positions(tokenizer, sample, segments[0], settings.chat, q)
+                                    for q in sample.questions]  # fmt: skip
                     if prefix is None and run.mode != "streaming":
                         prefix = prefill(model, segments[0])
                     rec = run_one(model, tokenizer, sample, run, settings, backend_factory, segments, prefix, evidence)

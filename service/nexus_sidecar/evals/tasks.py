@@ -10,9 +10,10 @@ same prompts.
 Tasks (after RULER, Hsieh et al. 2024, simplified for a 135M model):
 
 - ``passkey``: one pass key (5 digits) in the haystack.
-- ``multikey``: one needle "special magic number for <key>" among ``3`` distractor needles with other keys.
+- ``multikey``: four needles "special magic number for <key>"; two keys are asked, one question
+  each, from one compressed context (the other two needles are distractors).
 - ``multivalue``: one key with ``3`` values scattered; all must be recalled.
-- ``multiquery``: ``3`` keys, one value each; all three are asked at once.
+- ``multiquery``: ``3`` keys, one value each; each is its own question about one compressed context.
 - ``vartrack``: a chain ``VAR A = 12345. ... VAR B = VAR A. ... VAR C = VAR B.``; the question asks
   the value of the last variable. The middle links are *bridge tokens*: nothing in the question
   mentions them, but the answer needs them.
@@ -65,6 +66,16 @@ NIAH_PREAMBLE = (
 
 
 @dataclass(frozen=True)
+class Question:
+    """One question about a sample's context: its text, the strings the reply must contain, and the
+    answer prefix appended after it (inside the assistant turn) to steer the format."""
+
+    question: str
+    answers: tuple[str, ...]
+    answer_prefix: str = ""
+
+
+@dataclass(frozen=True)
 class Sample:
     """One evaluation prompt.
 
@@ -82,6 +93,12 @@ class Sample:
     max_new_tokens: int
     answer_prefix: str = ""
     meta: dict[str, object] = field(default_factory=dict, compare=False)
+    followups: tuple[Question, ...] = ()  # more questions answered from the same compressed context
+
+    @property
+    def questions(self) -> list[Question]:
+        """Every question of the sample, the first one first."""
+        return [Question(self.question, self.answers, self.answer_prefix), *self.followups]
 
 
 def approx_tokens(text: str) -> int:
@@ -142,6 +159,11 @@ def _magic(key: str, value: int) -> str:
     return f"One of the special magic numbers for {key} is: {value}."
 
 
+def _ask_magic(key: str, value: int) -> tuple[str, tuple[str, ...], str]:
+    q = f"What is the special magic number for {key} mentioned in the provided text?"
+    return q, (str(value),), f"The special magic number for {key} mentioned in the provided text is"
+
+
 def generate_sample(task: str, length: int, split: str, index: int, count: CountTokens = approx_tokens) -> Sample:
     """Build sample ``index`` of ``task`` (e.g. ``'multikey-stdlib'``) at about ``length`` context tokens."""
     if split not in SPLITS:
@@ -161,10 +183,11 @@ def generate_sample(task: str, length: int, split: str, index: int, count: Count
         keys = _keys(rng, 4)
         vals = [_number(rng, used) for _ in keys]
         ctx = _hide(rng, [_magic(k, v) for k, v in zip(keys, vals, strict=True)], length, count, hay)
-        k = keys[0]
-        q = f"What is the special magic number for {k} mentioned in the provided text?"
-        pre = f"The special magic number for {k} mentioned in the provided text is"
-        return Sample(task, sid, ctx, q, (str(vals[0]),), "match_all", 8, pre, {"distractors": vals[1:]})
+        # Two of the four keys are asked, one question each, from one compressed context; the other
+        # needles stay distractors for both.
+        (q, a, pre), follow = (_ask_magic(k, v) for k, v in zip(keys[:2], vals[:2], strict=True))
+        return Sample(task, sid, ctx, q, a, "match_all", 8, pre, {"distractors": vals[2:]},
+                      followups=(Question(*follow),))  # fmt: skip
     if base == "multivalue":
         (k,) = _keys(rng, 1)
         vals = [_number(rng, used) for _ in range(3)]
@@ -176,10 +199,10 @@ def generate_sample(task: str, length: int, split: str, index: int, count: Count
         keys = _keys(rng, 3)
         vals = [_number(rng, used) for _ in keys]
         ctx = _hide(rng, [_magic(k, v) for k, v in zip(keys, vals, strict=True)], length, count, hay)
-        names = f"{keys[0]}, {keys[1]}, and {keys[2]}"
-        q = f"What are the special magic numbers for {names} mentioned in the provided text?"
-        pre = f"The special magic numbers for {names} mentioned in the provided text are"
-        return Sample(task, sid, ctx, q, tuple(str(v) for v in vals), "match_all", 24, pre)
+        # kvpress's multi-question protocol: each key is its own question about one compressed context.
+        asked = [_ask_magic(k, v) for k, v in zip(keys, vals, strict=True)]
+        (q, a, pre), *rest = asked
+        return Sample(task, sid, ctx, q, a, "match_all", 8, pre, followups=tuple(Question(*x) for x in rest))
     if base == "vartrack":
         names: list[str] = []
         while len(names) < 3:  # three distinct 5-letter names: a value and a chain of two hops

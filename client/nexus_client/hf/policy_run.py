@@ -1,0 +1,94 @@
+"""One policy session applied to one KV cache: the step that :func:`~nexus_client.hf.generate` and the
+evaluation's settings share.
+
+Between calls, each forward pass's capture is added (:class:`~nexus_client.hf.accumulate.AttentionAccumulator`);
+a call sends one summary to the backend, checks the answer against the cache (the keep mask must
+cover exactly the cached slots and agree with the evicted positions), cuts the evicted slots out of
+every layer (:func:`~nexus_client.hf.cache_surgery.apply_keep_mask`) and out of the caller's slot
+lists, and keeps the counts and the time spent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from nexus_client.hf.accumulate import AttentionAccumulator
+from nexus_client.hf.backends import PolicyBackend
+from nexus_client.hf.cache_surgery import apply_keep_mask
+from nexus_client.hf.capture import ForwardCapture
+
+
+class PolicyRun:
+    """A backend session for one sequence whose cache holds ``groups`` eviction groups (1 = shared).
+
+    ``window``: the accumulator's observation window (``None``: every pending query's attention).
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, backend: PolicyBackend, config: Mapping[str, Any], window: int | None = None) -> None:
+        self.backend = backend
+        self.config = dict(config)
+        self.groups = int(self.config.get("groups", 1))
+        self.acc = AttentionAccumulator(self.groups, int(self.config.get("fanout", 8)), window=window)
+        self.session = backend.open(self.config)
+        self.calls = 0
+        self.evicted = 0
+        self.seconds = 0.0  # in the backend
+        self.surgery_seconds = 0.0
+
+    def __enter__(self) -> PolicyRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pending(self) -> int:
+        """New tokens added since the last call."""
+        return self.acc.pending
+
+    def add(self, capture: ForwardCapture, positions: torch.Tensor, slots: list[torch.Tensor]) -> None:
+        """Add one forward pass (``positions`` new tokens; ``slots``: each group's cached positions after it)."""
+        self.acc.add(capture, positions, slots)
+
+    def call(self, cache: Any, slots: list[torch.Tensor]) -> list[list[int]]:
+        """One policy call over everything added; evicts from ``cache`` and ``slots`` (in place).
+
+        Returns the evicted positions per group. Raises ``RuntimeError`` when the backend's answer
+        does not fit the cache (a keep mask over the wrong slots, or one that disagrees with its
+        evicted positions): applying it would silently corrupt the cache.
+        """
+        t0 = time.perf_counter()
+        decision = self.backend.step(self.session, self.acc.build())
+        t1 = time.perf_counter()
+        self.acc.reset()
+        keep = decision.keep
+        if keep.dim() != 2 or keep.shape[0] != self.groups:
+            raise RuntimeError(f"backend returned keep of shape {tuple(keep.shape)}, expected [{self.groups}, N]")
+        evicted: list[list[int]] = []
+        rows = []
+        for g in range(self.groups):
+            n = slots[g].numel()
+            row = keep[g]
+            if row.numel() < n or bool(row[n:].any()):
+                raise RuntimeError(f"group {g}: keep covers {row.numel()} slots, cache group holds {n}")
+            gone = slots[g][~row[:n]]
+            if not torch.equal(torch.sort(gone).values, torch.sort(decision.evicted[g].to(torch.int64)).values):
+                raise RuntimeError(f"group {g}: keep mask and evicted positions disagree")
+            evicted.append(gone.tolist())
+            slots[g] = slots[g][row[:n]]
+            rows.append(row)
+        apply_keep_mask(cache, keep if self.groups > 1 else rows[0])
+        self.calls += 1
+        self.evicted += sum(len(e) for e in evicted)
+        self.seconds += t1 - t0
+        self.surgery_seconds += time.perf_counter() - t1
+        return evicted
+
+    def close(self) -> None:
+        """Release the backend session."""
+        self.backend.close(self.session)
