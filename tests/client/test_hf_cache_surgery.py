@@ -98,7 +98,9 @@ def test_shared_keep_mask_matches_masked_full_cache(tiny) -> None:
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     # Sanity: eviction really changes the output (the test would be vacuous otherwise).
     dense = tiny(
-        input_ids=new_ids, position_ids=torch.arange(PROMPT_LEN, PROMPT_LEN + NEW)[None], past_key_values=_prefill(tiny, ids)
+        input_ids=new_ids,
+        position_ids=torch.arange(PROMPT_LEN, PROMPT_LEN + NEW)[None],
+        past_key_values=_prefill(tiny, ids),
     ).logits
     assert (dense - got).abs().max() > 1e-3
 

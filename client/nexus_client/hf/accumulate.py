@@ -10,7 +10,7 @@ weights, ``-1``/``0`` padding).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,7 +26,8 @@ class StepTensors:
 
     ``new_positions`` int64 ``[k]``; ``attn``/``last`` float32 ``[G, n_max + k]`` (zero right padding
     for groups holding fewer slots); ``edge_pos`` int64 ``[G, k, F]`` (-1 = none); ``edge_w`` float32
-    ``[G, k, F]``.
+    ``[G, k, F]``; ``priors``: the query-agnostic priors of every slot (``{name: float32 [G, n_max +
+    k]}``, :func:`nexus_client.hf.priors.cache_priors`), empty when not sent.
     """
 
     new_positions: torch.Tensor
@@ -34,6 +35,7 @@ class StepTensors:
     last: torch.Tensor
     edge_pos: torch.Tensor
     edge_w: torch.Tensor
+    priors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class AttentionAccumulator:

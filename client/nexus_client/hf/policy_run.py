@@ -20,20 +20,39 @@ from nexus_client.hf.accumulate import AttentionAccumulator
 from nexus_client.hf.backends import PolicyBackend
 from nexus_client.hf.cache_surgery import apply_keep_mask
 from nexus_client.hf.capture import ForwardCapture
+from nexus_client.hf.priors import cache_priors
+
+PRIOR_POLICIES = ("keydiff", "knorm")  # score by a prior alone; Nexus reads one when prior_mix > 0
+
+
+def reads_priors(config: Mapping[str, Any]) -> bool:
+    """Whether the policy of ``config`` reads a query-agnostic prior (so a step should carry them)."""
+    policy = str(config.get("policy", "nexus"))
+    if policy in PRIOR_POLICIES:
+        return True
+    if policy in ("nexus", "nexus_topk"):
+        from_default = 0.5  # PolicyConfig's prior_mix default
+        return float(config.get("prior_mix", from_default)) > 0.0
+    return False
 
 
 class PolicyRun:
     """A backend session for one sequence whose cache holds ``groups`` eviction groups (1 = shared).
 
     ``window``: the accumulator's observation window (``None``: every pending query's attention).
+    ``priors``: send the cache's query-agnostic priors with every call (computed from the cache's
+    keys and values right before the call, :func:`~nexus_client.hf.priors.cache_priors`); by default
+    they are sent when the policy reads one (``keydiff``, ``knorm``, Nexus with ``prior_mix > 0``).
     Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, backend: PolicyBackend, config: Mapping[str, Any], window: int | None = None) -> None:
+    def __init__(self, backend: PolicyBackend, config: Mapping[str, Any], window: int | None = None,
+                 priors: bool | None = None) -> None:  # fmt: skip
         self.backend = backend
         self.config = dict(config)
         self.groups = int(self.config.get("groups", 1))
         self.acc = AttentionAccumulator(self.groups, int(self.config.get("fanout", 8)), window=window)
+        self.priors = reads_priors(self.config) if priors is None else priors
         self.session = backend.open(self.config)
         self.calls = 0
         self.evicted = 0
@@ -63,7 +82,11 @@ class PolicyRun:
         evicted positions): applying it would silently corrupt the cache.
         """
         t0 = time.perf_counter()
-        decision = self.backend.step(self.session, self.acc.build())
+        tensors = self.acc.build()
+        if self.priors:
+            width = tensors.attn.shape[-1]
+            tensors.priors = {k: v[:, :width].cpu() for k, v in cache_priors(cache, self.groups).items()}
+        decision = self.backend.step(self.session, tensors)
         t1 = time.perf_counter()
         self.acc.reset()
         keep = decision.keep

@@ -85,7 +85,7 @@ class RemoteBackend:
     def step(self, session: WorkerSession, tensors: StepTensors) -> StepDecision:
         """One call; the worker's retained count/checksum ride along for the mismatch check."""
         msg = pack_step(session, tensors.new_positions, tensors.attn, tensors.last, tensors.edge_pos,
-                        tensors.edge_w, float_dtype=self.float_dtype)
+                        tensors.edge_w, float_dtype=self.float_dtype, **tensors.priors)
         size = msg.ByteSize()
         self.bytes_sent += size
         self.calls += 1

@@ -1,0 +1,68 @@
+"""PolicyRun: one policy call on a real cache, with the cache's priors when the policy reads them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from nexus_client.hf import LocalBackend, PolicyRun
+from nexus_client.hf.capture import AttentionRecorder, attention_modules, capture_attention
+from nexus_client.hf.policy_run import reads_priors
+from nexus_client.hf.priors import cache_priors
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _prefill(model: Any, n: int) -> tuple[Any, Any]:
+    from transformers import DynamicCache
+
+    rec = AttentionRecorder(len(attention_modules(model)))
+    cache = DynamicCache(config=model.config)
+    ids = torch.randint(3, 500, (1, n), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode(), capture_attention(model, rec):
+        rec.start()
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        cap = rec.finish()
+    return cache, cap
+
+
+def test_keydiff_keeps_the_most_diverse_keys_of_the_cache(tiny_llama: Any) -> None:
+    cache, cap = _prefill(tiny_llama, 80)
+    div = cache_priors(cache, 1)["key_diversity"][0]
+    pos = torch.arange(80)
+    slots = [pos.clone()]
+    cfg = {"policy": "keydiff", "budget": 30, "sinks": 2, "recent": 4}
+    with PolicyRun(LocalBackend(), cfg) as run:
+        assert run.priors
+        run.add(cap, pos, slots)
+        evicted = run.call(cache, slots)
+    kept = set(slots[0].tolist())
+    assert len(kept) == 30 and len(evicted[0]) == 50 and all(layer.keys.shape[-2] == 30 for layer in cache.layers)
+    middle = [p for p in range(2, 76)]
+    want = sorted(middle, key=lambda p: -float(div[p]))[:24]  # 30 - 2 sinks - 4 recent
+    assert kept == {0, 1, 76, 77, 78, 79, *want}
+
+
+def test_priors_are_sent_only_to_policies_that_read_them() -> None:
+    assert reads_priors({"policy": "keydiff"}) and reads_priors({"policy": "knorm"})
+    assert reads_priors({"policy": "nexus"}) and not reads_priors({"policy": "nexus", "prior_mix": 0.0})
+    assert not reads_priors({"policy": "tova"}) and not reads_priors({"policy": "snapkv"})
+
+
+def test_a_prior_policy_without_priors_is_refused_by_name(tiny_llama: Any) -> None:
+    cache, cap = _prefill(tiny_llama, 40)
+    pos = torch.arange(40)
+    slots = [pos.clone()]
+    with PolicyRun(LocalBackend(), {"policy": "keydiff", "budget": 20}, priors=False) as run:
+        run.add(cap, pos, slots)
+        with pytest.raises(Exception, match="key_diversity"):
+            run.call(cache, slots)
