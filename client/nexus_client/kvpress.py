@@ -15,11 +15,12 @@ context prefill only, as kvpress's presses do.
 
 How: inside ``with press(model):`` the model runs the capturing attention of
 :mod:`nexus_client.hf.capture` (head-reduced rows, averaged over layers: one shared eviction set);
-when the *last* attention layer of the prefill has run, the capture is summarised by the same
-:class:`~nexus_client.hf.accumulate.AttentionAccumulator` the evaluation and ``generate`` use
-(attention over the observation ``window`` of the last prompt queries, top-F edges of every token),
-one policy call is made, and the evicted slots are cut from every layer. So the press makes exactly
-the evictions of the evaluation's ``agnostic`` setting for the same inputs (tested). The backend is
+when the *last* attention layer of the prefill has run, one policy call is made through the same
+:class:`~nexus_client.hf.policy_run.PolicyRun` the evaluation and ``generate`` use (attention over
+the observation ``window`` of the last prompt queries, top-F edges of every token, the cache's
+query-agnostic priors when the policy reads one), and the evicted slots are cut from every layer.
+So the press makes exactly the evictions of the evaluation's ``agnostic`` setting for the same
+inputs (tested). The backend is
 the in-process engine by default, or a running sidecar (``backend=RemoteBackend(addr)``).
 """
 
@@ -37,10 +38,9 @@ try:
 except ImportError as exc:  # pragma: no cover - the extra is missing
     raise ImportError("nexus_client.kvpress needs kvpress: pip install 'nexus-sidecar[kvpress]'") from exc
 
-from nexus_client.hf.accumulate import AttentionAccumulator
 from nexus_client.hf.backends import LocalBackend, PolicyBackend
-from nexus_client.hf.cache_surgery import apply_keep_mask
 from nexus_client.hf.capture import AttentionRecorder, attention_modules, capture_attention
+from nexus_client.hf.policy_run import PolicyRun
 
 
 @dataclass
@@ -117,13 +117,8 @@ class NexusPress(BasePress):
     def _compress_all(self, cache: Any, capture: Any, q: int, backend: PolicyBackend) -> None:
         positions = torch.arange(q, dtype=torch.int64)
         slots = [positions.clone()]
-        acc = AttentionAccumulator(1, self.fanout, window=self.window)
-        acc.add(capture, positions, slots)
-        session = backend.open(self.policy_config(q))
-        try:
-            decision = backend.step(session, acc.build())
-        finally:
-            backend.close(session)
-        row = decision.keep[0, :q]
-        apply_keep_mask(cache, row)
-        self.kept_positions = positions[row].tolist()
+        # The evaluation's own policy step: window, priors from this cache when the policy reads one.
+        with PolicyRun(backend, self.policy_config(q), window=self.window) as run:
+            run.add(capture, positions, slots)
+            run.call(cache, slots)
+        self.kept_positions = slots[0].tolist()
