@@ -16,7 +16,9 @@ close that did not happen is reported as such.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Protocol
 
 from nexus_sidecar.server.metrics import Metrics
@@ -36,10 +38,14 @@ class Owned(Protocol):
 class Ownership:
     """Owner epochs and durable deletes over one store."""
 
-    def __init__(self, store: StateStore, metrics: Metrics) -> None:
+    def __init__(self, store: StateStore, metrics: Metrics, fence_timeout_s: float = 0.2,
+                 fence_backoff_s: float = 1.0) -> None:
         self.store = store
         self.metrics = metrics
         self.shared = bool(getattr(store, "shared", False))
+        self.fence_timeout_s = fence_timeout_s
+        self.fence_backoff_s = fence_backoff_s
+        self._skip_until = 0.0  # after a failed epoch read: no reads until then (a hung store)
 
     async def claim(self, tenant: str, session_id: str) -> tuple[int, StoredState | None]:
         """A new owner epoch for this replica, with the stored state (None when there is none)."""
@@ -51,12 +57,19 @@ class Ownership:
         Only with a shared store. When the store cannot be reached the check is skipped (the
         session is served from hot state, ``nexus_degraded`` = 1): writes stay fenced anyway.
         """
-        if not self.shared or not sessions:
+        if not self.shared or not sessions or time.monotonic() < self._skip_until:
             return []
         try:
-            current = await self.store.epochs(tenant, [s.session_id for s in sessions])
-        except StoreUnavailable as exc:
-            log.warning("owner epochs of %d sessions unreadable (%s): serving from hot state", len(sessions), exc)
+            # Bounded well below the store timeout, and skipped for a while after a failure: a hung
+            # store must not stall every step by its socket timeout.
+            current = await asyncio.wait_for(self.store.epochs(tenant, [s.session_id for s in sessions]),
+                                             self.fence_timeout_s)
+        except (StoreUnavailable, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                self.metrics.degraded.set(1)
+            self._skip_until = time.monotonic() + self.fence_backoff_s
+            log.warning("owner epochs of %d sessions unreadable (%s): serving from hot state for %.1f s",
+                        len(sessions), exc or "timeout", self.fence_backoff_s)
             return []
         return [s for s, e in zip(sessions, current, strict=True) if e is not None and e != s.epoch]
 

@@ -102,7 +102,7 @@ class SessionManager:
         self.settings = settings
         self.metrics = metrics
         self.admission = Admission(settings, engine)
-        self.ownership = Ownership(store, metrics)
+        self.ownership = Ownership(store, metrics, fence_timeout_s=settings.fence_timeout_s)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-engine")
         self._hot: dict[tuple[str, str], HotSession] = {}
         self._loading: dict[tuple[str, str], asyncio.Future[HotSession]] = {}

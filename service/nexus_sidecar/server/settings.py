@@ -65,6 +65,10 @@ class ServerSettings(BaseSettings):
         1024, ge=0, description="glibc: allocations of at least this many KiB are mmapped and returned to the OS "
                                 "when freed, keeping RSS flat under bursts of large requests (0 = glibc default)",
         json_schema_extra={"group": _LIMITS})
+    fence_timeout_s: float = Field(
+        0.2, gt=0, le=10, description="longest wait for the owner-epoch read of a Step (shared store); on a "
+                                      "timeout or error the check is skipped for 1 s and steps are served from hot "
+                                      "state (writes stay fenced)")
     readiness_timeout_s: float = Field(
         0.5, gt=0, le=10, description="longest wait for the store ping and the device op of one readiness check "
                                       "(/readyz and gRPC health answer within about twice this)")
