@@ -157,3 +157,24 @@ def test_http_errors_without_tracebacks_and_keepalive_kept(keys_file, caplog: py
     arun(body())
     noisy = [r for r in caplog.records if r.exc_info or "Exception in ASGI" in r.getMessage()]
     assert not noisy, [r.getMessage() for r in noisy][:3]
+
+
+def test_metrics_can_require_a_key(keys_file) -> None:
+    async def body() -> None:
+        async with running_sidecar(keys_file=keys_file, metrics_require_key=True) as sc:
+            async with http(sc) as anon:
+                assert (await anon.get("/metrics")).status_code == 401
+                assert (await anon.get("/healthz")).status_code == 200  # probes stay open
+            async with http(sc, "wrong-key-0123456789") as bad:
+                assert (await bad.get("/metrics")).status_code == 401
+            async with http(sc, KEYS["acme-ro"]) as ro:  # any valid key, read-only is enough
+                r = await ro.get("/metrics")
+                assert r.status_code == 200 and "nexus_degraded" in r.text
+        async with running_sidecar(metrics_require_key=True) as sc:  # no keys: refuse, never expose
+            async with http(sc) as anon:
+                assert (await anon.get("/metrics")).status_code == 401
+        async with running_sidecar(keys_file=keys_file) as sc:  # the default: open, as before
+            async with http(sc) as anon:
+                assert (await anon.get("/metrics")).status_code == 200
+
+    arun(body())

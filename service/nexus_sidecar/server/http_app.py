@@ -16,7 +16,14 @@ from pydantic import BaseModel
 
 from nexus_sidecar.engine import EngineError
 from nexus_sidecar.server.auth import Principal
-from nexus_sidecar.server.errors import Draining, ServiceError, forget_frames, http_status, to_status
+from nexus_sidecar.server.errors import (
+    Draining,
+    ServiceError,
+    Unauthenticated,
+    forget_frames,
+    http_status,
+    to_status,
+)
 from nexus_sidecar.server.stores import StoreError
 from nexus_sidecar.server.ui import router as ui_router
 
@@ -102,8 +109,12 @@ def build_app(sidecar: Sidecar) -> FastAPI:
         report = await sidecar.readiness()
         return JSONResponse(report, status_code=200 if report["ready"] else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def metrics() -> Response:
+    @app.get("/metrics", summary="Prometheus metrics (a valid API key when metrics_require_key)")
+    async def metrics(authorization: Annotated[str | None, Header()] = None) -> Response:
+        if sidecar.settings.metrics_require_key:
+            if sidecar.keys.single_tenant:  # no keys to check against: refuse rather than expose
+                raise Unauthenticated("metrics_require_key is set but the server has no keys file")
+            sidecar.keys.authenticate(authorization)
         return Response(generate_latest(sidecar.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/sessions", response_model=SessionList, summary="The caller's sessions")

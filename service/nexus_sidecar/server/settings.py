@@ -65,6 +65,9 @@ class ServerSettings(BaseSettings):
         1024, ge=0, description="glibc: allocations of at least this many KiB are mmapped and returned to the OS "
                                 "when freed, keeping RSS flat under bursts of large requests (0 = glibc default)",
         json_schema_extra={"group": _LIMITS})
+    metrics_require_key: bool = Field(
+        False, description="/metrics answers only with a valid API key (Authorization: Bearer; Prometheus: "
+                           "authorization.credentials): tenant names are visible there")
     fence_timeout_s: float = Field(
         0.2, gt=0, le=10, description="longest wait for the owner-epoch read of a Step (shared store); on a "
                                       "timeout or error the check is skipped for 1 s and steps are served from hot "
