@@ -15,6 +15,8 @@ Benchmarks. Each prints a table, and with --json PATH writes PATH, PATH.md (tabl
   sweep     the same for nexus, one knob at a time around the defaults (how the defaults were chosen)
   engine    time per batched engine call and session-steps/s across B, N, F, R for every policy
   service   end-to-end gRPC throughput and latency against a bare gRPC echo and the engine alone
+  soak      several tenants' workers against one serve process for --duration seconds: errors by
+            code, p50/p99 and RSS over time, RSS growth after warm-up
 """
 
 
@@ -26,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     for name, summary in (("survival", "survival of planted tokens per policy"),
                           ("sweep", "nexus knob sweep on the survival streams"),
                           ("engine", "engine cost per batched call"),
-                          ("service", "end-to-end gRPC service throughput/latency")):
+                          ("service", "end-to-end gRPC service throughput/latency"),
+                          ("soak", "tenants x workers against one serve process for a while")):
         q = inner.add_parser(name, help=summary)
         q.add_argument("--quick", action="store_true", help="a small grid that finishes fast (CI-adjacent)")
         q.add_argument("--json", help="write results here (plus .md and .png next to it)")
@@ -41,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                            help="stream generator: stationary (subtle, bridge, strong tokens) or needle (also "
                                 "needles nothing attends to until their question, a topic shift, and the "
                                 "query-agnostic priors)")
+        if name == "soak":
+            q.add_argument("--duration", type=positive_int, default=60, help="seconds (default 60)")
+            q.add_argument("--redis", action="store_true", help="a real redis-server as the store")
         if name == "engine":
             q.add_argument("--device", action="append", help="cpu, cuda (repeatable; default: cpu + cuda if present)")
         q.set_defaults(func=run)
@@ -82,6 +88,14 @@ def run(args: argparse.Namespace) -> int:
                                                calls=9, warmup=2, devices=devices)
         else:
             settings = mod.EngineBenchSettings(devices=devices)
+        payload = mod.run(settings, progress)
+        table, plot = mod.table(payload), mod.plot
+    elif args.bench == "soak":
+        from nexus_sidecar.bench import soak as mod
+
+        settings = mod.SoakSettings(duration_s=float(args.duration), redis=args.redis)
+        if args.quick:
+            settings.tenants, settings.workers_per_tenant, settings.window_s = 2, 1, 2.0
         payload = mod.run(settings, progress)
         table, plot = mod.table(payload), mod.plot
     else:
