@@ -170,11 +170,11 @@ def test_metrics_can_require_a_key(keys_file) -> None:
             async with http(sc, KEYS["acme-ro"]) as ro:  # any valid key, read-only is enough
                 r = await ro.get("/metrics")
                 assert r.status_code == 200 and "nexus_degraded" in r.text
-        async with running_sidecar(metrics_require_key=True) as sc:  # no keys: refuse, never expose
-            async with http(sc) as anon:
-                assert (await anon.get("/metrics")).status_code == 401
-        async with running_sidecar(keys_file=keys_file) as sc:  # the default: open, as before
-            async with http(sc) as anon:
-                assert (await anon.get("/metrics")).status_code == 200
+        # No keys: refuse, never expose.
+        async with running_sidecar(metrics_require_key=True) as sc, http(sc) as anon:
+            assert (await anon.get("/metrics")).status_code == 401
+        # The default: open, as before.
+        async with running_sidecar(keys_file=keys_file) as sc, http(sc) as anon:
+            assert (await anon.get("/metrics")).status_code == 200
 
     arun(body())
