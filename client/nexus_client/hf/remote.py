@@ -13,8 +13,10 @@ float payload at the cost of bit-equality.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +24,12 @@ from typing import Any
 import torch
 
 from nexus_client.client import ClientOptions, NexusClient
-from nexus_client.errors import FailedPrecondition, SessionNotFound
+from nexus_client.errors import DeadlineExceeded, FailedPrecondition, SessionNotFound, Unavailable
+from nexus_client.fallback import FALLBACKS, Budget, advance_locally, streaming_keep
 from nexus_client.hf.accumulate import StepTensors
 from nexus_client.hf.backends import StepDecision
 from nexus_client.packing import WorkerSession, pack_step, unpack_result
+from nexus_client.v1 import sidecar_pb2 as pb
 
 _WIRE_FLOATS = (torch.float32, torch.float16)
 
@@ -52,11 +56,26 @@ class RemoteBackend:
 
     def __init__(self, target: str | ClientOptions, *, api_key: str | None = None,
                  float_dtype: torch.dtype = torch.float32, timeout_s: float = 10.0, retries: int = 100,
-                 session_prefix: str | None = None) -> None:
+                 session_prefix: str | None = None, fallback: str = "wait", fallback_after_s: float = 1.0,
+                 probe_every_s: float = 1.0) -> None:
         if float_dtype not in _WIRE_FLOATS:
             raise ValueError(f"float_dtype must be torch.float32 or torch.float16, got {float_dtype}")
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         options = target if isinstance(target, ClientOptions) else ClientOptions(
             target, api_key=api_key, timeout_s=timeout_s, retries=retries)
+        if fallback != "wait":  # give up on the sidecar quickly, then evict locally (never stall)
+            options = dataclasses.replace(options, retry_budget_s=fallback_after_s,
+                                          timeout_s=min(options.timeout_s, fallback_after_s))
+        # "wait": retry through an outage (the retry budget); "streaming": after fallback_after_s
+        # without an answer, evict locally (StreamingLLM) and resync once the sidecar is back,
+        # trying it again at most every probe_every_s meanwhile.
+        self.fallback = fallback
+        self.probe_every_s = probe_every_s
+        self.local_calls = 0
+        self._down_until = 0.0
+        self._budgets: dict[str, Budget] = {}
+        self._unsynced: set[str] = set()
         self.client = NexusClient(options)
         self.float_dtype = float_dtype
         self._prefix = session_prefix or f"w{os.getpid()}-{id(self):x}"
@@ -80,25 +99,41 @@ class RemoteBackend:
         if wanted is not None and resp.config.groups != wanted:
             raise RuntimeError(f"sidecar opened session {sid!r} with {resp.config.groups} groups, asked for {wanted}")
         self._configs[sid] = dict(config)
+        c = resp.config  # the effective config: what a local fallback must respect
+        self._budgets[sid] = Budget(budget=c.budget, slack=c.slack, sinks=c.sinks)
         return WorkerSession(sid, groups=resp.config.groups, step=resp.step)
 
     def step(self, session: WorkerSession, tensors: StepTensors) -> StepDecision:
         """One call; the worker's retained count/checksum ride along for the mismatch check."""
-        msg = pack_step(session, tensors.new_positions, tensors.attn, tensors.last, tensors.edge_pos,
-                        tensors.edge_w, float_dtype=self.float_dtype, **tensors.priors)
+        def pack() -> pb.SessionStep:  # again after a resync: the count and checksum changed
+            return pack_step(session, tensors.new_positions, tensors.attn, tensors.last, tensors.edge_pos,
+                             tensors.edge_w, float_dtype=self.float_dtype, **tensors.priors)
+
+        msg = pack()
         size = msg.ByteSize()
         self.bytes_sent += size
         self.calls += 1
         self.records.append(CallRecord(int(tensors.new_positions.numel()), int(tensors.attn.shape[-1]), size))
+        if self.fallback != "wait" and time.monotonic() < self._down_until:
+            return self._local(session, tensors)
         try:
+            if session.session_id in self._unsynced:  # decided locally meanwhile: tell the sidecar first
+                self.client.resync(session, self._configs.get(session.session_id))
+                self._unsynced.discard(session.session_id)
+                self.resyncs += 1
+                msg = pack()
             results = self.client.step([msg])
+        except (Unavailable, DeadlineExceeded):
+            if self.fallback == "wait":
+                raise
+            self._down_until = time.monotonic() + self.probe_every_s
+            return self._local(session, tensors)
         except (FailedPrecondition, SessionNotFound):
             # Failover to an older checkpoint, or the store lost it: re-seed the sidecar from this
             # worker's cache (its truth) and send the same call again.
             self.client.resync(session, self._configs.get(session.session_id))
             self.resyncs += 1
-            msg = pack_step(session, tensors.new_positions, tensors.attn, tensors.last, tensors.edge_pos,
-                            tensors.edge_w, float_dtype=self.float_dtype)
+            msg = pack()
             results = self.client.step([msg])
         if len(results) != 1 or results[0].session_id != session.session_id or results[0].step != msg.step:
             got = [(r.session_id, r.step) for r in results]
@@ -106,6 +141,15 @@ class RemoteBackend:
         result = results[0]
         session.advance(tensors.new_positions, result)
         keep, evicted = unpack_result(result)
+        return StepDecision(keep=keep, evicted=evicted)
+
+    def _local(self, session: WorkerSession, tensors: StepTensors) -> StepDecision:
+        """This call decided by the worker (the sidecar is unreachable): StreamingLLM within budget."""
+        keep = streaming_keep(session, tensors.new_positions, int(tensors.attn.shape[-1]),
+                              self._budgets[session.session_id])
+        evicted = advance_locally(session, tensors.new_positions, keep)
+        self._unsynced.add(session.session_id)
+        self.local_calls += 1
         return StepDecision(keep=keep, evicted=evicted)
 
     def close(self, session: WorkerSession) -> None:
