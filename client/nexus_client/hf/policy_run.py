@@ -31,8 +31,8 @@ def reads_priors(config: Mapping[str, Any]) -> bool:
     if policy in PRIOR_POLICIES:
         return True
     if policy in ("nexus", "nexus_topk"):
-        from_default = 0.5  # PolicyConfig's prior_mix default
-        return float(config.get("prior_mix", from_default)) > 0.0
+        # Absent means the engine's default, which mixes the prior in (PolicyConfig.prior_mix > 0).
+        return "prior_mix" not in config or float(config["prior_mix"]) > 0.0
     return False
 
 

@@ -20,7 +20,7 @@ from typing import Any
 KVPRESS_POLICIES = (
     "kvpress:keydiff,kvpress:snapkv,kvpress:tova,kvpress:expected_attention,kvpress:knorm,kvpress:streaming_llm"
 )
-DEFAULT_POLICIES = "dense,streaming,tova,h2o,snapkv,random,nexus_topk,nexus," + KVPRESS_POLICIES
+DEFAULT_POLICIES = "dense,streaming,tova,h2o,snapkv,random,keydiff,knorm,nexus_topk,nexus," + KVPRESS_POLICIES
 DEFAULT_TASKS = "passkey,multikey,multivalue,multiquery,passkey-stdlib,multikey-stdlib"
 QUICK_TASKS = "passkey,multiquery"
 MODE_HELP = (
