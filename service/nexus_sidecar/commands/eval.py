@@ -23,6 +23,7 @@ KVPRESS_POLICIES = (
 DEFAULT_POLICIES = "dense,streaming,tova,h2o,snapkv,random,keydiff,knorm,nexus_topk,nexus," + KVPRESS_POLICIES
 DEFAULT_TASKS = "passkey,multikey,multivalue,multiquery,passkey-stdlib,multikey-stdlib"
 QUICK_TASKS = "passkey,multiquery"
+QUICK_POLICIES = "dense,tova,snapkv,keydiff,nexus,kvpress:keydiff,kvpress:snapkv"
 MODE_HELP = (
     "settings, comma list (default all three): streaming (context streamed in chunks, budget enforced "
     "after every chunk), agnostic (context prefilled then compressed once, then asked: kvpress's protocol), "
@@ -60,8 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", type=_names, default=None, help=f"comma list (default: {DEFAULT_TASKS})")
     p.add_argument("--lengths", type=_ints, default=None,
                    help="context lengths in tokens, comma list (default 2048; 512 with --quick)")  # fmt: skip
-    p.add_argument("--policies", type=_names, default=_names(DEFAULT_POLICIES),
-                   help="comma list; knobs per policy as name:key=value, any PolicyConfig field, checked "
+    p.add_argument("--policies", type=_names, default=None,
+                   help=f"comma list (default: {DEFAULT_POLICIES}; with --quick {QUICK_POLICIES}); "
+                        "knobs per policy as name:key=value, any PolicyConfig field, checked "
                         "before the model loads (e.g. nexus:pool=7:pool_reduce=mean, nexus:tau=inf); "
                         "kvpress:<press>[:field=value] runs kvpress's own press (keydiff, snapkv, tova, "
                         "expected_attention, knorm, streaming_llm, random; needs the [kvpress] extra)")  # fmt: skip
@@ -76,7 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--start", type=int, default=0, help="index of the first sample (to extend a run)")
     p.add_argument("--split", choices=["dev", "test"], default="test", help="dev for tuning, test for reporting")
     p.add_argument("--quick", action="store_true",
-                   help=f"2 samples of {QUICK_TASKS} at 512 tokens, compression 0.8 (a few minutes)")  # fmt: skip
+                   help=f"2 samples of {QUICK_TASKS} at 512 tokens, compression 0.8, the --quick policies "
+                        "(a few minutes)")  # fmt: skip
     p.add_argument("--chunk-size", type=int, default=64, help="streaming mode: context chunk size (default 64)")
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--recent", type=int, default=16)
@@ -205,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tasks is None:
         args.tasks = _names(QUICK_TASKS if args.quick else DEFAULT_TASKS)
+    if args.policies is None:
+        args.policies = _names(QUICK_POLICIES if args.quick else DEFAULT_POLICIES)
     if args.eviction is None:
         args.eviction = [0.8]
     if args.lengths is None:
