@@ -27,6 +27,20 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+MIN_WIDTH = 64
+
+
+def width_class(need: int) -> int:
+    """The arena width of the class that holds ``need`` columns: a power of two, at least 64."""
+    return max(MIN_WIDTH, _pow2(need))
+
+
+def initial_rows(width: int) -> int:
+    """Rows a new pool of this width starts with: 16 at 64 columns, fewer for wider classes
+    (about 1,024 columns in all), so a first wide session does not reserve 16 wide rows."""
+    return max(1, (16 * MIN_WIDTH) // width)
+
+
 def default_device() -> torch.device:
     """CUDA when present, CPU otherwise."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -50,7 +64,9 @@ class Engine:
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
-        self._pools: dict[int, SessionPool] = {}
+        # Pools by (fan-out, width class): a session lives in the narrowest class that holds its
+        # arena, so one wide session widens the rows of its class, not every row (see _migrate).
+        self._pools: dict[tuple[int, int], SessionPool] = {}
         self._sessions: dict[int, _Session] = {}
         self._handles = itertools.count(1)
 
@@ -65,10 +81,9 @@ class Engine:
         cfg = state.config.validate()
         if len(state.groups) != cfg.groups:
             raise InputError("state.groups", f"{len(state.groups)} groups, config says {cfg.groups}")
-        h = self._add(cfg, calls=state.calls)
+        h = self._add(cfg, calls=state.calls, need=max((g.pos.numel() for g in state.groups), default=0) + 1)
         s = self._sessions[h]
         pool, dev = s.pool, self.device
-        pool.ensure_width(max((g.pos.numel() for g in state.groups), default=0) + 1)
         for r, grp in zip(s.rows, state.groups, strict=True):
             n = grp.pos.numel()
             pos = grp.pos.to(dev, torch.int64)
@@ -91,10 +106,30 @@ class Engine:
         s.tokens_seen, s.tokens_evicted = state.tokens_seen, state.tokens_evicted
         return h
 
-    def _add(self, cfg: PolicyConfig, calls: int) -> int:
-        pool = self._pools.get(cfg.fanout)
+    def _pool(self, fanout: int, need: int) -> SessionPool:
+        """The pool of this fan-out whose width class holds ``need`` arena columns (created on demand)."""
+        width = width_class(need)
+        pool = self._pools.get((fanout, width))
         if pool is None:
-            pool = self._pools[cfg.fanout] = SessionPool(cfg.fanout, self.device)
+            pool = self._pools[(fanout, width)] = SessionPool(fanout, self.device, rows=initial_rows(width),
+                                                              width=width)
+        return pool
+
+    def _migrate(self, s: _Session, need: int) -> None:
+        """Move a session whose arena outgrew its width class into the class that holds ``need``.
+
+        Arena columns are copied as they are (holes included), so edges stay valid; the old rows are
+        freed for the next session of the old class (``trim`` gives their memory back).
+        """
+        old_pool, old_rows = s.pool, s.rows
+        pool = self._pool(old_pool.fanout, need)
+        rows = pool.alloc(len(old_rows))
+        pool.copy_rows(old_pool, old_rows, rows, max(s.used))
+        old_pool.free(old_rows)
+        s.pool, s.rows = pool, rows
+
+    def _add(self, cfg: PolicyConfig, calls: int, need: int = 1) -> int:
+        pool = self._pool(cfg.fanout, need)
         rows = pool.alloc(cfg.groups)
         rows_t = torch.tensor(rows, device=self.device)
         pool.set_params(rows_t, budget=cfg.budget, slack=cfg.slack, sinks=cfg.sinks, recent=cfg.recent,
@@ -112,45 +147,53 @@ class Engine:
 
     def bytes_after_open(self, cfg: PolicyConfig) -> int:
         """Pool bytes once a session of ``cfg`` is opened (nothing is allocated to find out)."""
-        pool = self._pools.get(cfg.fanout)
-        if pool is None:  # a new pool starts at 16 rows (doubled as needed) x 64 columns
-            rows = 16
-            while rows < cfg.groups:
-                rows *= 2
-            return self.pool_bytes() + rows * 64 * slot_bytes(cfg.fanout)
-        return self.pool_bytes() - pool.nbytes() + pool.nbytes(rows=pool.rows_after_alloc(cfg.groups))
+        return self.pool_bytes() + self._extra({(cfg.fanout, width_class(1)): cfg.groups})
 
     def bytes_after_step(self, ks: Mapping[int, int]) -> int:
-        """Pool bytes once the sessions ``ks`` (handle -> new tokens) took one step each."""
-        need: dict[int, int] = {}
+        """Pool bytes once the sessions ``ks`` (handle -> new tokens) took one step each (the
+        sessions that outgrow their width class move to a wider one)."""
+        moving: dict[tuple[int, int], int] = {}
         for h, k in ks.items():
             s = self._session(h)
-            need[id(s.pool)] = max(need.get(id(s.pool), 0), max(s.used) + k)
-        total = 0
-        for pool in self._pools.values():
-            total += pool.nbytes(width=pool.width_after(need.get(id(pool), 0)))
-        return total
+            need = max(s.used) + k
+            if need > s.pool.width:
+                key = (s.pool.fanout, width_class(need))
+                moving[key] = moving.get(key, 0) + len(s.rows)
+        return self.pool_bytes() + self._extra(moving)
+
+    def _extra(self, rows_by_pool: Mapping[tuple[int, int], int]) -> int:
+        """Bytes added when ``rows`` more rows are reserved in each (fan-out, width class) pool."""
+        extra = 0
+        for (fanout, width), n in rows_by_pool.items():
+            pool = self._pools.get((fanout, width))
+            if pool is not None:
+                extra += pool.nbytes(rows=pool.rows_after_alloc(n)) - pool.nbytes()
+            else:
+                rows = initial_rows(width)
+                while rows < n:
+                    rows *= 2
+                extra += rows * width * slot_bytes(fanout)
+        return extra
 
     def trim(self) -> int:
         """Repack each pool into the rows and width its live sessions need; returns bytes freed.
 
-        Closing sessions only frees rows, and a wide session widens every row: without this, pool
-        memory would stay at the high-water mark forever. A pool is repacked only when that at
-        least halves it (repacking copies the live rows).
+        Closing (and migrating) sessions only frees rows: without this, pool memory would stay at
+        the high-water mark of rows forever. Empty pools are dropped; a pool is repacked (its
+        width class kept) only when that at least halves it, since repacking copies the live rows.
         """
         before = self.pool_bytes()
-        for fanout, pool in list(self._pools.items()):
+        for key, pool in list(self._pools.items()):
             sessions = [s for s in self._sessions.values() if s.pool is pool]
             if not sessions:
-                del self._pools[fanout]
+                del self._pools[key]
                 continue
             live = sorted(r for s in sessions for r in s.rows)
-            used = max(u for s in sessions for u in s.used)
-            rows, width = max(16, _pow2(len(live))), max(64, used + used // 4 + 64)
-            if pool.nbytes(rows, width) * 2 > pool.nbytes():
+            rows = max(initial_rows(pool.width), _pow2(len(live)))
+            if pool.nbytes(rows) * 2 > pool.nbytes():
                 continue
             remap = {old: new for new, old in enumerate(live)}
-            pool.repack(live, rows, min(width, pool.width))
+            pool.repack(live, rows, pool.width)
             for s in sessions:
                 s.rows = [remap[r] for r in s.rows]
         return before - self.pool_bytes()
@@ -246,6 +289,9 @@ class Engine:
             except EngineError as exc:
                 out[h] = exc
                 continue
+            need = max(s.used) + int(inp.new_positions.shape[0])
+            if need > s.pool.width:  # the arena outgrows its width class: move up one (or more)
+                self._migrate(s, need)
             # Sessions carrying different priors go in different batches: every row of a batch
             # then has the same prior tensors, and no row needs a "prior absent" flag.
             key = (s.cfg.batch_key(), id(s.pool), tuple(inp.priors()))

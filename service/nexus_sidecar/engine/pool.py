@@ -127,6 +127,21 @@ class SessionPool:
         self._free = list(range(n, rows))
         self.rows, self.width = rows, width
 
+    def copy_rows(self, src: SessionPool, src_rows: list[int], dst_rows: list[int], used: int) -> None:
+        """Copy rows of ``src`` (their first ``used`` arena columns, holes included, and their
+        counters and parameters) into ``dst_rows`` of this pool, which must be at least as wide."""
+        s = torch.tensor(src_rows, dtype=torch.int64, device=self.device)
+        d = torch.tensor(dst_rows, dtype=torch.int64, device=self.device)
+        w = min(max(used, 0), src.width)
+        for name in self.slot:
+            self.slot[name][d, :w] = src.slot[name][s, :w]
+        for name in self.edge:
+            self.edge[name][d, :w] = src.edge[name][s, :w]
+        self.used[d] = src.used[s]
+        self.count[d] = src.count[s]
+        for name, val in self.params.items():
+            val[d] = src.params[name][s]
+
     # -- allocation ---------------------------------------------------------------------------
     def alloc(self, n: int) -> list[int]:
         """Reserve ``n`` rows (reset to empty) and return their ids (ascending, contiguous if possible)."""
