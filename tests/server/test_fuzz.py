@@ -52,10 +52,17 @@ class World:
     cases: int = 0
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    # Both stores: with Redis every Step also goes through the owner-epoch check (server/ownership.py).
     log = tmp_path_factory.mktemp("fuzz") / "sidecar.log"
-    with sidecar_process("--device", "cpu", "--max-delay-us", "100", log_path=log) as proc:
+    store = "memory"
+    if request.param == "redis":
+        rp = request.getfixturevalue("_redis_session")
+        with rp.client() as r:
+            r.flushall()
+        store = rp.url
+    with sidecar_process("--device", "cpu", "--max-delay-us", "100", "--store", store, log_path=log) as proc:
         c = NexusClient(ClientOptions(proc.target, timeout_s=20, retries=0))
         healthy, fz = SimSession("healthy", seed=3), SimSession("fz", seed=4)
         ref = Reference()
