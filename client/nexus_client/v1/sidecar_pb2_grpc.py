@@ -87,7 +87,8 @@ class EvictionServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def CloseSession(self, request, context):
-        """CloseSession drops a session's hot and durable state.
+        """CloseSession drops a session's hot and durable state (durably: a tombstone first; with the
+        store unreachable it fails UNAVAILABLE and the session is kept).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
