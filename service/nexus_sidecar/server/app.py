@@ -129,7 +129,8 @@ class Sidecar:
         status = health_pb2.HealthCheckResponse.SERVING if on else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", status)
         await self.health.set(SERVICE, status)
-        log.log(logging.INFO if on else logging.WARNING, "gRPC health: %s", "SERVING" if on else "NOT_SERVING")
+        quiet = on or self.servicer.draining  # NOT_SERVING on shutdown is expected, not a warning
+        log.log(logging.INFO if quiet else logging.WARNING, "gRPC health: %s", "SERVING" if on else "NOT_SERVING")
 
     async def readiness(self) -> dict[str, Any]:
         """Store ping + a tiny op on the device, each bounded by ``readiness_timeout_s``; not ready
