@@ -20,6 +20,7 @@ from tests.server.conftest import (
     http,
     running_sidecar,
     sample_value,
+    wait_until,
 )
 
 RE = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -120,6 +121,25 @@ def test_a_step_that_cannot_fit_is_refused_and_the_session_stays_usable() -> Non
             assert err.startswith("limit pool_budget_mb = 1 exceeded: a step of 9000 new tokens"), err
             assert sc.engine.pool_bytes() == before
             await drive(c, [sim], 2, ref)
+            await c.close()
+
+    arun(body())
+
+
+def test_closed_sessions_give_their_pool_memory_back() -> None:
+    async def body() -> None:
+        async with running_sidecar(maintenance_period_s=0.2) as sc:
+            c = client(sc)
+            sims = [SimSession(f"s{i}", seed=i, k_first=8) for i in range(100)]
+            for s in sims:
+                await c.open_session(s.session_id, s.config)
+            await drive(c, sims, 1)
+            full = sc.engine.pool_bytes()
+            for s in sims[:96]:
+                await c.close_session(s.session_id)
+            # Closing frees rows; the periodic maintenance (every 0.2 s here) gives the memory back.
+            await wait_until(lambda: sc.engine.pool_bytes() <= full // 4, 10, "the pool to shrink")
+            await drive(c, sims[96:], 2)  # the survivors are unaffected
             await c.close()
 
     arun(body())

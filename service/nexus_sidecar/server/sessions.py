@@ -533,18 +533,17 @@ class SessionManager:
         return sum(bool(r) for r in results)
 
     async def _reap_idle(self) -> None:
-        period = min(30.0, self.settings.idle_session_s / 2)
+        period = min(self.settings.maintenance_period_s, self.settings.idle_session_s / 2)
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
-            reaped = 0
             for hs in list(self._hot.values()):
                 idle = now - hs.last_used > self.settings.idle_session_s and not hs.lock.locked()
                 if idle and await self.unload_checkpointed(hs):
                     self.metrics.sessions_expired.labels(hs.tenant).inc()
-                    reaped += 1
-            if reaped:
-                await self.on_engine(self.engine.trim)
+            # Every period, not only after reaping: closes and class moves free rows too (trim only
+            # repacks a pool when that at least halves it).
+            await self.on_engine(self.engine.trim)
             self.metrics.pool_bytes.set(self.engine.pool_bytes())
 
     # -- inspection ---------------------------------------------------------------------------

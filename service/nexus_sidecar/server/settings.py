@@ -36,6 +36,9 @@ class ServerSettings(BaseSettings):
     # 0 with the memory store (its checkpoints die with the process anyway).
     checkpoint_every: int | None = Field(None, ge=0)
     idle_session_s: float = Field(900.0, gt=0)  # hot sessions idle this long are checkpointed and unloaded
+    maintenance_period_s: float = Field(
+        30.0, gt=0, description="how often idle sessions are unloaded and the pool is trimmed (freed rows and "
+                                "empty width classes given back); at most idle_session_s / 2")
     max_batch: int = Field(64, ge=1, le=4096)
     max_delay_us: int = Field(500, ge=0, le=1_000_000)
     queue_size: int = Field(4096, ge=1)
