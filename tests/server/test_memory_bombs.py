@@ -123,7 +123,13 @@ def test_bursts_of_60_mb_requests_plateau(capsys: pytest.CaptureFixture[str]) ->
                 results = await asyncio.gather(*(expect_error(c.step([huge]), grpc.StatusCode.INVALID_ARGUMENT)
                                                  for _ in range(12)))
                 assert all("steps[s].attn" in m for m in results), results[0]
-                after.append(rss_mb(sc.proc.pid)[0])
+                # The settled RSS: the least of 10 samples over the second after the burst (the
+                # answers go out before the server has released every buffer of the requests).
+                samples = []
+                for _ in range(10):
+                    await asyncio.sleep(0.1)
+                    samples.append(rss_mb(sc.proc.pid)[0])
+                after.append(min(samples))
             ok = (await c.step([p.msg]))[0]  # the session is untouched
             assert ok.step == 1
             await c.close()
@@ -135,6 +141,8 @@ def test_bursts_of_60_mb_requests_plateau(capsys: pytest.CaptureFixture[str]) ->
         print(f"\n5 bursts of 12 x 60 MB: RSS after each {[round(a) for a in after]} MiB, peak {peak:.0f} MiB")
     # A plateau: later bursts reuse what the first one took (the issue saw +640 MiB over five bursts).
     assert max(after[1:]) - after[0] < 150, after
-    # In flight at once: 12 requests x 60 MB, received by gRPC and decoded once each (2 copies), over
-    # a ~300 MiB process.
-    assert peak < 300 + 2 * 12 * 60 + 300, peak
+    # In flight at once: 12 requests x 60 MB, each held up to three times while it is refused (gRPC's
+    # receive buffer, the parsed message, the decoded float32 copy), over a ~300 MiB process, plus
+    # 300 MiB of tolerance. Nothing bounds that in-flight total but max_message_mb and the number of
+    # concurrent RPCs (not limited yet).
+    assert peak < 300 + 3 * 12 * 60 + 300, peak
