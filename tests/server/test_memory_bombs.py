@@ -146,3 +146,35 @@ def test_bursts_of_60_mb_requests_plateau(capsys: pytest.CaptureFixture[str]) ->
     # 300 MiB of tolerance. Nothing bounds that in-flight total but max_message_mb and the number of
     # concurrent RPCs (not limited yet).
     assert peak < 300 + 3 * 12 * 60 + 300, peak
+
+
+def test_concurrent_rpcs_are_bounded(capsys: pytest.CaptureFixture[str]) -> None:
+    # max_concurrent_rpcs bounds what a burst can hold in flight: beyond it gRPC answers
+    # RESOURCE_EXHAUSTED at once, and the client (RESOURCE_EXHAUSTED is retryable) backs off.
+    with sidecar_process(*_args(), "--max-concurrent-rpcs", "3") as sc:
+        async def burst() -> list[str]:
+            c = client(sc.target, timeout_s=120)
+            sim = SimSession("s", config=CFG)
+            await c.open_session("s", CFG)
+            huge = pb.SessionStep()
+            huge.CopyFrom(sim.make().msg)
+            n = 15 * MB
+            huge.attn.CopyFrom(pb.Tensor(dtype=pb.D_TYPE_FLOAT32, shape=[1, n], data=bytes(4 * n)))
+
+            async def one() -> str:
+                try:
+                    await c.step([huge])
+                except Exception as exc:  # noqa: BLE001 (the code is what is checked)
+                    return getattr(exc, "code", grpc.StatusCode.UNKNOWN).name
+                return "OK"
+
+            codes = await asyncio.gather(*(one() for _ in range(12)))
+            await c.close()
+            return codes
+
+        codes = arun(burst(), timeout=120)
+        _, peak = rss_mb(sc.proc.pid)
+    with capsys.disabled():
+        print(f"\n12 x 60 MB with max_concurrent_rpcs=3: codes {sorted(set(codes))} x "
+              f"{[codes.count(k) for k in sorted(set(codes))]}, peak RSS {peak:.0f} MiB")
+    assert "RESOURCE_EXHAUSTED" in codes and set(codes) <= {"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"}

@@ -90,7 +90,7 @@ class Sidecar:
         """Bind both ports, then turn health SERVING once the store and the device answer."""
         s = self.settings
         self.sessions.start()
-        server = grpc.aio.server(options=self.grpc_options())
+        server = grpc.aio.server(options=self.grpc_options(), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
         add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

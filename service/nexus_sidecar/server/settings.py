@@ -64,6 +64,10 @@ class ServerSettings(BaseSettings):
                             json_schema_extra={"group": _LIMITS})
     max_sessions_per_rpc: int = Field(512, ge=1, description="session steps one Step RPC may carry",
                                       json_schema_extra={"group": _LIMITS})
+    max_concurrent_rpcs: int = Field(
+        1024, ge=1, description="RPCs the server handles at once; beyond, gRPC answers RESOURCE_EXHAUSTED at once "
+                                "(bounds the request bytes held in flight to about this x max_message_mb)",
+        json_schema_extra={"group": _LIMITS})
     malloc_mmap_threshold_kb: int = Field(
         1024, ge=0, description="glibc: allocations of at least this many KiB are mmapped and returned to the OS "
                                 "when freed, keeping RSS flat under bursts of large requests (0 = glibc default)",
