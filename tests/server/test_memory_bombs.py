@@ -139,8 +139,11 @@ def test_bursts_of_60_mb_requests_plateau(capsys: pytest.CaptureFixture[str]) ->
         _, peak = rss_mb(sc.proc.pid)
     with capsys.disabled():
         print(f"\n5 bursts of 12 x 60 MB: RSS after each {[round(a) for a in after]} MiB, peak {peak:.0f} MiB")
-    # A plateau: later bursts reuse what the first one took (the issue saw +640 MiB over five bursts).
-    assert max(after[1:]) - after[0] < 150, after
+    # No growth across bursts (the issue saw +640 MiB over five; the abort cycle +1.1 GiB per burst).
+    # The allocator keeps a varying share between bursts (runs measured swings of up to ~350 MiB
+    # either way), so the bar is on the trend and on the worst burst, not on each burst.
+    assert after[-1] - after[0] < 300, after
+    assert max(after) - after[0] < 450, after
     # In flight at once: 12 requests x 60 MB, each held up to three times while it is refused (gRPC's
     # receive buffer, the parsed message, the decoded float32 copy), over a ~300 MiB process, plus
     # 300 MiB of tolerance. Nothing bounds that in-flight total but max_message_mb and the number of
