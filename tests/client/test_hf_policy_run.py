@@ -11,15 +11,12 @@ from nexus_client.hf.capture import AttentionRecorder, attention_modules, captur
 from nexus_client.hf.policy_run import reads_priors
 from nexus_client.hf.priors import cache_priors
 
+from tests.client.conftest import tiny_llama
+
 
 @pytest.fixture(scope="module")
-def tiny_llama() -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+def tiny() -> Any:
+    return tiny_llama()
 
 
 def _prefill(model: Any, n: int) -> tuple[Any, Any]:
@@ -27,7 +24,7 @@ def _prefill(model: Any, n: int) -> tuple[Any, Any]:
 
     rec = AttentionRecorder(len(attention_modules(model)))
     cache = DynamicCache(config=model.config)
-    ids = torch.randint(3, 500, (1, n), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(3, 120, (1, n), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode(), capture_attention(model, rec):
         rec.start()
         model(input_ids=ids, past_key_values=cache, use_cache=True)
@@ -35,8 +32,8 @@ def _prefill(model: Any, n: int) -> tuple[Any, Any]:
     return cache, cap
 
 
-def test_keydiff_keeps_the_most_diverse_keys_of_the_cache(tiny_llama: Any) -> None:
-    cache, cap = _prefill(tiny_llama, 80)
+def test_keydiff_keeps_the_most_diverse_keys_of_the_cache(tiny: Any) -> None:
+    cache, cap = _prefill(tiny, 80)
     div = cache_priors(cache, 1)["key_diversity"][0]
     pos = torch.arange(80)
     slots = [pos.clone()]
@@ -58,8 +55,8 @@ def test_priors_are_sent_only_to_policies_that_read_them() -> None:
     assert not reads_priors({"policy": "tova"}) and not reads_priors({"policy": "snapkv"})
 
 
-def test_a_prior_policy_without_priors_is_refused_by_name(tiny_llama: Any) -> None:
-    cache, cap = _prefill(tiny_llama, 40)
+def test_a_prior_policy_without_priors_is_refused_by_name(tiny: Any) -> None:
+    cache, cap = _prefill(tiny, 40)
     pos = torch.arange(40)
     slots = [pos.clone()]
     with PolicyRun(LocalBackend(), {"policy": "keydiff", "budget": 20}, priors=False) as run:

@@ -11,24 +11,21 @@ import torch
 from nexus_client.hf import LocalBackend
 from nexus_client.kvpress import NexusPress
 
+from tests.client.conftest import tiny_llama
+
 
 @pytest.fixture(scope="module")
-def tiny_llama() -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+def tiny() -> Any:
+    return tiny_llama()
 
 
 @pytest.mark.parametrize("policy", ["nexus", "tova", "snapkv"])
-def test_nexus_press_makes_the_agnostic_settings_evictions(tiny_llama: Any, policy: str) -> None:
+def test_nexus_press_makes_the_agnostic_settings_evictions(tiny: Any, policy: str) -> None:
     from nexus_sidecar.evals.driver import drive
     from transformers import DynamicCache
 
-    model = tiny_llama
-    ctx = torch.randint(3, 500, (120,), generator=torch.Generator().manual_seed(1)).tolist()
+    model = tiny
+    ctx = torch.randint(3, 120, (120,), generator=torch.Generator().manual_seed(1)).tolist()
     press = NexusPress(compression_ratio=0.7, policy=policy, sinks=2, recent=4, window=8, seed=5)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode(), press(model):
