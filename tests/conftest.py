@@ -56,6 +56,23 @@ class RedisProc:
         """Terminate the server (idempotent)."""
         stop_process(self.proc, timeout=5)
 
+    def restart(self, *extra: str) -> subprocess.Popen[bytes]:
+        """A new redis-server on the same port and directory (an AOF brings its data back), once it
+        answers PING; the caller stops the returned process. ``extra``: server options (``--appendonly yes``)."""
+        proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", self.host, "--save", "",
+                                 "--dir", str(self.dir), "--logfile", str(self.dir / "redis-restart.log"), *extra],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with self.client() as c:
+                    c.ping()
+                return proc
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        proc.kill()
+        raise AssertionError("redis did not come back")
+
 
 def _start_redis(tmp: Path, *extra: str) -> RedisProc:
     binary = _require("redis-server")

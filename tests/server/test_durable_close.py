@@ -6,34 +6,15 @@ the old checkpoint a stale replica still holds."""
 from __future__ import annotations
 
 import subprocess
-import time
 
 import grpc
 import pytest
-import redis
 from nexus_sidecar.server.checkpoint import Checkpoint
 from nexus_sidecar.server.stores import Fenced
 
 from tests.server.conftest import SimSession, arun, client, drive, expect_error, running_sidecar
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _restart(rp) -> subprocess.Popen[bytes]:
-    """redis-server again on the same port and directory (its AOF brings the data back)."""
-    proc = subprocess.Popen(["redis-server", "--port", str(rp.port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "yes", "--dir", str(rp.dir), "--logfile", str(rp.dir / "redis2.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with redis.Redis(port=rp.port, socket_timeout=1) as r:
-                r.ping()
-            return proc
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("redis did not come back")
 
 
 def test_close_during_an_outage_fails_and_keeps_then_never_resurrects(redis_factory) -> None:
@@ -58,7 +39,7 @@ def test_close_during_an_outage_fails_and_keeps_then_never_resurrects(redis_fact
             assert (await c.get_session("c1")).step == 4
             await drive(c, [sim], 1)
 
-            procs.append(_restart(rp))  # Redis back, with its data
+            procs.append(rp.restart("--appendonly", "yes"))  # Redis back, with its data
             assert await c.close_session("c1") == 5
             await expect_error(c.get_session("c1"), grpc.StatusCode.NOT_FOUND)
             await expect_error(c.step([sim.make().msg]), grpc.StatusCode.NOT_FOUND)

@@ -15,7 +15,6 @@ import time
 
 import grpc
 import pytest
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nexus_sidecar.bench.procs import free_port
 
@@ -48,22 +47,6 @@ async def _agree(sc, want_ready: bool) -> bool:  # type: ignore[no-untyped-def]
     return (r.status_code == 200) == want_ready and (status == SERVING) == want_ready
 
 
-def _restart(rp) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
-    proc = subprocess.Popen(["redis-server", "--port", str(rp.port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(rp.dir)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with redis.Redis(port=rp.port, socket_timeout=1) as r:
-                r.ping()
-            return proc
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("redis did not come back")
-
-
 def test_grpc_health_and_readyz_agree_through_a_redis_outage(redis_factory) -> None:
     rp = redis_factory()
     procs: list[subprocess.Popen[bytes]] = []
@@ -75,7 +58,7 @@ def test_grpc_health_and_readyz_agree_through_a_redis_outage(redis_factory) -> N
             await wait_until(lambda: _agree(sc, False), 5, "both NOT ready")
             async with http(sc) as h:
                 assert sample_value((await h.get("/metrics")).text, "nexus_degraded") == 1
-            procs.append(_restart(rp))
+            procs.append(rp.restart("--appendonly", "no"))
             await wait_until(lambda: _agree(sc, True), 5, "both ready again")
             async with http(sc) as h:
                 assert sample_value((await h.get("/metrics")).text, "nexus_degraded") == 0

@@ -300,13 +300,15 @@ def drive(
             qpos = torch.arange(n_ctx, n_ctx + qt.numel(), dtype=torch.int64)
             c = copy.deepcopy(cache)
             retained = slots[0].tolist() if slots else None
-            with _InputRecorder(model) as q_inputs:
-                logits, cap = fwd(c, qt, qpos)
             if setting == "aware" and press is not None:
                 assert prefix is not None
+                with _InputRecorder(model) as q_inputs:  # only a press compressing the question reads them
+                    logits, cap = fwd(c, qt, qpos)
                 apply_press(press, model, c, prefix.inputs.cat(q_inputs.result()))
                 retained = None
-            elif setting == "aware" and policy is not None:
+            else:
+                logits, cap = fwd(c, qt, qpos)
+            if setting == "aware" and policy is not None:
                 assert prefix is not None
                 run = policy()
                 try:
