@@ -50,8 +50,10 @@ class NexusPress(BasePress):
     ``policy``: engine policy name (``nexus``, ``tova``, ``snapkv``, ...); ``knobs``: further
     ``PolicyConfig`` fields (``{"pool": 5}``); ``sinks``/``recent``: protected first/last tokens;
     ``window``: observation window (last prompt queries whose attention is read); ``fanout``: edges
-    per token; ``seed``: the reservoir's seed. After a prefill, ``kept_positions`` holds the
-    retained context positions.
+    per token; ``seed``: the reservoir's seed; ``call``: what the prefill's queries are for the
+    policy, "context" (kvpress's protocol: the question comes after the compression) or
+    "question" (the prompt ends with the question, as in a question-aware run). After a prefill,
+    ``kept_positions`` holds the retained context positions.
     """
 
     compression_ratio: float = 0.0
@@ -62,6 +64,7 @@ class NexusPress(BasePress):
     window: int = 32
     fanout: int = 8
     seed: int = 0
+    call: str = "context"
     backend: PolicyBackend | None = None
     kept_positions: list[int] | None = field(default=None, init=False)
 
@@ -70,6 +73,8 @@ class NexusPress(BasePress):
             raise ValueError(f"compression_ratio must be in [0, 1), got {self.compression_ratio}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.call not in ("context", "question"):
+            raise ValueError(f"call must be 'context' or 'question', got {self.call!r}")
 
     def budget(self, context_tokens: int) -> int:
         """Slots kept of a ``context_tokens``-token prefill."""
@@ -120,5 +125,5 @@ class NexusPress(BasePress):
         # The evaluation's own policy step: window, priors from this cache when the policy reads one.
         with PolicyRun(backend, self.policy_config(q), window=self.window) as run:
             run.add(capture, positions, slots)
-            run.call(cache, slots)
+            run.call(cache, slots, self.call)
         self.kept_positions = slots[0].tolist()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nexus_client.v1 import sidecar_pb2 as pb
-from nexus_client.wire import int_wire_dtype, positions_checksum, tensor_from_proto, tensor_to_proto
+from nexus_client.wire import CALL_KIND, int_wire_dtype, positions_checksum, tensor_from_proto, tensor_to_proto
 
 
 @dataclass
@@ -51,8 +51,11 @@ class WorkerSession:
 def pack_step(ws: WorkerSession, new_positions: torch.Tensor, attn: torch.Tensor, last: torch.Tensor,
               edge_pos: torch.Tensor, edge_w: torch.Tensor, *, float_dtype: torch.dtype = torch.float32,
               step: int | None = None, key_diversity: torch.Tensor | None = None,
-              key_norm: torch.Tensor | None = None, value_norm: torch.Tensor | None = None) -> pb.SessionStep:
+              key_norm: torch.Tensor | None = None, value_norm: torch.Tensor | None = None,
+              call: str = "unspecified") -> pb.SessionStep:
     """The wire message for the worker's next step (or ``step`` for a retry).
+
+    ``call``: what the step's queries are ("context", "question", "decode"; see ``wire.CALL_KIND``).
 
     The priors (float ``[G, n + k]``, aligned with ``attn``; ``**cache_priors(cache, G)`` passes all
     three) are optional; ``None`` leaves the field unset. They travel as ``float_dtype`` like attn.
@@ -69,8 +72,16 @@ def pack_step(ws: WorkerSession, new_positions: torch.Tensor, attn: torch.Tensor
         last=tensor_to_proto(last, float_dtype, field="last"),
         edge_index=tensor_to_proto(edge_pos, int_wire_dtype(edge_pos), field="edge_index"),
         edge_weight=tensor_to_proto(edge_w, float_dtype, field="edge_weight"),
+        call=_call_kind(call),
         **priors,
     )
+
+
+def _call_kind(call: str) -> int:
+    try:
+        return CALL_KIND[call]
+    except KeyError:
+        raise ValueError(f"call: must be one of {list(CALL_KIND)}, got {call!r}") from None
 
 
 def unpack_result(result: pb.SessionResult) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -38,6 +38,8 @@ class SessionConfig(Mapping[str, Any]):
     prior: Literal["key_diversity", "key_norm", "value_norm"] | None = None  # Nexus: the prior in its walk
     prior_mix: float | None = None  # Nexus: the prior's share of the walk's direct mass, in [0, 1]
     prior_sharpness: float | None = None  # Nexus: contrast of the prior's mass, exp(sharpness * z-score)
+    react_calls: Literal["all", "question"] | None = None  # Nexus: calls the newest query's row scores
+    question_prior_mix: float | None = None  # Nexus: the prior's share on question/decode calls
 
     def _set(self) -> dict[str, Any]:
         return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}

@@ -8,8 +8,10 @@ import pytest
 import torch
 from nexus_client.hf import LocalBackend, PolicyRun
 from nexus_client.hf.capture import AttentionRecorder, attention_modules, capture_attention
+from nexus_client.hf.generate import generate
 from nexus_client.hf.policy_run import reads_priors
 from nexus_client.hf.priors import cache_priors
+from nexus_client.packing import WorkerSession, pack_step
 
 from tests.client.conftest import tiny_llama
 
@@ -53,6 +55,7 @@ def test_priors_are_sent_only_to_policies_that_read_them() -> None:
     assert reads_priors({"policy": "keydiff"}) and reads_priors({"policy": "knorm"})
     assert reads_priors({"policy": "nexus"}) and not reads_priors({"policy": "nexus", "prior_mix": 0.0})
     assert not reads_priors({"policy": "tova"}) and not reads_priors({"policy": "snapkv"})
+    assert reads_priors({"policy": "nexus", "prior_mix": 0.0, "question_prior_mix": 0.5})
 
 
 def test_a_prior_policy_without_priors_is_refused_by_name(tiny: Any) -> None:
@@ -63,3 +66,35 @@ def test_a_prior_policy_without_priors_is_refused_by_name(tiny: Any) -> None:
         run.add(cap, pos, slots)
         with pytest.raises(Exception, match="key_diversity"):
             run.call(cache, slots)
+
+
+class _Recording(LocalBackend):
+    """The in-process engine, noting the call kind of every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: list[str] = []
+
+    def step(self, session: Any, tensors: Any) -> Any:
+        self.kinds.append(tensors.call)
+        return super().step(session, tensors)
+
+
+def test_the_call_kind_reaches_the_engine_and_generate_marks_prefill_and_decode(tiny: Any) -> None:
+    cache, cap = _prefill(tiny, 40)
+    pos = torch.arange(40)
+    slots = [pos.clone()]
+    backend = _Recording()
+    with PolicyRun(backend, {"policy": "nexus", "budget": 20}) as run:
+        run.add(cap, pos, slots)
+        run.call(cache, slots, "question")
+    assert backend.kinds == ["question"]
+
+    backend = _Recording()
+    res = generate(tiny, None, list(range(3, 70)), backend, {"policy": "nexus", "budget": 48, "slack": 0},
+                   max_new_tokens=6, chunk_size=32)
+    assert len(res.token_ids) == 6
+    assert backend.kinds == ["context"] * 3 + ["decode"] * 5  # 67 prompt tokens in chunks of 32
+    with pytest.raises(ValueError, match="call"):
+        pack_step(WorkerSession("s", groups=1), pos[:1], torch.zeros(1, 1), torch.zeros(1, 1),
+                  torch.full((1, 1, 1), -1), torch.zeros(1, 1, 1), call="prefill")

@@ -29,6 +29,9 @@ BAD: list[tuple[str, object]] = [
     ("prior", "attention"), ("prior", None), ("prior", "KEY_NORM"),
     ("prior_mix", -0.1), ("prior_mix", 1.5), ("prior_mix", math.nan), ("prior_mix", "0.5"), ("prior_mix", True),
     ("prior_sharpness", -1.0), ("prior_sharpness", 17.0), ("prior_sharpness", math.inf), ("prior_sharpness", None),
+    ("react_calls", "context"), ("react_calls", None), ("react_calls", "ALL"),
+    ("question_prior_mix", -0.5), ("question_prior_mix", 1.01), ("question_prior_mix", math.nan),
+    ("question_prior_mix", "0.2"),
 ]
 
 

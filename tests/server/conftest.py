@@ -165,6 +165,7 @@ class SimSession:
     k_first: int = 12
     k: int = 3
     priors: bool = False  # also send the three query-agnostic priors
+    call: str = "unspecified"  # the call kind every step carries
     ws: WorkerSession = field(init=False)
     retained: list[torch.Tensor] = field(init=False)
     next_pos: int = 0
@@ -208,8 +209,8 @@ class SimSession:
                 priors["key_diversity"][gi, :n] = torch.rand(n, generator=g) * 2 - 1
                 priors["key_norm"][gi, :n] = torch.rand(n, generator=g) * 20
                 priors["value_norm"][gi, :n] = torch.rand(n, generator=g) * 3
-        msg = pack_step(self.ws, new, attn, last, edge_pos, edge_w, step=step, **priors)
-        return Planned(msg, StepInput(new, attn, last, edge_pos, edge_w, **priors), new)
+        msg = pack_step(self.ws, new, attn, last, edge_pos, edge_w, step=step, call=self.call, **priors)
+        return Planned(msg, StepInput(new, attn, last, edge_pos, edge_w, **priors, call=self.call), new)
 
     def apply(self, planned: Planned, result: pb.SessionResult) -> None:
         """Advance the worker: keep what the sidecar kept."""

@@ -506,3 +506,36 @@ def test_list_policies() -> None:
             await c.close()
 
     arun(body())
+
+
+def test_call_kinds_and_their_knobs_travel_and_answer_like_the_engine() -> None:
+    from nexus_sidecar.server.codec import config_from_proto, config_to_proto
+
+    knobs = {**SMALL, "policy": "nexus", "react_calls": "question", "prior_mix": 1.0, "question_prior_mix": 0.25}
+
+    async def body() -> None:
+        async with running_sidecar() as sc:
+            c = client(sc)
+            ref = Reference()
+            sims = [SimSession(f"c{i}", config=knobs, seed=i, priors=True, call=call)
+                    for i, call in enumerate(("unspecified", "context", "question", "decode"))]
+            for sim in sims:
+                opened = await c.open_session(sim.session_id, sim.config)
+                assert opened.config.react_calls == pb.REACT_CALLS_QUESTION
+                assert opened.config.question_prior_mix == 0.25
+                ref.open(sim)
+            await drive(c, sims, 5, ref)  # one RPC, four kinds: each answers as the engine alone
+            default = await c.open_session("d", SMALL)
+            assert default.config.react_calls == pb.REACT_CALLS_ALL
+            assert not default.config.HasField("question_prior_mix")  # unset = prior_mix on every call
+            bad = sims[1].make()
+            bad.msg.call = 9  # a kind from a newer client
+            msg = await expect_error(c.step([bad.msg]), IA)
+            assert msg.startswith("steps[c1].call: ") and "9" in msg, msg
+            await drive(c, sims, 1, ref)  # nothing was applied
+            await c.close()
+
+    arun(body())
+    cfg = config_from_proto(pb.PolicyConfig(react_calls=pb.REACT_CALLS_QUESTION, question_prior_mix=0.0), "nexus")
+    assert (cfg.react_calls, cfg.question_prior_mix) == ("question", 0.0)
+    assert config_from_proto(config_to_proto(cfg), "nexus") == cfg

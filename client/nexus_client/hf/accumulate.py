@@ -27,7 +27,8 @@ class StepTensors:
     ``new_positions`` int64 ``[k]``; ``attn``/``last`` float32 ``[G, n_max + k]`` (zero right padding
     for groups holding fewer slots); ``edge_pos`` int64 ``[G, k, F]`` (-1 = none); ``edge_w`` float32
     ``[G, k, F]``; ``priors``: the query-agnostic priors of every slot (``{name: float32 [G, n_max +
-    k]}``, :func:`nexus_client.hf.priors.cache_priors`), empty when not sent.
+    k]}``, :func:`nexus_client.hf.priors.cache_priors`), empty when not sent; ``call``: what the
+    call's queries are (``nexus_client.wire.CALL_KIND``: context, question, decode, unspecified).
     """
 
     new_positions: torch.Tensor
@@ -36,6 +37,7 @@ class StepTensors:
     edge_pos: torch.Tensor
     edge_w: torch.Tensor
     priors: dict[str, torch.Tensor] = field(default_factory=dict)
+    call: str = "unspecified"
 
 
 class AttentionAccumulator:

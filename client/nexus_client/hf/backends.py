@@ -78,6 +78,7 @@ class LocalBackend:
                     last=tensors.last,
                     edge_pos=tensors.edge_pos,
                     edge_w=tensors.edge_w,
+                    call=tensors.call,
                     **tensors.priors,
                 )
             }

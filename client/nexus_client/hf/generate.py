@@ -143,7 +143,7 @@ def generate(
 
     def policy_call(step: int, phase: str) -> float:
         t0 = time.perf_counter()
-        evicted = run.call(cache, slots)
+        evicted = run.call(cache, slots, "context" if phase == "prefill" else "decode")
         t["surgery_s"], t["policy_s"] = run.surgery_seconds, run.seconds
         if any(evicted):
             evictions.append(Eviction(step=step, phase=phase, positions=evicted))

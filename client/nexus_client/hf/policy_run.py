@@ -32,7 +32,8 @@ def reads_priors(config: Mapping[str, Any]) -> bool:
         return True
     if policy in ("nexus", "nexus_topk"):
         # Absent means the engine's default, which mixes the prior in (PolicyConfig.prior_mix > 0).
-        return "prior_mix" not in config or float(config["prior_mix"]) > 0.0
+        mixes = "prior_mix" not in config or float(config["prior_mix"]) > 0.0
+        return mixes or float(config.get("question_prior_mix") or 0.0) > 0.0
     return False
 
 
@@ -74,8 +75,11 @@ class PolicyRun:
         """Add one forward pass (``positions`` new tokens; ``slots``: each group's cached positions after it)."""
         self.acc.add(capture, positions, slots)
 
-    def call(self, cache: Any, slots: list[torch.Tensor]) -> list[list[int]]:
+    def call(self, cache: Any, slots: list[torch.Tensor], kind: str = "unspecified") -> list[list[int]]:
         """One policy call over everything added; evicts from ``cache`` and ``slots`` (in place).
+
+        ``kind`` tells the policy what the added queries are: "context" (a chunk of context, no
+        question yet), "question" (a question's queries), "decode" (generated tokens).
 
         Returns the evicted positions per group. Raises ``RuntimeError`` when the backend's answer
         does not fit the cache (a keep mask over the wrong slots, or one that disagrees with its
@@ -83,6 +87,7 @@ class PolicyRun:
         """
         t0 = time.perf_counter()
         tensors = self.acc.build()
+        tensors.call = kind
         if self.priors:
             width = tensors.attn.shape[-1]
             tensors.priors = {k: v[:, :width].cpu() for k, v in cache_priors(cache, self.groups).items()}

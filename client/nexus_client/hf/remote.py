@@ -107,7 +107,7 @@ class RemoteBackend:
         """One call; the worker's retained count/checksum ride along for the mismatch check."""
         def pack() -> pb.SessionStep:  # again after a resync: the count and checksum changed
             return pack_step(session, tensors.new_positions, tensors.attn, tensors.last, tensors.edge_pos,
-                             tensors.edge_w, float_dtype=self.float_dtype, **tensors.priors)
+                             tensors.edge_w, float_dtype=self.float_dtype, call=tensors.call, **tensors.priors)
 
         msg = pack()
         size = msg.ByteSize()

@@ -47,6 +47,19 @@ class Prior(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRIOR_KEY_DIVERSITY: _ClassVar[Prior]
     PRIOR_KEY_NORM: _ClassVar[Prior]
     PRIOR_VALUE_NORM: _ClassVar[Prior]
+
+class ReactCalls(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REACT_CALLS_UNSPECIFIED: _ClassVar[ReactCalls]
+    REACT_CALLS_ALL: _ClassVar[ReactCalls]
+    REACT_CALLS_QUESTION: _ClassVar[ReactCalls]
+
+class CallKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CALL_KIND_UNSPECIFIED: _ClassVar[CallKind]
+    CALL_KIND_CONTEXT: _ClassVar[CallKind]
+    CALL_KIND_QUESTION: _ClassVar[CallKind]
+    CALL_KIND_DECODE: _ClassVar[CallKind]
 D_TYPE_UNSPECIFIED: DType
 D_TYPE_FLOAT16: DType
 D_TYPE_FLOAT32: DType
@@ -70,6 +83,13 @@ PRIOR_UNSPECIFIED: Prior
 PRIOR_KEY_DIVERSITY: Prior
 PRIOR_KEY_NORM: Prior
 PRIOR_VALUE_NORM: Prior
+REACT_CALLS_UNSPECIFIED: ReactCalls
+REACT_CALLS_ALL: ReactCalls
+REACT_CALLS_QUESTION: ReactCalls
+CALL_KIND_UNSPECIFIED: CallKind
+CALL_KIND_CONTEXT: CallKind
+CALL_KIND_QUESTION: CallKind
+CALL_KIND_DECODE: CallKind
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -82,7 +102,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PolicyConfig(_message.Message):
-    __slots__ = ("policy", "budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma", "tau", "randomness", "seed", "pool", "granularity", "block_size", "attn_reduce", "pool_reduce", "prior", "prior_mix", "prior_sharpness")
+    __slots__ = ("policy", "budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma", "tau", "randomness", "seed", "pool", "granularity", "block_size", "attn_reduce", "pool_reduce", "prior", "prior_mix", "prior_sharpness", "react_calls", "question_prior_mix")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     SLACK_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +124,8 @@ class PolicyConfig(_message.Message):
     PRIOR_FIELD_NUMBER: _ClassVar[int]
     PRIOR_MIX_FIELD_NUMBER: _ClassVar[int]
     PRIOR_SHARPNESS_FIELD_NUMBER: _ClassVar[int]
+    REACT_CALLS_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_PRIOR_MIX_FIELD_NUMBER: _ClassVar[int]
     policy: str
     budget: int
     slack: int
@@ -125,7 +147,9 @@ class PolicyConfig(_message.Message):
     prior: Prior
     prior_mix: float
     prior_sharpness: float
-    def __init__(self, policy: _Optional[str] = ..., budget: _Optional[int] = ..., slack: _Optional[int] = ..., sinks: _Optional[int] = ..., recent: _Optional[int] = ..., groups: _Optional[int] = ..., beta: _Optional[float] = ..., iterations: _Optional[int] = ..., fanout: _Optional[int] = ..., gamma: _Optional[float] = ..., tau: _Optional[float] = ..., randomness: _Optional[_Union[Randomness, str]] = ..., seed: _Optional[int] = ..., pool: _Optional[int] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., block_size: _Optional[int] = ..., attn_reduce: _Optional[_Union[AttnReduce, str]] = ..., pool_reduce: _Optional[_Union[PoolReduce, str]] = ..., prior: _Optional[_Union[Prior, str]] = ..., prior_mix: _Optional[float] = ..., prior_sharpness: _Optional[float] = ...) -> None: ...
+    react_calls: ReactCalls
+    question_prior_mix: float
+    def __init__(self, policy: _Optional[str] = ..., budget: _Optional[int] = ..., slack: _Optional[int] = ..., sinks: _Optional[int] = ..., recent: _Optional[int] = ..., groups: _Optional[int] = ..., beta: _Optional[float] = ..., iterations: _Optional[int] = ..., fanout: _Optional[int] = ..., gamma: _Optional[float] = ..., tau: _Optional[float] = ..., randomness: _Optional[_Union[Randomness, str]] = ..., seed: _Optional[int] = ..., pool: _Optional[int] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., block_size: _Optional[int] = ..., attn_reduce: _Optional[_Union[AttnReduce, str]] = ..., pool_reduce: _Optional[_Union[PoolReduce, str]] = ..., prior: _Optional[_Union[Prior, str]] = ..., prior_mix: _Optional[float] = ..., prior_sharpness: _Optional[float] = ..., react_calls: _Optional[_Union[ReactCalls, str]] = ..., question_prior_mix: _Optional[float] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("session_id", "config")
@@ -146,7 +170,7 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[PolicyConfig, _Mapping]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class SessionStep(_message.Message):
-    __slots__ = ("session_id", "step", "retained_count", "retained_checksum", "new_positions", "attn", "last", "edge_index", "edge_weight", "key_diversity", "key_norm", "value_norm")
+    __slots__ = ("session_id", "step", "retained_count", "retained_checksum", "new_positions", "attn", "last", "edge_index", "edge_weight", "key_diversity", "key_norm", "value_norm", "call")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     RETAINED_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +183,7 @@ class SessionStep(_message.Message):
     KEY_DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     KEY_NORM_FIELD_NUMBER: _ClassVar[int]
     VALUE_NORM_FIELD_NUMBER: _ClassVar[int]
+    CALL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     retained_count: int
@@ -171,7 +196,8 @@ class SessionStep(_message.Message):
     key_diversity: Tensor
     key_norm: Tensor
     value_norm: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., retained_count: _Optional[int] = ..., retained_checksum: _Optional[int] = ..., new_positions: _Optional[_Union[Tensor, _Mapping]] = ..., attn: _Optional[_Union[Tensor, _Mapping]] = ..., last: _Optional[_Union[Tensor, _Mapping]] = ..., edge_index: _Optional[_Union[Tensor, _Mapping]] = ..., edge_weight: _Optional[_Union[Tensor, _Mapping]] = ..., key_diversity: _Optional[_Union[Tensor, _Mapping]] = ..., key_norm: _Optional[_Union[Tensor, _Mapping]] = ..., value_norm: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    call: CallKind
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., retained_count: _Optional[int] = ..., retained_checksum: _Optional[int] = ..., new_positions: _Optional[_Union[Tensor, _Mapping]] = ..., attn: _Optional[_Union[Tensor, _Mapping]] = ..., last: _Optional[_Union[Tensor, _Mapping]] = ..., edge_index: _Optional[_Union[Tensor, _Mapping]] = ..., edge_weight: _Optional[_Union[Tensor, _Mapping]] = ..., key_diversity: _Optional[_Union[Tensor, _Mapping]] = ..., key_norm: _Optional[_Union[Tensor, _Mapping]] = ..., value_norm: _Optional[_Union[Tensor, _Mapping]] = ..., call: _Optional[_Union[CallKind, str]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("steps",)

@@ -80,8 +80,10 @@ def run_stream(cfg: PolicyConfig, spec: StreamSpec, seeds: Iterable[int], every:
             slots = torch.cat([eng.positions(h)[0], new])
             rows = attention_rows(slots, new, kind, hub_of, g, spec)  # [k, W]
             edge_pos, edge_w = top_edges(rows, slots, F, exclude_self=False)
+            # Calls before the question are context; from the question on, its queries ask.
+            call = "question" if t0 + every > spec.question_start else "context"
             items[h] = StepInput(new, rows.sum(0, keepdim=True), rows[-1:], edge_pos[None], edge_w[None],
-                                 **{name: v[slots][None] for name, v in p.items()})
+                                 **{name: v[slots][None] for name, v in p.items()}, call=call)
         eng.step(items)
     out = []
     pos = torch.arange(spec.length)

@@ -5,7 +5,7 @@ reservoir selection, the top-K baselines, batched session state and its byte lay
 See docs/engine-api.md for the contract.
 """
 
-from nexus_sidecar.engine.config import PolicyConfig
+from nexus_sidecar.engine.config import CALL_KINDS, PolicyConfig
 from nexus_sidecar.engine.engine import Engine, default_device
 from nexus_sidecar.engine.errors import ConfigError, EngineError, InputError, StateError, UnknownPolicyError
 from nexus_sidecar.engine.policies import POLICIES, Policy
@@ -13,7 +13,7 @@ from nexus_sidecar.engine.state import GroupState, SessionState
 from nexus_sidecar.engine.step_io import StepInput, StepOutput
 
 __all__ = [
-    "POLICIES", "ConfigError", "Engine", "EngineError", "GroupState", "InputError", "Policy",
+    "CALL_KINDS", "POLICIES", "ConfigError", "Engine", "EngineError", "GroupState", "InputError", "Policy",
     "PolicyConfig", "SessionState", "StateError", "StepInput", "StepOutput", "UnknownPolicyError",
     "default_device",
 ]

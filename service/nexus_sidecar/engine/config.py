@@ -14,6 +14,12 @@ Granularity = Literal["token", "block"]
 AttnReduce = Literal["sum", "mean"]
 PoolReduce = Literal["max", "mean"]
 Prior = Literal["key_diversity", "key_norm", "value_norm"]
+ReactCalls = Literal["all", "question"]
+# What a call's queries are, as the worker tells the engine (StepInput.call): a chunk of context
+# ("context": nothing has asked anything yet), a question's queries ("question", e.g. the
+# observation window over the question), a generated token ("decode"), or not said.
+CallKind = Literal["unspecified", "context", "question", "decode"]
+CALL_KINDS: tuple[str, ...] = ("unspecified", "context", "question", "decode")
 
 # The query-agnostic per-slot priors a worker may send with a step (see step_io.StepInput).
 PRIORS: tuple[str, ...] = ("key_diversity", "key_norm", "value_norm")
@@ -62,6 +68,14 @@ class PolicyConfig:
     # Contrast of the prior's weights: w = exp(prior_sharpness * z) with z the prior's keep weight
     # standardised over the evictable slots (0 = uniform: the prior carries no information).
     prior_sharpness: float = 1.0
+    # Nexus: which calls the reaction term (the newest query's own row) scores. "question": every
+    # call except those the worker marks "context": before a question exists, the newest query of
+    # a context chunk mostly looks at its neighbours, and its row outweighed the prior on ~a third
+    # of the slots (docs/evaluation.md). "all": every call (the survival benchmark's behaviour).
+    react_calls: ReactCalls = "all"
+    # Nexus: the prior's share of the direct mass on question and decode calls, whose attention
+    # does carry what is asked (None: prior_mix on every call).
+    question_prior_mix: float | None = None
 
     def validate(self) -> PolicyConfig:
         """Raise :class:`ConfigError` naming the first bad field; return self when valid."""
@@ -97,6 +111,10 @@ class PolicyConfig:
             raise ConfigError("prior", f"must be one of {list(PRIORS)}, got {self.prior!r}")
         _float_range("prior_mix", self.prior_mix, 0.0, 1.0)
         _float_range("prior_sharpness", self.prior_sharpness, 0.0, 16.0)
+        if self.react_calls not in ("all", "question"):
+            raise ConfigError("react_calls", f"must be 'all' or 'question', got {self.react_calls!r}")
+        if self.question_prior_mix is not None:
+            _float_range("question_prior_mix", self.question_prior_mix, 0.0, 1.0)
         if self.granularity not in ("token", "block"):
             raise ConfigError("granularity", f"must be 'token' or 'block', got {self.granularity!r}")
         need = self.protected_capacity()
@@ -125,7 +143,8 @@ class PolicyConfig:
         return (
             self.policy, self.beta, self.iterations, self.fanout, self.gamma, self.tau,
             self.randomness, self.pool, self.granularity, self.block_size, self.attn_reduce,
-            self.pool_reduce, self.prior, self.prior_mix, self.prior_sharpness,
+            self.pool_reduce, self.prior, self.prior_mix, self.prior_sharpness, self.react_calls,
+            self.question_prior_mix,
         )
 
     def with_(self, **changes: Any) -> PolicyConfig:

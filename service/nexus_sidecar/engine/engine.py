@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nexus_sidecar.engine.config import PolicyConfig
+from nexus_sidecar.engine.config import CALL_KINDS, PolicyConfig
 from nexus_sidecar.engine.errors import EngineError, InputError
 from nexus_sidecar.engine.hashing import uniforms
 from nexus_sidecar.engine.policies import Policy, make_policy
@@ -292,9 +292,9 @@ class Engine:
             need = max(s.used) + int(inp.new_positions.shape[0])
             if need > s.pool.width:  # the arena outgrows its width class: move up one (or more)
                 self._migrate(s, need)
-            # Sessions carrying different priors go in different batches: every row of a batch
-            # then has the same prior tensors, and no row needs a "prior absent" flag.
-            key = (s.cfg.batch_key(), id(s.pool), tuple(inp.priors()))
+            # Sessions carrying different priors (or call kinds) go in different batches: every row
+            # of a batch then has the same prior tensors and kind, and no row needs a per-row flag.
+            key = (s.cfg.batch_key(), id(s.pool), tuple(inp.priors()), inp.call)
             batches.setdefault(key, []).append((h, inp))
         for group in batches.values():
             out.update(self._run_batch(group))
@@ -310,6 +310,8 @@ class Engine:
 
     def _check_shapes(self, s: _Session, inp: StepInput) -> None:
         G, F = s.cfg.groups, s.cfg.fanout
+        if inp.call not in CALL_KINDS:
+            raise InputError("call", f"must be one of {list(CALL_KINDS)}, got {str(inp.call)[:64]!r}")
         pos = inp.new_positions
         if not isinstance(pos, torch.Tensor) or pos.dim() != 1 or pos.dtype.is_floating_point \
                 or pos.dtype == torch.bool:
@@ -361,7 +363,7 @@ class Engine:
         row_ids = [r for s in sessions for r in s.rows]
         rows = pool.rows_of(row_ids)
         used_max = max(max(s.used) for s in sessions)
-        inp_rows = RowInput(new_pos, n_new, attn, last, edge_pos, edge_w, priors)
+        inp_rows = RowInput(new_pos, n_new, attn, last, edge_pos, edge_w, priors, call=items[0][1].call)
         codes, target_col = validate_rows(pool, rows, inp_rows, used_max)
         if bool(codes.any()):
             return self._split_bad(items, codes.cpu().tolist(), G)

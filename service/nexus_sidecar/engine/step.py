@@ -35,6 +35,7 @@ class RowInput:
     edge_pos: torch.Tensor  # int64 [R, K, F], -1 = none
     edge_w: torch.Tensor  # float32 [R, K, F]
     priors: dict[str, torch.Tensor] = field(default_factory=dict)  # float32 [R, Wx] by prior name
+    call: str = "unspecified"  # what every row's queries are (config.CALL_KINDS)
 
 
 @dataclass
@@ -186,7 +187,8 @@ def run_step(policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput, targe
 
     slot_order = SlotOrder(ext, alive, Wx)
     ctx = ScoreContext(attn=attn, last=last, memory=memory, age=age, valid=alive, cand=cand, walk=run_walk,
-                       slot_order=slot_order, count=n, n_new=inp.n_new, priors=priors)
+                       slot_order=slot_order, count=n, n_new=inp.n_new, priors=priors,
+                       call=inp.call)
     scores = policy.score(ctx)
     # Fixed randomness: a token keeps its lottery ticket for life; per_call: a fresh draw each call.
     call = p["call"] if cfg.randomness == "per_call" else torch.zeros_like(p["call"])

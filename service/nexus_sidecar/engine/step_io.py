@@ -30,6 +30,10 @@ class StepInput:
     the worker from the keys and values it holds (``nexus_client.hf.priors.cache_priors``), each
     averaged over the kv heads and the layers of the group. ``None`` = not sent: policies that
     score by a prior (``keydiff``, ``knorm``) refuse the step, Nexus falls back to attention alone.
+
+    ``call`` says what the call's queries are (one of ``config.CALL_KINDS``): a context chunk, a
+    question, a decode step, or "unspecified" (old clients). Nexus reads it (``react_calls``,
+    ``question_prior_mix``); the other policies ignore it.
     """
 
     new_positions: torch.Tensor  # int [k], ascending, after every retained position
@@ -40,6 +44,7 @@ class StepInput:
     key_diversity: torch.Tensor | None = None  # float [G, n + k] in [-1, 1]: -cos(key, group's mean unit key)
     key_norm: torch.Tensor | None = None  # float [G, n + k] >= 0: L2 norm of the slot's key
     value_norm: torch.Tensor | None = None  # float [G, n + k] >= 0: L2 norm of the slot's value
+    call: str = "unspecified"
 
     def priors(self) -> dict[str, torch.Tensor]:
         """The priors this step carries, by name (in ``PRIORS`` order)."""
@@ -47,8 +52,8 @@ class StepInput:
 
     def to(self, device: str | torch.device) -> StepInput:
         """A copy with every tensor on ``device`` (absent priors stay absent)."""
-        return StepInput(**{f.name: None if (t := getattr(self, f.name)) is None else t.to(device)
-                            for f in dataclasses.fields(self)})
+        return dataclasses.replace(self, **{f.name: t.to(device) for f in dataclasses.fields(self)
+                                            if isinstance(t := getattr(self, f.name), torch.Tensor)})
 
 
 @dataclasses.dataclass

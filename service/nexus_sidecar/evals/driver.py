@@ -276,7 +276,7 @@ def drive(
                     _, cap = fwd(cache, ctx[pos], pos)
                     slots[0] = torch.cat([slots[0], pos])
                     run.add(cap, pos, slots)
-                    run.call(cache, slots)
+                    run.call(cache, slots, "context")
             finally:
                 finish(run)
         else:
@@ -287,7 +287,7 @@ def drive(
                 run = policy()
                 try:
                     run.add(prefix.capture, slots[0], slots)
-                    run.call(cache, slots)
+                    run.call(cache, slots, "context")
                 finally:
                     finish(run)
             elif setting == "agnostic" and press is not None:
@@ -316,7 +316,7 @@ def drive(
                     run.add(prefix.capture, s[0], s)  # the context's queries, then the question's
                     s[0] = torch.cat([s[0], qpos])
                     run.add(cap, qpos, s)
-                    run.call(c, s)
+                    run.call(c, s, "question")
                     retained = [p for p in s[0].tolist() if p < n_ctx]
                 finally:
                     finish(run)

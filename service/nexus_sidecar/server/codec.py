@@ -8,7 +8,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 from nexus_client.v1 import sidecar_pb2 as pb
-from nexus_client.wire import ENUM_FIELDS, POSITION_LIMIT, PRIORS, positions_checksum, tensor_from_proto
+from nexus_client.wire import CALL_KIND, ENUM_FIELDS, POSITION_LIMIT, PRIORS, positions_checksum, tensor_from_proto
 
 from nexus_sidecar.engine import PolicyConfig, StepInput, StepOutput
 from nexus_sidecar.server.errors import BRIEF, InvalidArgument, brief
@@ -16,9 +16,10 @@ from nexus_sidecar.server.errors import BRIEF, InvalidArgument, brief
 _FLOAT_WIRE = (pb.D_TYPE_FLOAT16, pb.D_TYPE_FLOAT32)
 _INT_WIRE = (pb.D_TYPE_INT32, pb.D_TYPE_INT64)
 _ENUM_NAMES = {field: {v: k for k, v in names.items()} for field, names in ENUM_FIELDS.items()}
+_CALL_NAMES = {v: k for k, v in CALL_KIND.items()}
 _OPTIONAL_NUMBERS = ("budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma",
                      "tau", "seed", "pool", "block_size", "prior_mix",
-                     "prior_sharpness")
+                     "prior_sharpness", "question_prior_mix")
 
 
 def config_from_proto(msg: pb.PolicyConfig, default_policy: str) -> PolicyConfig:
@@ -45,6 +46,8 @@ def config_to_proto(cfg: PolicyConfig) -> pb.PolicyConfig:
     for f in fields(cfg):
         if f.name in _OPTIONAL_NUMBERS:
             value = getattr(cfg, f.name)
+            if value is None:  # an optional knob left to its meaning "unset" (question_prior_mix)
+                continue
             if f.name == "seed":
                 value &= (1 << 64) - 1
             setattr(msg, f.name, value)
@@ -81,7 +84,10 @@ def step_input(step: pb.SessionStep) -> StepInput:
     _check_range(step, "edge_index", eidx, -1)
     ew = _tensor(step, "edge_weight", _FLOAT_WIRE, floats, torch.float32)
     priors = {name: _tensor(step, name, _FLOAT_WIRE, floats, torch.float32, required=False) for name in PRIORS}
-    return StepInput(pos, attn, last, eidx, ew, **priors)  # type: ignore[arg-type]
+    if step.call not in _CALL_NAMES:
+        raise InvalidArgument(f"steps[{step.session_id}].call", f"unknown call kind {step.call}; known: "
+                                                                f"{sorted(_CALL_NAMES)}")
+    return StepInput(pos, attn, last, eidx, ew, **priors, call=_CALL_NAMES[step.call])  # type: ignore[arg-type]
 
 
 def _check_range(step: pb.SessionStep, name: str, t: torch.Tensor, low: int) -> None:

@@ -43,7 +43,8 @@ class ScoreContext:
     not protected); ``walk`` runs the Nexus walk from a direct-mass distribution; ``count`` and
     ``n_new`` ([R]) are each row's slots in this call and how many of them are new. ``priors``
     holds the query-agnostic priors the policy :meth:`~Policy.reads` that the call carries
-    (0 on dead columns), by name.
+    (0 on dead columns), by name. ``call`` is what the worker said the call's queries are
+    (``config.CALL_KINDS``); every row of a batch shares it.
     """
 
     attn: torch.Tensor
@@ -57,6 +58,7 @@ class ScoreContext:
     count: torch.Tensor
     n_new: torch.Tensor
     priors: dict[str, torch.Tensor] = field(default_factory=dict)
+    call: str = "unspecified"
 
     def observers(self) -> torch.Tensor:
         """[R, W] float >= 1: the call's queries that could attend to each slot under causal masking,

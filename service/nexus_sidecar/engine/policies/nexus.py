@@ -33,17 +33,32 @@ def prior_mass(policy: Policy, ctx: ScoreContext, prior: torch.Tensor) -> torch.
     return torch.exp((z - top).clamp_(max=0.0).mul_(policy.cfg.prior_sharpness))
 
 
+def prior_share(policy: Policy, ctx: ScoreContext) -> float:
+    """The prior's share of the direct mass for this call: ``question_prior_mix`` on the calls whose
+    queries carry what is asked (question, decode) when it is set, else ``prior_mix``."""
+    cfg = policy.cfg
+    if cfg.question_prior_mix is not None and ctx.call in ("question", "decode"):
+        return cfg.question_prior_mix
+    return cfg.prior_mix
+
+
+def reacts(policy: Policy, ctx: ScoreContext) -> bool:
+    """Whether this call's newest query may save a token on its own (see ``PolicyConfig.react_calls``)."""
+    return policy.cfg.react_calls == "all" or ctx.call != "context"
+
+
 def personalisation(policy: Policy, ctx: ScoreContext, attn: torch.Tensor) -> torch.Tensor:
     """The walk's direct mass ``d``: attention mixed with the query-agnostic prior.
 
-    ``d = (1 - prior_mix) * attn / sum(attn[cand]) + prior_mix * w / sum(w[cand])`` with ``w`` the
-    :func:`prior_mass`: two distributions over the evictable slots, so ``prior_mix`` is the prior's
+    ``d = (1 - mix) * attn / sum(attn[cand]) + mix * w / sum(w[cand])`` with ``w`` the
+    :func:`prior_mass` and ``mix`` the call's :func:`prior_share`: two distributions over the
+    evictable slots, so ``mix`` is the prior's
     share of the candidates' mass whatever the protected slots absorb (sinks take most of the
     attention, and would shrink the candidates' attention share under a normalisation over every
-    slot). Without the prior (an old client) or with ``prior_mix = 0``, ``d`` is the attention
+    slot). Without the prior (an old client) or with a share of 0, ``d`` is the attention
     normalised over every valid slot, exactly as before priors existed.
     """
-    mix = policy.cfg.prior_mix
+    mix = prior_share(policy, ctx)
     prior = ctx.priors.get(policy.cfg.prior)
     if prior is None or mix == 0.0:
         return normalize(attn, ctx.valid)
@@ -59,7 +74,8 @@ def _cand_total(x: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
 
 
 def nexus_scores(policy: Policy, ctx: ScoreContext) -> Scores:
-    """Memory = bias-corrected EMA of walk scores; reaction = the last query's row.
+    """Memory = bias-corrected EMA of walk scores; reaction = the last query's row (on the calls
+    :func:`reacts` allows; otherwise the weight is the memory alone).
 
     With ``attn_reduce="mean"`` the direct mass of each slot is first divided by the number of the
     call's queries that could attend to it (see :class:`ScoreContext`), removing the causal bias
@@ -76,8 +92,8 @@ def nexus_scores(policy: Policy, ctx: ScoreContext) -> Scores:
     age = (ctx.age + 1).to(memory.dtype)
     corrected = memory / (1.0 - torch.pow(torch.full_like(age, gamma), age))
     remember = normalize(corrected, ctx.cand)
-    react = normalize(ctx.last, ctx.cand)
-    return Scores(weight=torch.maximum(remember, react), memory=torch.where(ctx.valid, memory, 0.0))
+    weight = torch.maximum(remember, normalize(ctx.last, ctx.cand)) if reacts(policy, ctx) else remember
+    return Scores(weight=weight, memory=torch.where(ctx.valid, memory, 0.0))
 
 
 @dataclass(frozen=True)
@@ -87,8 +103,8 @@ class _Nexus(Policy):
     uses_edges: ClassVar[bool] = True
 
     def reads(self) -> tuple[str, ...]:
-        """The configured prior, when it has any weight."""
-        return (self.cfg.prior,) if self.cfg.prior_mix > 0 else ()
+        """The configured prior, when it has any weight on some call."""
+        return (self.cfg.prior,) if max(self.cfg.prior_mix, self.cfg.question_prior_mix or 0.0) > 0 else ()
 
     def score(self, ctx: ScoreContext) -> Scores:
         """See :func:`nexus_scores`."""
