@@ -69,7 +69,7 @@ def test_policy_spec_parsing() -> None:
     for bad, word in (("kvpress:snapkv:colour=1", "colour"), ("kvpress:nope", "nope")):
         with pytest.raises(ValueError, match=word):
             PolicySpec.parse(bad)
-    modes = [r.mode for r in expand_runs([spec], [0.5, 0.8], ["streaming", "agnostic", "aware"])]
+    modes = [r.mode for r in expand_runs([spec], [0.5, 0.8], ["streaming", "agnostic", "aware", "decode"])]
     assert modes == ["agnostic", "aware", "agnostic", "aware"]
 
 
@@ -93,6 +93,16 @@ def test_settings_hold_their_budgets_and_the_shared_prefix_changes_nothing(tiny:
     aware = drive(model, tok, ctx, qs, s.max_new_tokens, setting="aware", backend=LocalBackend(),
                   policy_config={**cfg, "budget": aware_budget})  # fmt: skip
     assert aware.kept_context == aware_budget and aware.policy_calls == len(qs)
+    # decode: the aware compression, then one call per generated token that needs a forward pass,
+    # so the cache never holds more than budget + 1 (the token just fed) while the answer is written.
+    decode = drive(model, tok, ctx, qs, 6, setting="decode", backend=LocalBackend(),
+                   policy_config={**cfg, "budget": aware_budget, "slack": 0})  # fmt: skip
+    fed = sum(max(len(a.token_ids) - 1, 0) for a in decode.answers)
+    assert decode.policy_calls == len(qs) + fed and fed > 0
+    assert decode.peak_cache <= max(len(ctx) + len(q) for q in qs)  # the prompt's prefill is the peak
+    assert decode.evicted == aware.evicted + fed
+    with pytest.raises(ValueError, match="decode"):
+        drive(model, tok, ctx, qs, 2, setting="decode", press=object())
     dense = drive(model, tok, ctx, qs, s.max_new_tokens, setting="dense")
     assert dense.evicted == 0 and dense.policy_calls == 0 and dense.kept_context == len(ctx)
     assert dense.peak_cache == len(ctx) + len(qs[0]) + len(dense.answers[0].token_ids) - 1

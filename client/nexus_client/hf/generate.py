@@ -23,6 +23,7 @@ import torch
 from nexus_client.hf.backends import PolicyBackend
 from nexus_client.hf.cache_surgery import cache_lengths
 from nexus_client.hf.capture import AttentionRecorder, HeadReduce, attention_modules, capture_attention
+from nexus_client.hf.decode import greedy_decode
 from nexus_client.hf.policy_run import PolicyRun
 
 
@@ -152,7 +153,6 @@ def generate(
         sizes.append((step, size))
         return time.perf_counter() - t0
 
-    generated: list[int] = []
     with capture_attention(model, recorder), PolicyRun(backend, policy_config) as run:
         t0 = time.perf_counter()
         chunks = list(torch.arange(ids.numel(), dtype=torch.int64).split(chunk_size))
@@ -166,13 +166,9 @@ def generate(
             from tqdm import tqdm
 
             bar = tqdm(total=max_new_tokens, desc="decode", unit="tok", leave=False)
-        for step in range(max_new_tokens):
-            token = int(torch.argmax(logits))
-            generated.append(token)
-            if bar is not None:
-                bar.update(1)
-            if (stop_at_eos and eos is not None and token == eos) or step == max_new_tokens - 1:
-                break  # the last token needs no forward pass: nothing would read its logits
+
+        def decode_forward(token: int, step: int) -> torch.Tensor:
+            nonlocal next_pos
             s0 = time.perf_counter()
             logits = forward(torch.tensor([token]), torch.tensor([next_pos]))
             next_pos += 1
@@ -185,6 +181,11 @@ def generate(
             t["forward_steps"].append(s1 - s0)
             t["policy_steps"].append(p)
             t["decode_steps"].append(time.perf_counter() - s0)
+            return logits
+
+        stops = {eos} if stop_at_eos and eos is not None else set()
+        generated = greedy_decode(logits, decode_forward, max_new_tokens, stops, keep_stop=True,
+                                  on_token=None if bar is None else lambda _: bar.update(1))
         if bar is not None:
             bar.close()
     text = tokenizer.decode(generated, skip_special_tokens=True) if tokenizer is not None else ""

@@ -25,9 +25,10 @@ DEFAULT_TASKS = "passkey,multikey,multivalue,multiquery,passkey-stdlib,multikey-
 QUICK_TASKS = "passkey,multiquery"
 QUICK_POLICIES = "dense,tova,snapkv,keydiff,nexus,kvpress:keydiff,kvpress:snapkv"
 MODE_HELP = (
-    "settings, comma list (default all three): streaming (context streamed in chunks, budget enforced "
-    "after every chunk), agnostic (context prefilled then compressed once, then asked: kvpress's protocol), "
-    "aware (context + question prefilled, compressed with the observation window)"
+    "settings, comma list (default streaming,agnostic,aware): streaming (context streamed in chunks, budget "
+    "enforced after every chunk), agnostic (context prefilled then compressed once, then asked: kvpress's "
+    "protocol), aware (context + question prefilled, compressed with the observation window), decode (as "
+    "aware, and the budget also holds while the answer is written: one policy call per generated token)"
 )
 
 

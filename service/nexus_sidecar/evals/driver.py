@@ -13,9 +13,12 @@ definition), applied to what the setting compresses:
 - ``aware``: context and question are prefilled together and compressed once with the window over
   the last ``w`` prompt queries (the question's own), ``budget = round((1 - compression) *
   (context + question))``.
+- ``decode``: as ``aware``, and the budget then also holds while the answer is written: every
+  generated token is a policy call (kind "decode") that evicts as the cache grows. kvpress's
+  prefill presses have no such setting.
 
-In every setting the question(s) and the answer are then appended without further eviction
-(kvpress's protocol): settings differ only in what survived the context. Several questions of one
+In every setting but ``decode`` the question(s) and the answer are then appended without further
+eviction (kvpress's protocol): settings differ only in what survived the context. Several questions of one
 sample are answered from copies of one compressed cache (``aware`` compresses once per question,
 since the question is part of what it sees), with no re-prefill.
 
@@ -36,9 +39,11 @@ import torch
 from nexus_client.hf.backends import PolicyBackend
 from nexus_client.hf.cache_surgery import cache_lengths
 from nexus_client.hf.capture import AttentionRecorder, ForwardCapture, attention_modules, capture_attention
+from nexus_client.hf.decode import greedy_decode
 from nexus_client.hf.policy_run import PolicyRun
 
-SETTINGS = ("streaming", "agnostic", "aware")
+SETTINGS = ("streaming", "agnostic", "aware", "decode")
+ONE_SHOT_QUESTION = ("aware", "decode")  # settings that compress context + question together
 Press = Any  # a kvpress BasePress; kvpress is an optional extra
 
 
@@ -207,8 +212,8 @@ def drive(
         raise ValueError(f"unknown setting {setting!r}; known: dense, {', '.join(SETTINGS)}")
     if (setting == "dense") != (backend is None and press is None) or (backend is not None and press is not None):
         raise ValueError("dense takes no compressor; every other setting takes exactly one of backend / press")
-    if setting == "streaming" and press is not None:
-        raise ValueError("kvpress presses compress a prefill; they have no streaming setting")
+    if setting in ("streaming", "decode") and press is not None:
+        raise ValueError(f"kvpress presses compress a prefill; they have no {setting} setting")
     if not context or not questions or any(not q for q in questions) or max_new_tokens < 1:
         raise ValueError("need a context, >= 1 non-empty question and max_new_tokens >= 1")
     from transformers import DynamicCache
@@ -238,18 +243,19 @@ def drive(
         t["forward_s"] += time.perf_counter() - t0
         return logits, cap
 
-    def decode(cache: Any, logits: torch.Tensor, pos: int) -> list[int]:
-        out: list[int] = []
-        for step in range(max_new_tokens):
-            token = int(torch.argmax(logits))
-            if token in stops:
-                break
-            out.append(token)
-            if step == max_new_tokens - 1:
-                break  # nothing would read the next logits
-            logits, _ = fwd(cache, torch.tensor([token]), torch.tensor([pos]))
-            pos += 1
-        return out
+    def decode(cache: Any, logits: torch.Tensor, pos: int, run: PolicyRun | None = None,
+               slots: list[torch.Tensor] | None = None) -> list[int]:
+        """The answer; with ``run`` (the ``decode`` setting) every generated token is one policy call."""
+        def forward(token: int, step: int) -> torch.Tensor:
+            at = torch.tensor([pos + step])
+            logits, cap = fwd(cache, torch.tensor([token]), at)
+            if run is not None and slots is not None:
+                slots[0] = torch.cat([slots[0], at])
+                run.add(cap, at, slots)
+                run.call(cache, slots, "decode")
+            return logits
+
+        return greedy_decode(logits, forward, max_new_tokens, stops)
 
     def finish(run: PolicyRun | None) -> None:
         nonlocal calls, evicted
@@ -293,14 +299,14 @@ def drive(
             elif setting == "agnostic" and press is not None:
                 apply_press(press, model, cache, prefix.inputs)
                 slots = []  # per-head selection: no shared position list
-        kept_context = max(cache_lengths(cache)) if setting != "aware" else 0
+        kept_context = max(cache_lengths(cache)) if setting not in ONE_SHOT_QUESTION else 0
 
         for q in questions:
             qt = torch.as_tensor(list(q), dtype=torch.int64)
             qpos = torch.arange(n_ctx, n_ctx + qt.numel(), dtype=torch.int64)
             c = copy.deepcopy(cache)
             retained = slots[0].tolist() if slots else None
-            if setting == "aware" and press is not None:
+            if setting in ONE_SHOT_QUESTION and press is not None:
                 assert prefix is not None
                 with _InputRecorder(model) as q_inputs:  # only a press compressing the question reads them
                     logits, cap = fwd(c, qt, qpos)
@@ -308,21 +314,27 @@ def drive(
                 retained = None
             else:
                 logits, cap = fwd(c, qt, qpos)
-            if setting == "aware" and policy is not None:
+            run = None
+            s = [slots[0].clone()] if slots else []
+            if setting in ONE_SHOT_QUESTION and policy is not None:
                 assert prefix is not None
                 run = policy()
                 try:
-                    s = [slots[0].clone()]
                     run.add(prefix.capture, s[0], s)  # the context's queries, then the question's
                     s[0] = torch.cat([s[0], qpos])
                     run.add(cap, qpos, s)
                     run.call(c, s, "question")
                     retained = [p for p in s[0].tolist() if p < n_ctx]
-                finally:
+                except BaseException:
                     finish(run)
-            if setting == "aware":
+                    raise
+            if setting in ONE_SHOT_QUESTION:
                 kept_context = max(kept_context, max(cache_lengths(c)))
-            ids = decode(c, logits, n_ctx + int(qt.numel()))
+            try:
+                # decode: the budget also holds while the answer is written (one call per token).
+                ids = decode(c, logits, n_ctx + int(qt.numel()), run if setting == "decode" else None, s)
+            finally:
+                finish(run)
             text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
             answers.append(Answer(ids, text, retained))
     return DriveResult(

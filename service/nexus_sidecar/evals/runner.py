@@ -7,9 +7,9 @@ killed run loses at most the sample in flight; a torn last line (killed mid-writ
 
 Compression (``eviction`` in records, kvpress's ``compression_ratio``) is the fraction of the KV
 pairs of what the setting compresses that is removed: the context in ``streaming`` and ``agnostic``,
-context + question in ``aware`` (see :mod:`.driver`). Policy ``dense`` runs once (mode ``dense``).
+context + question in ``aware`` and ``decode`` (see :mod:`.driver`). Policy ``dense`` runs once (mode ``dense``).
 Policies named ``kvpress:<press>`` are kvpress's own presses (:mod:`.kvpress_baselines`); they have
-no ``streaming`` setting (they compress a prefill), so those runs are not planned.
+no ``streaming`` or ``decode`` setting (they compress a prefill), so those runs are not planned.
 
 The backend is pluggable: :data:`BackendFactory` builds one from the CLI arguments, so a remote
 sidecar backend (``--sidecar ADDR``) slots in without touching this loop.
@@ -137,7 +137,8 @@ def expand_runs(policies: Sequence[PolicySpec], evictions: Sequence[float], mode
         if p.name == DENSE:
             runs.append(RunSpec(p, 0.0, DENSE))
             continue
-        runs.extend(RunSpec(p, e, m) for e in evictions for m in modes if not (is_kvpress(p.name) and m == "streaming"))
+        runs.extend(RunSpec(p, e, m) for e in evictions for m in modes
+                    if not (is_kvpress(p.name) and m in ("streaming", "decode")))
     return runs
 
 
@@ -278,7 +279,7 @@ def run_one(
     stop_ids = [i for i in {getattr(tokenizer, "eos_token_id", None)} if i is not None]
     per_token = kv_bytes_per_token(model)
     seed = zlib.crc32(sample.sample_id.encode())
-    compressed = len(ctx) + (max(len(q) for q in qs) if run.mode == "aware" else 0)
+    compressed = len(ctx) + (max(len(q) for q in qs) if run.mode in ("aware", "decode") else 0)
     budget = compressed if run.policy.name == DENSE else round((1.0 - run.eviction) * compressed)
     backend = press = cfg = None
     if run.policy.name == DENSE:
