@@ -117,3 +117,19 @@ def test_markdown_and_plot(tmp_path: Path) -> None:
     out = tmp_path / "p.png"
     plot(recs, out, "t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seed_spread_groups_labels_that_differ_only_in_seed() -> None:
+    from nexus_sidecar.evals.report import seed_spread, seed_spread_markdown
+
+    def avg(policy: str, score: float, mode: str = "agnostic") -> dict:
+        return {"policy": policy, "eviction": 0.8, "mode": mode, "task": "average", "score": score}
+
+    records = [avg("nexus:tau=4", 0.5), avg("nexus:seed=1:tau=4", 0.7), avg("nexus:seed=2:tau=4", 0.6),
+               avg("tova", 0.4), avg("nexus:tau=4", 0.3, "aware"), avg("dense", 0.9)]
+    rows = seed_spread(records)
+    assert len(rows) == 1  # tova has one seed; the aware nexus one too
+    (r,) = rows
+    assert (r["policy"], r["mode"], r["seeds"]) == ("nexus:tau=4", "agnostic", [0, 1, 2])
+    assert r["mean"] == 0.6 and abs(r["std"] - 0.1) < 1e-9 and r["scores"] == [0.5, 0.7, 0.6]
+    assert "0.600 +- 0.100" in seed_spread_markdown(rows)

@@ -259,3 +259,13 @@ def test_answer_tokens_kept_measures_the_evidence_left_at_question_time(tiny: An
     assert answer_positions(word_tok, samples[0], ctx, chat=False) is None
     rec = run_one(model, word_tok, samples[0], RUNS[1], SETTINGS, LocalBackend, (ctx, q))
     assert rec["answer_tokens"] is None and rec["answer_kept"] is None
+
+
+def test_with_seeds_adds_seed_copies_of_sampled_policies_only() -> None:
+    from nexus_sidecar.evals.runner import with_seeds
+
+    specs = [PolicySpec.parse(x) for x in ("nexus:tau=4", "tova", "nexus_topk", "random", "nexus:seed=5", "dense")]
+    labels = [p.label for p in with_seeds(specs, 3)]
+    assert labels == ["nexus:tau=4", "nexus:seed=1:tau=4", "nexus:seed=2:tau=4", "tova", "nexus_topk", "random",
+                      "random:seed=1", "random:seed=2", "nexus:seed=5", "dense"]
+    assert with_seeds(specs, 1) == specs

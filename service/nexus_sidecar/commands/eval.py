@@ -71,6 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eviction", type=_floats, default=None,
                    help="compression ratios (fraction of KV pairs removed, kvpress's definition), comma list "
                         "(default 0.8)")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs of every sampled policy (nexus, random) with seeds 0..N-1 (labels gain :seed=i "
+                        "for i > 0); the report adds mean +- std over the seeds (default 1)")
     p.add_argument("--modes", type=_names, default=["streaming", "agnostic", "aware"], help=MODE_HELP)
     p.add_argument("--window", type=int, default=32,
                    help="observation window of one-shot calls: attention is read over the last W prompt "
@@ -204,7 +207,15 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
     from nexus_sidecar.evals import report
     from nexus_sidecar.evals.haystacks import haystack_digest
-    from nexus_sidecar.evals.runner import EvalSettings, PolicySpec, check_knobs, expand_runs, iter_eval, knob_value
+    from nexus_sidecar.evals.runner import (
+        EvalSettings,
+        PolicySpec,
+        check_knobs,
+        expand_runs,
+        iter_eval,
+        knob_value,
+        with_seeds,
+    )
     from nexus_sidecar.evals.shards import parse_shard, run_shards, shard_log
 
     if args.tasks is None:
@@ -228,7 +239,10 @@ def run(args: argparse.Namespace) -> int:
         base[key] = knob_value(raw)
     try:
         check_knobs("nexus", base, "--knobs")
-        policies = [PolicySpec.parse(p) for p in args.policies]
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        policies = with_seeds([PolicySpec.parse(p) for p in args.policies], args.seeds)
+        args.policies = [p.label for p in policies]  # what --jobs children run
         runs = expand_runs(policies, args.eviction, args.modes)
     except ValueError as exc:
         raise SystemExit(f"eval: {exc}") from None
@@ -309,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
         "model_source": loaded.source,
         "verdict": list(verdicts.values()),
         "agreement": [row for ev in args.eviction for row in report.agreement(results, ev)],
+        "seeds": report.seed_spread(records),
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -318,6 +333,8 @@ def run(args: argparse.Namespace) -> int:
     md += "\n## verdict\n\n" + report.verdict_markdown(meta["verdict"])
     if meta["agreement"]:
         md += "\n## ours vs kvpress, same method\n\n" + report.agreement_markdown(meta["agreement"])
+    if meta["seeds"]:
+        md += "\n## sampled policies over seeds\n\n" + report.seed_spread_markdown(meta["seeds"])
     md += "\n<details><summary>verdict as JSON</summary>\n\n```json\n" + json.dumps(meta["verdict"], indent=1)
     md += "\n```\n\n</details>\n"
     paths["md"].write_text(md)

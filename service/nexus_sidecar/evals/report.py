@@ -207,6 +207,42 @@ def agreement_markdown(rows: Iterable[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_spread(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean +- std (sample std) of the average score over the seeds of each sampled policy.
+
+    Labels that differ only in their ``seed`` knob are one policy (``nexus:tau=4`` is seed 0, the
+    default; ``nexus:seed=2:tau=4`` seed 2); rows only where at least two seeds ran.
+    """
+    import statistics
+
+    groups: dict[tuple[str, float, str], dict[int, float]] = defaultdict(dict)
+    for r in records:
+        if r["task"] != "average" or r["policy"] == "dense":
+            continue
+        name, *knobs = r["policy"].split(":")
+        seed = next((int(k.split("=", 1)[1]) for k in knobs if k.startswith("seed=")), 0)
+        base = ":".join([name, *(k for k in knobs if not k.startswith("seed="))])
+        groups[(base, float(r["eviction"]), r["mode"])][seed] = float(r["score"])
+    out = []
+    for (base, ev, mode), by_seed in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        if len(by_seed) < 2:
+            continue
+        vals = [by_seed[s] for s in sorted(by_seed)]
+        out.append({"policy": base, "eviction": ev, "mode": mode, "seeds": sorted(by_seed),
+                    "mean": round(statistics.fmean(vals), 4), "std": round(statistics.stdev(vals), 4),
+                    "scores": vals})  # fmt: skip
+    return out
+
+
+def seed_spread_markdown(rows: Iterable[dict[str, Any]]) -> str:
+    """:func:`seed_spread` as a table."""
+    lines = ["| policy | setting | compression | seeds | mean +- std | per seed |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['policy']} | {r['mode']} | {r['eviction']:g} | {len(r['seeds'])} | "
+                     f"{r['mean']:.3f} +- {r['std']:.3f} | {', '.join(f'{v:.3f}' for v in r['scores'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def _diff(p: dict[str, Any] | None) -> str:
     if p is None:
         return "-"

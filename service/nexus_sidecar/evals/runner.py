@@ -75,6 +75,21 @@ class PolicySpec:
         return cls(name, tuple(sorted(knobs.items())))
 
 
+def with_seeds(specs: Sequence[PolicySpec], seeds: int) -> list[PolicySpec]:
+    """Each sampled engine policy (reservoir or random selection) that sets no seed, followed by
+    copies with ``seed`` = 1 .. ``seeds`` - 1 (seed 0 is the engine default, the label unchanged)."""
+    from nexus_sidecar.engine import POLICIES
+
+    out: list[PolicySpec] = []
+    for spec in specs:
+        out.append(spec)
+        cls = POLICIES.get(spec.name)
+        if cls is None or not cls.sampled or "seed" in dict(spec.knobs):
+            continue
+        out += [PolicySpec(spec.name, tuple(sorted((*spec.knobs, ("seed", i))))) for i in range(1, seeds)]
+    return list(dict.fromkeys(out))
+
+
 def knob_value(raw: str) -> int | float | str:
     """``"5"`` -> 5, ``"0.7"``/``"inf"`` -> float, anything else stays a string (enum knobs)."""
     try:
