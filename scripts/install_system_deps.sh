@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # System packages the tests use for real: redis-server (standalone + cluster tests),
-# prometheus (a real scrape of /metrics) and chromium (the retention page rendered headless,
-# tests/server/test_ui_page.py). Idempotent: skips what is already there.
+# prometheus (a real scrape of /metrics), chromium (the retention page rendered headless,
+# tests/server/test_ui_page.py), g++ and ninja (the engine's fused kernels). Idempotent: skips
+# what is already there.
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v chromium >/dev/null || need+=(chromium chromium-driver fonts-dejavu-core)
+# The engine's fused CPU kernels are a torch C++ extension: a C++ compiler and ninja build it.
+command -v g++ >/dev/null || need+=(g++)
+command -v ninja >/dev/null || need+=(ninja-build)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq

@@ -12,6 +12,8 @@ import torch
 from nexus_sidecar.engine.config import CALL_KINDS, PolicyConfig
 from nexus_sidecar.engine.errors import EngineError, InputError
 from nexus_sidecar.engine.hashing import uniforms
+from nexus_sidecar.engine.kernels import for_device as kernels_for
+from nexus_sidecar.engine.kernels import resolve as resolve_kernels
 from nexus_sidecar.engine.policies import Policy, make_policy
 from nexus_sidecar.engine.pool import SessionPool, slot_bytes
 from nexus_sidecar.engine.selection import gumbel
@@ -62,13 +64,22 @@ class _Session:
 class Engine:
     """Batched Nexus Sampling engine over a device-resident session pool."""
 
-    def __init__(self, device: str | torch.device | None = None) -> None:
+    def __init__(self, device: str | torch.device | None = None, kernels: str | None = None) -> None:
+        """``kernels``: ``"torch"``, ``"fused"`` or ``"auto"`` (default: ``$NEXUS_ENGINE_KERNELS``, else
+        auto), see :mod:`nexus_sidecar.engine.kernels`; CUDA engines always run the torch path."""
         self.device = torch.device(device) if device is not None else default_device()
+        self.kernels_mode = resolve_kernels(kernels)
+        self._ops = kernels_for(self.device, self.kernels_mode)
         # Pools by (fan-out, width class): a session lives in the narrowest class that holds its
         # arena, so one wide session widens the rows of its class, not every row (see _migrate).
         self._pools: dict[tuple[int, int], SessionPool] = {}
         self._sessions: dict[int, _Session] = {}
         self._handles = itertools.count(1)
+
+    @property
+    def kernels(self) -> str:
+        """What this engine's steps run: ``"fused"`` (the C++ kernels) or ``"torch"`` (the reference)."""
+        return "torch" if self._ops is None else "fused"
 
     # -- lifecycle ----------------------------------------------------------------------------
     def open(self, cfg: PolicyConfig) -> int:
@@ -364,11 +375,11 @@ class Engine:
         rows = pool.rows_of(row_ids)
         used_max = max(max(s.used) for s in sessions)
         inp_rows = RowInput(new_pos, n_new, attn, last, edge_pos, edge_w, priors, call=items[0][1].call)
-        codes, target_col = validate_rows(pool, rows, inp_rows, used_max)
+        codes, target_col = validate_rows(pool, rows, inp_rows, used_max, self._ops)
         if bool(codes.any()):
             return self._split_bad(items, codes.cpu().tolist(), G)
         width = max(max(u) + k for u, k in zip((s.used for s in sessions), ks, strict=True))
-        res = run_step(policy, pool, rows, inp_rows, target_col, width)
+        res = run_step(policy, pool, rows, inp_rows, target_col, width, self._ops)
         out = self._outputs(items, sessions, G, widths, ks, res)
         # Compact rows whose holes exceed the allowance (host mirrors are exact after the sync).
         todo = [r for s in sessions for r, u, c in zip(s.rows, s.used, s.counts, strict=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 
@@ -20,6 +21,7 @@ from nexus_sidecar.engine.hashing import uniforms
 from nexus_sidecar.engine.policies import Policy, ScoreContext, SlotOrder
 from nexus_sidecar.engine.pool import Rows, SessionPool
 from nexus_sidecar.engine.selection import INT64_MAX, gumbel, select
+from nexus_sidecar.engine.step_fused import run_step_fused
 from nexus_sidecar.engine.step_io import PRIOR_RANGES
 from nexus_sidecar.engine.walk import walk
 
@@ -73,8 +75,10 @@ def _prior_errors() -> dict[int, tuple[str, str]]:
 
 ROW_ERRORS.update(_prior_errors())
 
-def validate_rows(pool: SessionPool, rows: Rows, inp: RowInput, used_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+def validate_rows(pool: SessionPool, rows: Rows, inp: RowInput, used_max: int, ops: ModuleType | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Value checks on the device; changes nothing. Shapes are checked by the caller on the host.
+    ``ops``: the fused CPU kernels, which check attn, last and the priors in one pass per row.
 
     Returns the per-row error code (int64 [R], 0 = valid) and, as a by-product of checking that
     every edge target is in the cache, each edge target's arena column (int64 [R, K, F]; only
@@ -87,13 +91,19 @@ def validate_rows(pool: SessionPool, rows: Rows, inp: RowInput, used_max: int) -
     def flag(cond: torch.Tensor, value: int) -> None:
         code.copy_(torch.where((code == 0) & cond, torch.full_like(code, value), code))
 
-    flag(~torch.isfinite(inp.attn).all(1), 1)
-    flag((inp.attn < 0).any(1), 2)
-    flag(~torch.isfinite(inp.last).all(1), 3)
-    flag((inp.last < 0).any(1), 4)
-    for name, x in inp.priors.items():
-        lo, hi = PRIOR_RANGES[name]
-        flag(~((x >= lo) & (x <= min(hi, _FLOAT32_MAX))).all(1), _PRIOR_CODE[name])
+    if ops is not None:
+        names = list(inp.priors)
+        code.copy_(ops.value_codes(inp.attn, inp.last, [inp.priors[n] for n in names],
+                                   [_PRIOR_CODE[n] for n in names], [PRIOR_RANGES[n][0] for n in names],
+                                   [PRIOR_RANGES[n][1] for n in names]))
+    else:
+        flag(~torch.isfinite(inp.attn).all(1), 1)
+        flag((inp.attn < 0).any(1), 2)
+        flag(~torch.isfinite(inp.last).all(1), 3)
+        flag((inp.last < 0).any(1), 4)
+        for name, x in inp.priors.items():
+            lo, hi = PRIOR_RANGES[name]
+            flag(~((x >= lo) & (x <= min(hi, _FLOAT32_MAX))).all(1), _PRIOR_CODE[name])
     ew = inp.edge_w.reshape(R, -1)
     flag((~torch.isfinite(ew) | (ew < 0)).any(1), 5)
     live = torch.arange(K, device=dev) < inp.n_new.unsqueeze(1)
@@ -149,15 +159,20 @@ def _insert(pool: SessionPool, rows: Rows, inp: RowInput, target_col: torch.Tens
 
 
 def run_step(policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput, target_col: torch.Tensor,
-             width: int) -> RowResult:
+             width: int, ops: ModuleType | None = None) -> RowResult:
     """Advance R rows by one call. ``width`` >= max(used + n_new) over the rows (host-known);
-    ``target_col`` is what :func:`validate_rows` returned for this input."""
+    ``target_col`` is what :func:`validate_rows` returned for this input. ``ops``: the fused CPU
+    kernels (see :mod:`nexus_sidecar.engine.kernels`), or None for this pure-torch reference."""
     cfg = policy.cfg
     dev = inp.attn.device
     R, Wx = inp.attn.shape
     pool.ensure_width(width)
     token_fixed = cfg.randomness == "fixed" and cfg.granularity == "token" and policy.sampled
     _insert(pool, rows, inp, target_col, token_fixed)
+    if ops is not None:
+        keep, slot_pos, evicted_age, retained_mass, count = run_step_fused(ops, policy, pool, rows, inp, width)
+        return RowResult(keep=keep, slot_pos=slot_pos, evicted_age=evicted_age, retained_mass=retained_mass,
+                         count=count)
     p = {name: pool.params[name][rows.index] for name in pool.params}
     pos = rows.get(pool.slot["pos"], width)
     alive = rows.get(pool.slot["alive"], width).clone()  # the pool's copy is overwritten below

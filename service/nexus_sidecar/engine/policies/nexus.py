@@ -16,6 +16,7 @@ from nexus_sidecar.engine.policies.base import (
     register,
     standardize,
 )
+from nexus_sidecar.engine.policies.ema import bias_corrected
 
 
 def prior_mass(policy: Policy, ctx: ScoreContext, prior: torch.Tensor) -> torch.Tensor:
@@ -30,7 +31,10 @@ def prior_mass(policy: Policy, ctx: ScoreContext, prior: torch.Tensor) -> torch.
     """
     z = standardize(prior_weight(policy.cfg.prior, prior), ctx.cand)
     top = torch.where(ctx.cand, z, -torch.inf).amax(dim=1, keepdim=True).clamp(min=-3e38)
-    return torch.exp((z - top).clamp_(max=0.0).mul_(policy.cfg.prior_sharpness))
+    # exp in float64, rounded once: correctly rounded whatever the vector width or the slot's place
+    # in the tensor (float32 exp rounds differently in torch's vector body and its scalar tail), so
+    # the fused kernels agree bit for bit.
+    return torch.exp((z - top).clamp_(max=0.0).mul_(policy.cfg.prior_sharpness).double()).float()
 
 
 def prior_share(policy: Policy, ctx: ScoreContext) -> float:
@@ -89,8 +93,7 @@ def nexus_scores(policy: Policy, ctx: ScoreContext) -> Scores:
     attn = ctx.attn / ctx.observers() if policy.cfg.attn_reduce == "mean" else ctx.attn
     s = ctx.walk(personalisation(policy, ctx, attn))
     memory = gamma * ctx.memory + (1.0 - gamma) * s
-    age = (ctx.age + 1).to(memory.dtype)
-    corrected = memory / (1.0 - torch.pow(torch.full_like(age, gamma), age))
+    corrected = bias_corrected(memory, ctx.age, gamma)
     remember = normalize(corrected, ctx.cand)
     weight = torch.maximum(remember, normalize(ctx.last, ctx.cand)) if reacts(policy, ctx) else remember
     return Scores(weight=weight, memory=torch.where(ctx.valid, memory, 0.0))

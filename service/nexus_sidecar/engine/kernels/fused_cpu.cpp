@@ -1,0 +1,633 @@
+// Fused CPU kernels of one engine call (see engine/step_fused.py, which drives them).
+//
+// Each kernel loops over the rows of a batch (at::parallel_for, so torch's intra-op thread count
+// applies) and does, per row, in one or a few sweeps over the slots what the pure-torch reference
+// (engine/step.py, policies/, selection.py) does in tens of full-tensor passes. A row's data
+// (4,097 slots: 16 KiB per float field, 393 KiB of edges at F = 8) stays in the core's caches for
+// the whole row, where the reference streams every [R, W] temporary through memory.
+//
+// Agreement with the reference: every elementwise float operation is the reference's, in the same
+// precision and order (this file is compiled with -ffp-contract=off: no fused multiply-adds), and
+// the walk accumulates its scatter in the same (source, edge) order as torch's CPU scatter_add_,
+// so those results are bit-identical. Row sums accumulate in float64 sequentially where torch
+// sums pairwise: they may differ in the last float64 bits, which changes a float32 result only
+// when it lies within ~1e-16 of a rounding boundary. Transcendentals are float64 std::exp/log
+// where the reference uses float64 torch.exp/log (both within one float64 ulp).
+//
+// Rows are read through their row stride, so pool views (a batch of contiguous pool rows, arena
+// narrowed to the call's width) need no copy; the last dimension must be contiguous.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
+constexpr int kSlotBits = 21;  // selection.py: MAX_SLOTS = 1 << 21
+
+// ---- row access ----------------------------------------------------------------------------------
+template <typename T>
+struct Mat {
+  T* p = nullptr;
+  int64_t rs = 0;
+  T* row(int64_t r) const { return p + r * rs; }
+};
+
+template <typename T>
+Mat<T> mat(const at::Tensor& t, at::ScalarType st, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": a CPU tensor is expected");
+  TORCH_CHECK(t.scalar_type() == st, name, ": dtype ", st, " expected, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) >= cols, name, ": shape [", rows, ", >=", cols,
+              "] expected, got ", t.sizes());
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, name, ": the last dimension must be contiguous");
+  return {t.data_ptr<T>(), t.stride(0)};
+}
+
+template <typename T>
+const T* vec(const at::Tensor& t, at::ScalarType st, const char* name, int64_t n) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == st && t.dim() == 1 && t.size(0) == n && t.is_contiguous(),
+              name, ": a contiguous CPU ", st, " vector of ", n, " expected");
+  return t.data_ptr<T>();
+}
+
+template <typename T>
+Mat<T> edges(const at::Tensor& t, at::ScalarType st, const char* name, int64_t rows, int64_t cols, int64_t fan) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == st && t.dim() == 3, name, ": CPU ", st, " [R, W, F] expected");
+  TORCH_CHECK(t.size(0) == rows && t.size(1) >= cols && t.size(2) == fan, name, ": shape mismatch ", t.sizes());
+  TORCH_CHECK(t.stride(2) == 1 && t.stride(1) == fan, name, ": each row's [W, F] block must be contiguous");
+  return {t.data_ptr<T>(), t.stride(0)};
+}
+
+// ---- counter-based uniforms (hashing.py) ---------------------------------------------------------
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
+constexpr uint64_t kC1 = 0xBF58476D1CE4E5B9ULL;
+constexpr uint64_t kC2 = 0x94D049BB133111EBULL;
+constexpr uint64_t kGroup = 0x632BE59BD9B4E019ULL;
+constexpr uint64_t kCall = 0x2545F4914F6CDD1DULL;
+
+inline uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= kC1;
+  x ^= x >> 27;
+  x *= kC2;
+  return x ^ (x >> 31);
+}
+
+inline uint64_t row_key(int64_t seed, int64_t group, int64_t call) {
+  return mix64(mix64(static_cast<uint64_t>(seed) + kGolden) ^
+               (static_cast<uint64_t>(group) * kGroup + static_cast<uint64_t>(call) * kCall));
+}
+
+inline double uniform(uint64_t key, int64_t unit) {
+  const uint64_t x = mix64(static_cast<uint64_t>(unit) * kGolden + key);
+  return (static_cast<double>(x >> 11) + 0.5) * 0x1.0p-53;
+}
+
+inline int64_t ordered(double x) {
+  int64_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits < 0 ? bits ^ kInt64Max : bits;
+}
+
+// ---- the walk (walk.py) --------------------------------------------------------------------------
+// s_0 = d; s_{r+1} = d + beta * scatter(alive * s_r * w); result masked by alive. ``acc`` is scratch.
+// Returns false if an edge points outside [0, W).
+bool walk_row(const float* d, const bool* alive, const int64_t* idx, const float* w, int64_t W, int64_t F,
+              float beta, int64_t iterations, float* s, float* acc) {
+  std::copy(d, d + W, s);
+  bool ok = true;
+  for (int64_t it = 0; it < iterations; ++it) {
+    std::fill(acc, acc + W, 0.0f);
+    for (int64_t j = 0; j < W; ++j) {
+      const float sj = s[j];
+      // A dead or massless source adds exact +0 terms in the reference: skipping them is exact.
+      if (!alive[j] || sj == 0.0f) continue;
+      const int64_t* ij = idx + j * F;
+      const float* wj = w + j * F;
+      for (int64_t f = 0; f < F; ++f) {
+        const int64_t t = ij[f];
+        if (static_cast<uint64_t>(t) >= static_cast<uint64_t>(W)) {
+          ok = false;
+          continue;
+        }
+        acc[t] += sj * wj[f];
+      }
+    }
+    for (int64_t j = 0; j < W; ++j) s[j] = d[j] + beta * acc[j];
+  }
+  for (int64_t j = 0; j < W; ++j) s[j] = alive[j] ? s[j] : 0.0f;
+  return ok;
+}
+
+// normalize(): x / sum(x[over]) with the sum in float64, the division in float64, rounded once.
+inline void normalize_row(const float* x, const bool* over, int64_t W, float* out) {
+  double total = 0.0;
+  for (int64_t j = 0; j < W; ++j)
+    if (over[j]) total += static_cast<double>(x[j]);
+  for (int64_t j = 0; j < W; ++j)
+    out[j] = total > 0.0 ? static_cast<float>(static_cast<double>(x[j]) / total) : 0.0f;
+}
+
+inline double row_scale(double share, double total) {
+  return total > 0.0 ? share / std::max(total, 1e-300) : 0.0;
+}
+
+
+// The reservoir key of one slot, exactly as selection.py computes it (float64).
+inline double reservoir_prio(double wj, double scale, double tau, const double* noise, int64_t j, const int64_t* pos,
+                             uint64_t key) {
+  double prio = noise ? noise[j] : -std::log(-std::log(uniform(key, pos[j])));
+  if (tau > 0.0) prio = prio + tau * std::log(std::min(std::max(wj / scale, 1e-300), 1.0));
+  return prio;
+}
+
+// The least Gumbel noise -log(-log u) can take: u >= 2^-54 (hashing.py's 53-bit uniforms).
+constexpr double kGumbelMin = -3.6226;
+
+// Reservoir keys of the candidates that can be among a row's ``need`` lowest, into ``keys``.
+//
+// The exact key costs two float64 logs for the per-call noise and one for the weight, ~8 ns per
+// slot; but only the lowest few keys matter. A cheap lower bound per candidate (the least noise,
+// or the cached noise, plus tau * log of the weight's power-of-two floor) bounds every key from
+// below; the exact keys of the ``need`` candidates with the lowest bounds bound the need-th lowest
+// key from above (T); only candidates whose bound is <= T can be selected, and they alone get an
+// exact key. The selection is then exactly the one over every candidate's exact key.
+// ``lb`` is scratch of W doubles.
+void reservoir_keys(const float* w, const bool* c, int64_t W, int64_t need, double tau, const double* noise,
+                    const int64_t* pos, uint64_t key, std::vector<std::pair<int64_t, int64_t>>& keys,
+                    double* lb) {
+  keys.clear();
+  if (tau == 0.0 && !noise) {
+    // Uniform eviction: the key -log(-log u) increases with u, so the lowest u are the lowest keys.
+    for (int64_t j = 0; j < W; ++j)
+      if (c[j]) keys.emplace_back(ordered(uniform(key, pos[j])), j);
+    return;
+  }
+  double top = 0.0;
+  for (int64_t j = 0; j < W; ++j)
+    if (c[j] && w[j] > 0.0f) top = std::max(top, static_cast<double>(w[j]));
+  const double scale = std::max(top, 1e-300);
+  const double log_scale = std::log(scale), log_floor = std::log(1e-300);
+  constexpr double kLn2 = 0.6931471805599453;
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  int64_t n = 0, best = -1;
+  for (int64_t j = 0; j < W; ++j) {
+    // log(rel) >= max(log 1e-300, min(log2floor(w) * ln2 - log scale, 0)): rel = clamp(w / scale, 1e-300, 1).
+    uint32_t bits;
+    std::memcpy(&bits, &w[j], sizeof bits);
+    const int e = static_cast<int>((bits >> 23) & 0xff);
+    const double floor2 = e == 0 ? -150.0 : static_cast<double>(e - 127);
+    const double lrel = w[j] > 0.0f ? std::max(log_floor, std::min(floor2 * kLn2 - log_scale, 0.0)) : log_floor;
+    double bound = (noise ? noise[j] : kGumbelMin) + tau * lrel;
+    bound -= 1e-9 * (1.0 + std::fabs(bound));  // rounding of the bound itself
+    lb[j] = c[j] ? bound : kInf;
+    if (c[j]) {
+      ++n;
+      if (best < 0 || bound < lb[best]) best = j;
+    }
+  }
+  const int64_t k = std::min(need, n);
+  if (k <= 0) return;
+  auto exact = [&](int64_t j) {
+    const double wj = w[j] > 0.0f ? static_cast<double>(w[j]) : 0.0;
+    return reservoir_prio(wj, scale, tau, noise, j, pos, key);
+  };
+  if (k == n) {  // every candidate goes: no keys needed beyond membership
+    for (int64_t j = 0; j < W; ++j)
+      if (c[j]) keys.emplace_back(0, j);
+    return;
+  }
+  double threshold;
+  if (k == 1) {
+    threshold = exact(best);
+  } else {
+    std::vector<std::pair<double, int64_t>> order;
+    for (int64_t j = 0; j < W; ++j)
+      if (c[j]) order.emplace_back(lb[j], j);
+    std::nth_element(order.begin(), order.begin() + (k - 1), order.end());
+    threshold = -kInf;
+    for (int64_t i = 0; i < k; ++i) threshold = std::max(threshold, exact(order[i].second));
+  }
+  for (int64_t j = 0; j < W; ++j)
+    if (lb[j] <= threshold) keys.emplace_back(ordered(exact(j)), j);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+// value_codes: step.py validate_rows's checks of the [R, Wx] float inputs, in its order: per row
+// the first failing code (1/2: attn not finite / negative, 3/4: last, then each prior's range
+// code), 0 when all pass. The caller goes on with the edge and position checks.
+at::Tensor value_codes(const at::Tensor& attn_t, const at::Tensor& last_t, const std::vector<at::Tensor>& priors,
+                       const std::vector<int64_t>& codes, const std::vector<double>& lo,
+                       const std::vector<double>& hi) {
+  const int64_t R = attn_t.size(0), Wx = attn_t.size(1);
+  const auto attn = mat<float>(attn_t, at::kFloat, "attn", R, Wx);
+  const auto last = mat<float>(last_t, at::kFloat, "last", R, Wx);
+  TORCH_CHECK(priors.size() == codes.size() && codes.size() == lo.size() && lo.size() == hi.size(),
+              "value_codes: one code and range per prior");
+  std::vector<Mat<float>> pr;
+  for (const auto& t : priors) pr.push_back(mat<float>(t, at::kFloat, "prior", R, Wx));
+  at::Tensor out_t = at::zeros({R}, attn_t.options().dtype(at::kLong));
+  int64_t* out = out_t.data_ptr<int64_t>();
+  auto finite_nonneg = [Wx](const float* x, int64_t bad_finite, int64_t bad_sign) -> int64_t {
+    bool finite = true, nonneg = true;
+    for (int64_t j = 0; j < Wx; ++j) {
+      finite &= std::isfinite(x[j]);
+      nonneg &= !(x[j] < 0.0f);
+    }
+    return !finite ? bad_finite : (!nonneg ? bad_sign : 0);
+  };
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t code = finite_nonneg(attn.row(r), 1, 2);
+      if (!code) code = finite_nonneg(last.row(r), 3, 4);
+      for (size_t i = 0; i < pr.size() && !code; ++i) {
+        // One range test rejects NaN (every comparison is false), +-Inf and out-of-range values.
+        const float l = static_cast<float>(lo[i]), h = static_cast<float>(std::min(hi[i], 3.4028234663852886e38));
+        const float* x = pr[i].row(r);
+        bool ok = true;
+        for (int64_t j = 0; j < Wx; ++j) ok &= (x[j] >= l) & (x[j] <= h);
+        if (!ok) code = codes[i];
+      }
+      out[r] = code;
+    }
+  });
+  return out_t;
+}
+
+// layout: arena columns -> call slots, protection, age, and the call's [R, Wx] inputs laid out on
+// the arena columns (0 on dead columns). step.py: ext, gather_at, attn/last/priors, protected, age.
+std::vector<at::Tensor> layout(const at::Tensor& alive_t, const at::Tensor& birth_t, const at::Tensor& call_t,
+                               const at::Tensor& sinks_t, const at::Tensor& recent_t, const at::Tensor& count_t,
+                               const std::vector<at::Tensor>& inputs, int64_t W) {
+  const int64_t R = alive_t.size(0);
+  const auto alive = mat<bool>(alive_t, at::kBool, "alive", R, W);
+  const auto birth = mat<int64_t>(birth_t, at::kLong, "birth", R, W);
+  const int64_t* call = vec<int64_t>(call_t, at::kLong, "call", R);
+  const int64_t* sinks = vec<int64_t>(sinks_t, at::kLong, "sinks", R);
+  const int64_t* recent = vec<int64_t>(recent_t, at::kLong, "recent", R);
+  const int64_t* count = vec<int64_t>(count_t, at::kLong, "count", R);
+  TORCH_CHECK(!inputs.empty(), "layout: at least one input");
+  const int64_t Wx = inputs[0].size(1);
+  TORCH_CHECK(Wx >= 1, "layout: inputs must have at least one column");
+  std::vector<Mat<float>> in;
+  for (const auto& t : inputs) in.push_back(mat<float>(t, at::kFloat, "input", R, Wx));
+  auto opts = alive_t.options();
+  at::Tensor ext_t = at::empty({R, W}, opts.dtype(at::kLong));
+  at::Tensor prot_t = at::empty({R, W}, opts.dtype(at::kBool));
+  at::Tensor cand_t = at::empty({R, W}, opts.dtype(at::kBool));
+  at::Tensor age_t = at::empty({R, W}, opts.dtype(at::kInt));
+  std::vector<at::Tensor> outs;
+  std::vector<Mat<float>> out;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    outs.push_back(at::empty({R, W}, opts.dtype(at::kFloat)));
+    out.push_back({outs.back().data_ptr<float>(), W});
+  }
+  int64_t* ext = ext_t.data_ptr<int64_t>();
+  bool* prot = prot_t.data_ptr<bool>();
+  bool* cand = cand_t.data_ptr<bool>();
+  int32_t* age = age_t.data_ptr<int32_t>();
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const bool* a = alive.row(r);
+      const int64_t* b = birth.row(r);
+      int64_t* e = ext + r * W;
+      const int64_t lo = sinks[r], hi = count[r] - recent[r];
+      int64_t c = -1;
+      for (int64_t j = 0; j < W; ++j) {
+        c += a[j];
+        e[j] = c;
+        const bool p = a[j] && (c < lo || c >= hi);
+        prot[r * W + j] = p;
+        cand[r * W + j] = a[j] && !p;
+        age[r * W + j] = static_cast<int32_t>(call[r] - b[j]);
+        const int64_t g = std::min(std::max<int64_t>(c, 0), Wx - 1);
+        for (size_t i = 0; i < in.size(); ++i) out[i].row(r)[j] = a[j] ? in[i].row(r)[g] : 0.0f;
+      }
+    }
+  });
+  std::vector<at::Tensor> res = {ext_t, prot_t, cand_t, age_t};
+  res.insert(res.end(), outs.begin(), outs.end());
+  return res;
+}
+
+// walk: the Nexus walk alone (walk.py), for tests and for callers that score elsewhere.
+at::Tensor walk(const at::Tensor& d_t, const at::Tensor& alive_t, const at::Tensor& eidx_t, const at::Tensor& ew_t,
+                double beta, int64_t iterations) {
+  const int64_t R = d_t.size(0), W = d_t.size(1);
+  const auto d = mat<float>(d_t, at::kFloat, "d", R, W);
+  const auto alive = mat<bool>(alive_t, at::kBool, "alive", R, W);
+  const int64_t F = eidx_t.size(2);
+  const auto eidx = edges<int64_t>(eidx_t, at::kLong, "edge_idx", R, W, F);
+  const auto ew = edges<float>(ew_t, at::kFloat, "edge_w", R, W, F);
+  at::Tensor out_t = at::empty({R, W}, d_t.options());
+  float* out = out_t.data_ptr<float>();
+  bool ok = true;
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> acc(W);
+    bool local = true;
+    for (int64_t r = r0; r < r1; ++r)
+      local &= walk_row(d.row(r), alive.row(r), eidx.row(r), ew.row(r), W, F, static_cast<float>(beta), iterations,
+                        out + r * W, acc.data());
+    if (!local) ok = false;
+  });
+  TORCH_CHECK(ok, "walk: an edge points outside the row");
+  return out_t;
+}
+
+// nexus_score: policies/nexus.py's nexus_scores, walk included, one row at a time. Writes the new
+// memory (0 on dead columns) into ``memory`` (in place: it may be the pool's view) and returns the
+// selection weight. ``prior`` is an undefined tensor when the direct mass is attention alone;
+// ``react`` ([R] bool) says per row whether the last query's reaction enters the max.
+at::Tensor nexus_score(const at::Tensor& attn_t, const at::Tensor& last_t, at::Tensor memory_t,
+                       const at::Tensor& age_t, const at::Tensor& valid_t, const at::Tensor& cand_t,
+                       const at::Tensor& ext_t, const at::Tensor& count_t, const at::Tensor& n_new_t,
+                       const c10::optional<at::Tensor>& prior_opt, const at::Tensor& react_t,
+                       const c10::optional<at::Tensor>& eidx_opt, const c10::optional<at::Tensor>& ew_opt,
+                       const at::Tensor& denom_t, int64_t prior_kind, double mix, double sharpness, double gamma,
+                       double beta, int64_t iterations, bool attn_mean) {
+  const int64_t R = attn_t.size(0), W = attn_t.size(1);
+  const auto attn = mat<float>(attn_t, at::kFloat, "attn", R, W);
+  const auto last = mat<float>(last_t, at::kFloat, "last", R, W);
+  const auto memory = mat<float>(memory_t, at::kFloat, "memory", R, W);
+  const auto age = mat<int32_t>(age_t, at::kInt, "age", R, W);
+  const auto valid = mat<bool>(valid_t, at::kBool, "valid", R, W);
+  const auto cand = mat<bool>(cand_t, at::kBool, "cand", R, W);
+  const auto ext = mat<int64_t>(ext_t, at::kLong, "ext", R, W);
+  const int64_t* count = vec<int64_t>(count_t, at::kLong, "count", R);
+  const int64_t* n_new = vec<int64_t>(n_new_t, at::kLong, "n_new", R);
+  const bool* react = vec<bool>(react_t, at::kBool, "react", R);
+  const bool has_prior = prior_opt.has_value() && prior_opt->defined();
+  Mat<float> prior;
+  if (has_prior) prior = mat<float>(*prior_opt, at::kFloat, "prior", R, W);
+  const bool use_walk = eidx_opt.has_value() && eidx_opt->defined();
+  Mat<int64_t> eidx;
+  Mat<float> ew;
+  int64_t F = 0;
+  if (use_walk) {
+    F = eidx_opt->size(2);
+    eidx = edges<int64_t>(*eidx_opt, at::kLong, "edge_idx", R, W, F);
+    ew = edges<float>(*ew_opt, at::kFloat, "edge_w", R, W, F);
+  }
+  TORCH_CHECK(denom_t.scalar_type() == at::kFloat && denom_t.dim() == 1 && denom_t.is_contiguous() &&
+              denom_t.size(0) >= 2, "denom: contiguous float32 table expected");
+  const float* denom = denom_t.data_ptr<float>();
+  const int64_t L = denom_t.size(0);
+  TORCH_CHECK(prior_kind >= 0 && prior_kind <= 2, "prior_kind must be 0, 1 or 2");
+  const float g32 = static_cast<float>(gamma), one_minus_g = static_cast<float>(1.0 - gamma);
+  const float sharp = static_cast<float>(sharpness), beta32 = static_cast<float>(beta);
+  at::Tensor weight_t = at::empty({R, W}, attn_t.options());
+  float* weight = weight_t.data_ptr<float>();
+  bool ok = true;
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> a(W), d(W), s(W), acc(W), x(W);
+    bool local = true;
+    for (int64_t r = r0; r < r1; ++r) {
+      const bool* v = valid.row(r);
+      const bool* c = cand.row(r);
+      const float* at_ = attn.row(r);
+      // ScoreContext.observers(): queries of the call that could attend to each slot.
+      if (attn_mean) {
+        const int64_t* e = ext.row(r);
+        for (int64_t j = 0; j < W; ++j) {
+          const int64_t seen = std::max<int64_t>(std::min(count[r] - e[j], n_new[r]), 1);
+          a[j] = at_[j] / static_cast<float>(seen);
+        }
+      } else {
+        std::copy(at_, at_ + W, a.begin());
+      }
+      // personalisation(): the walk's direct mass.
+      if (!has_prior) {
+        normalize_row(a.data(), v, W, d.data());
+      } else {
+        const float* pr = prior.row(r);
+        double n = 0.0, sum = 0.0, sq = 0.0;
+        for (int64_t j = 0; j < W; ++j) {
+          float pw;  // base.py PRIOR_WEIGHTS
+          if (prior_kind == 0) pw = (1.0f + pr[j]) * 0.5f;
+          else if (prior_kind == 1) pw = 1.0f / (1.0f + pr[j]);
+          else pw = pr[j];
+          x[j] = pw;
+          if (c[j]) {
+            n += 1.0;
+            sum += static_cast<double>(pw);
+            sq += static_cast<double>(pw * pw);
+          }
+        }
+        // standardize(): mean and std over the candidates in float64, applied in float32.
+        n = std::max(n, 1.0);
+        const double mean = sum / n;
+        const double var = std::max(sq / n - mean * mean, 0.0);
+        const double sd = std::sqrt(var);
+        const float inv = static_cast<float>(sd > 0.0 ? 1.0 / std::max(sd, 1e-300) : 0.0);
+        const float mean32 = static_cast<float>(mean);
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < W; ++j) {
+          x[j] = (x[j] - mean32) * inv;
+          if (c[j]) top = std::max(top, x[j]);
+        }
+        top = std::max(top, -3e38f);
+        // prior_mass(): exp(sharpness * min(z - top, 0)), exp in float64 rounded once.
+        double ta = 0.0, tw = 0.0;
+        for (int64_t j = 0; j < W; ++j) {
+          const float arg = std::min(x[j] - top, 0.0f) * sharp;
+          x[j] = static_cast<float>(std::exp(static_cast<double>(arg)));
+          if (c[j]) {
+            ta += static_cast<double>(a[j]);
+            tw += static_cast<double>(x[j]);
+          }
+        }
+        const float sa = static_cast<float>(row_scale(1.0 - mix, ta));
+        const float sw = static_cast<float>(row_scale(mix, tw));
+        for (int64_t j = 0; j < W; ++j) d[j] = a[j] * sa + x[j] * sw;
+      }
+      const float* sp = d.data();
+      if (use_walk) {
+        local &= walk_row(d.data(), v, eidx.row(r), ew.row(r), W, F, beta32, iterations, s.data(), acc.data());
+        sp = s.data();
+      }
+      // EMA, bias correction (denominator table shared with the reference), normalisations, max.
+      float* m = memory.row(r);
+      const int32_t* ag = age.row(r);
+      double tc = 0.0;
+      for (int64_t j = 0; j < W; ++j) {
+        const float mem = g32 * m[j] + one_minus_g * sp[j];
+        m[j] = v[j] ? mem : 0.0f;
+        const int64_t k = std::min<int64_t>(std::max<int64_t>(static_cast<int64_t>(ag[j]) + 1, 0), L - 1);
+        x[j] = mem / denom[k];
+        if (c[j]) tc += static_cast<double>(x[j]);
+      }
+      float* out = weight + r * W;
+      const float* lr = last.row(r);
+      double tl = 0.0;
+      if (react[r])
+        for (int64_t j = 0; j < W; ++j)
+          if (c[j]) tl += static_cast<double>(lr[j]);
+      for (int64_t j = 0; j < W; ++j) {
+        const float remember = tc > 0.0 ? static_cast<float>(static_cast<double>(x[j]) / tc) : 0.0f;
+        if (react[r]) {
+          const float re = tl > 0.0 ? static_cast<float>(static_cast<double>(lr[j]) / tl) : 0.0f;
+          out[j] = std::max(remember, re);
+        } else {
+          out[j] = remember;
+        }
+      }
+    }
+    if (!local) ok = false;
+  });
+  TORCH_CHECK(ok, "nexus_score: an edge points outside the row");
+  return weight_t;
+}
+
+// select_token: token-granularity selection (selection.py's select without blocks). ``weight`` may
+// already be span-pooled (the candidate mask below is then idempotent). mode 0 = deterministic
+// top-K keys, 1 = reservoir keys with noise from ``noise`` (fixed randomness) or hashed from
+// (seed, group, pos, call) (per-call randomness). Evicts each row's ``need`` lowest-key candidates.
+at::Tensor select_token(const at::Tensor& weight_t, const at::Tensor& cand_t, const at::Tensor& need_t, int64_t mode,
+                        double tau, const c10::optional<at::Tensor>& noise_opt, const at::Tensor& pos_t,
+                        const at::Tensor& seed_t, const at::Tensor& group_t, const at::Tensor& call_t) {
+  const int64_t R = weight_t.size(0), W = weight_t.size(1);
+  const auto weight = mat<float>(weight_t, at::kFloat, "weight", R, W);
+  const auto cand = mat<bool>(cand_t, at::kBool, "cand", R, W);
+  const auto pos = mat<int64_t>(pos_t, at::kLong, "pos", R, W);
+  const int64_t* need = vec<int64_t>(need_t, at::kLong, "need", R);
+  const int64_t* seed = vec<int64_t>(seed_t, at::kLong, "seed", R);
+  const int64_t* group = vec<int64_t>(group_t, at::kLong, "group", R);
+  const int64_t* call = vec<int64_t>(call_t, at::kLong, "call", R);
+  const bool cached = noise_opt.has_value() && noise_opt->defined();
+  Mat<double> noise;
+  if (cached) noise = mat<double>(*noise_opt, at::kDouble, "noise", R, W);
+  TORCH_CHECK(mode == 0 || mode == 1, "select_token: mode must be 0 (top-K) or 1 (reservoir)");
+  at::Tensor evict_t = at::zeros({R, W}, cand_t.options());
+  bool* evict = evict_t.data_ptr<bool>();
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<std::pair<int64_t, int64_t>> keys;
+    std::vector<double> bounds(W);
+    for (int64_t r = r0; r < r1; ++r) {
+      if (need[r] <= 0) continue;
+      const float* w = weight.row(r);
+      const bool* c = cand.row(r);
+      keys.clear();
+      if (mode == 0 && need[r] == 1) {
+        int64_t best_key = kInt64Max, best = -1;
+        for (int64_t j = 0; j < W; ++j) {
+          if (!c[j]) continue;
+          const float wj = w[j] > 0.0f ? w[j] : 0.0f;
+          int32_t bits;
+          std::memcpy(&bits, &wj, sizeof bits);
+          const int64_t kj = (static_cast<int64_t>(bits) << kSlotBits) | j;
+          if (kj < best_key) best_key = kj, best = j;
+        }
+        if (best >= 0) evict[r * W + best] = true;
+        continue;
+      }
+      if (mode == 0) {
+        for (int64_t j = 0; j < W; ++j) {
+          if (!c[j]) continue;
+          const float wj = w[j] > 0.0f ? w[j] : 0.0f;
+          int32_t bits;
+          std::memcpy(&bits, &wj, sizeof bits);
+          keys.emplace_back((static_cast<int64_t>(bits) << kSlotBits) | j, j);
+        }
+      } else {
+        reservoir_keys(w, c, W, need[r], tau, cached ? noise.row(r) : nullptr, pos.row(r),
+                       row_key(seed[r], group[r], call[r]), keys, bounds.data());
+      }
+      const int64_t k = std::min<int64_t>(need[r], static_cast<int64_t>(keys.size()));
+      bool* ev = evict + r * W;
+      if (k == static_cast<int64_t>(keys.size())) {
+        for (const auto& kv : keys) ev[kv.second] = true;
+        continue;
+      }
+      if (k == 1) {
+        ev[std::min_element(keys.begin(), keys.end())->second] = true;
+        continue;
+      }
+      std::nth_element(keys.begin(), keys.begin() + k, keys.end());
+      for (int64_t i = 0; i < k; ++i) ev[keys[i].second] = true;
+    }
+  });
+  return evict_t;
+}
+
+// finish: keep = alive & ~evict written into ``alive`` (in place: the pool's view, or the caller
+// puts it back), the outputs in call-slot order [R, Wx], retained attention mass and live counts.
+std::vector<at::Tensor> finish(at::Tensor alive_t, const at::Tensor& evict_t, const at::Tensor& ext_t,
+                               const at::Tensor& pos_t, const at::Tensor& age_t, const at::Tensor& attn_t,
+                               int64_t Wx) {
+  const int64_t R = alive_t.size(0), W = evict_t.size(1);
+  const auto alive = mat<bool>(alive_t, at::kBool, "alive", R, W);
+  const auto evict = mat<bool>(evict_t, at::kBool, "evict", R, W);
+  const auto ext = mat<int64_t>(ext_t, at::kLong, "ext", R, W);
+  const auto pos = mat<int64_t>(pos_t, at::kLong, "pos", R, W);
+  const auto age = mat<int32_t>(age_t, at::kInt, "age", R, W);
+  const auto attn = mat<float>(attn_t, at::kFloat, "attn", R, W);
+  auto opts = alive_t.options();
+  at::Tensor keep_t = at::zeros({R, Wx}, opts.dtype(at::kBool));
+  at::Tensor opos_t = at::full({R, Wx}, -1, opts.dtype(at::kLong));
+  at::Tensor oage_t = at::zeros({R, Wx}, opts.dtype(at::kInt));
+  at::Tensor mass_t = at::empty({R}, opts.dtype(at::kFloat));
+  at::Tensor count_t = at::empty({R}, opts.dtype(at::kLong));
+  bool* keep = keep_t.data_ptr<bool>();
+  int64_t* opos = opos_t.data_ptr<int64_t>();
+  int32_t* oage = oage_t.data_ptr<int32_t>();
+  float* mass = mass_t.data_ptr<float>();
+  int64_t* count = count_t.data_ptr<int64_t>();
+  bool ok = true;
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    bool local = true;
+    for (int64_t r = r0; r < r1; ++r) {
+      bool* a = alive.row(r);
+      const bool* ev = evict.row(r);
+      const int64_t* e = ext.row(r);
+      const int64_t* p = pos.row(r);
+      const int32_t* ag = age.row(r);
+      const float* at_ = attn.row(r);
+      double total = 0.0, kept = 0.0;
+      int64_t n = 0;
+      for (int64_t j = 0; j < W; ++j) {
+        total += static_cast<double>(at_[j]);
+        if (!a[j]) continue;
+        const bool gone = ev[j];
+        const int64_t slot = e[j];
+        if (slot < 0 || slot >= Wx) {
+          local = false;
+          continue;
+        }
+        keep[r * Wx + slot] = !gone;
+        opos[r * Wx + slot] = p[j];
+        if (gone) {
+          oage[r * Wx + slot] = ag[j] + 1;
+          a[j] = false;
+        } else {
+          kept += static_cast<double>(at_[j]);
+          ++n;
+        }
+      }
+      mass[r] = total > 0.0 ? static_cast<float>(kept / std::max(total, 1e-300)) : 1.0f;
+      count[r] = n;
+    }
+    if (!local) ok = false;
+  });
+  TORCH_CHECK(ok, "finish: a live column maps outside the call's slots");
+  return {keep_t, opos_t, oage_t, mass_t, count_t};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused CPU kernels of the Nexus sidecar engine (see engine/step_fused.py)";
+  m.def("value_codes", &value_codes, "validate_rows's value checks of attn, last and the priors, per row");
+  m.def("layout", &layout, "arena layout of a call: ext, protected, cand, age and the laid-out inputs");
+  m.def("walk", &walk, "the Nexus walk (walk.py) in one pass per iteration and row");
+  m.def("nexus_score", &nexus_score, "Nexus scores (policies/nexus.py), walk included; writes memory in place");
+  m.def("select_token", &select_token, "token-granularity eviction selection (selection.py)");
+  m.def("finish", &finish, "keep mask in place, outputs in call-slot order, retained mass, counts");
+}

@@ -1,0 +1,101 @@
+"""One batched engine call on the fused CPU kernels (``kernels/fused_cpu.cpp``).
+
+Same contract and results as :func:`nexus_sidecar.engine.step.run_step` (the pure-torch reference:
+bit-identical selections, scores within float64 rounding of row sums, see the kernel source),
+with the [R, W] passes fused per row: the arena layout of the call (one kernel), Nexus scoring
+with its walk (one kernel, no [R, W, F] temporaries), token-granularity selection with the keys
+and per-call uniforms computed only for candidates (one kernel), and the outputs in call-slot
+order (one kernel, writing the keep mask into the pool). What the kernels do not cover runs the
+reference's torch code on the kernels' intermediate tensors: the scores of the direct-attention
+policies (a few elementwise ops, SnapKV's window), span pooling, and block-granularity selection.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+
+from nexus_sidecar.engine.policies import Policy, ScoreContext, SlotOrder
+from nexus_sidecar.engine.policies.ema import _FULL_TABLE, _saturation, denominators
+from nexus_sidecar.engine.policies.nexus import NexusSampling, NexusTopK, prior_share, reacts
+from nexus_sidecar.engine.pool import Rows, SessionPool
+from nexus_sidecar.engine.selection import select, span_pool
+from nexus_sidecar.engine.step_io import PRIOR_RANGES
+
+if TYPE_CHECKING:
+    from nexus_sidecar.engine.step import RowInput
+
+_PRIOR_KIND = {name: i for i, name in enumerate(PRIOR_RANGES)}  # the kernel's prior_kind codes
+_NEXUS = (NexusSampling, NexusTopK)
+
+
+def _nexus_weight(ops: ModuleType, policy: Policy, ctx: ScoreContext, memory: torch.Tensor,
+                  edges: tuple[torch.Tensor, torch.Tensor] | None, call: torch.Tensor) -> torch.Tensor:
+    """policies/nexus.py's nexus_scores on the kernel; writes the new memory into ``memory``."""
+    cfg = policy.cfg
+    mix = prior_share(policy, ctx)
+    prior = ctx.priors.get(cfg.prior) if mix > 0 else None
+    max_age = int(call.max()) + 1 if _saturation(cfg.gamma) > _FULL_TABLE and call.numel() else None
+    # Every row of a batch shares the call kind today; the kernel takes the reaction flag per row.
+    react = torch.full((ctx.attn.shape[0],), reacts(policy, ctx), dtype=torch.bool)
+    return ops.nexus_score(
+        ctx.attn, ctx.last, memory, ctx.age, ctx.valid, ctx.cand, ctx.slot_order.ext, ctx.count, ctx.n_new,
+        prior, react, edges[0] if edges else None, edges[1] if edges else None,
+        denominators(cfg.gamma, max_age, ctx.attn.device), _PRIOR_KIND[cfg.prior], mix,
+        cfg.prior_sharpness, cfg.gamma, cfg.beta, cfg.iterations, cfg.attn_reduce == "mean")
+
+
+def run_step_fused(ops: ModuleType, policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput,
+                   width: int) -> tuple[torch.Tensor, ...]:
+    """Advance R rows by one call (after ``step._insert``): the fields of a :class:`step.RowResult`."""
+    cfg = policy.cfg
+    Wx = inp.attn.shape[1]
+    p = {name: pool.params[name][rows.index] for name in pool.params}
+    pos = rows.get(pool.slot["pos"], width)
+    # A view when the rows are contiguous: finish() writes the keep mask into it in place.
+    alive = rows.get(pool.slot["alive"], width)
+    n = pool.count[rows.index]
+    reads = [name for name in policy.reads() if name in inp.priors]
+    ext, protected, cand, age, attn, last, *laid = ops.layout(
+        alive, rows.get(pool.slot["birth"], width), p["call"], p["sinks"], p["recent"], n,
+        [inp.attn, inp.last, *(inp.priors[name] for name in reads)], width)
+    priors = dict(zip(reads, laid, strict=True))
+    memory = rows.get(pool.slot["memory"], width)
+    uses_walk = policy.uses_edges and cfg.iterations > 0 and cfg.beta > 0
+    edges = (rows.get(pool.edge["edge_idx"], width), rows.get(pool.edge["edge_w"], width)) if uses_walk else None
+
+    def run_walk(d: torch.Tensor) -> torch.Tensor:
+        return ops.walk(d, alive, edges[0], edges[1], cfg.beta, cfg.iterations) if edges else d
+
+    slot_order = SlotOrder(ext, alive, Wx)
+    ctx = ScoreContext(attn=attn, last=last, memory=memory, age=age, valid=alive, cand=cand, walk=run_walk,
+                       slot_order=slot_order, count=n, n_new=inp.n_new, priors=priors, call=inp.call)
+    if isinstance(policy, _NEXUS):
+        weight = _nexus_weight(ops, policy, ctx, memory, edges, p["call"])
+        rows.put(pool.slot["memory"], memory)  # a no-op on a view (written in place)
+    else:
+        scores = policy.score(ctx)
+        weight = scores.weight
+        if scores.memory is not memory:
+            rows.put(pool.slot["memory"], torch.where(alive, scores.memory, 0.0).to(torch.float32))
+    need = torch.where(n > p["budget"] + p["slack"], n - p["budget"], torch.zeros_like(n))
+    token_fixed = cfg.randomness == "fixed" and cfg.granularity == "token" and policy.sampled
+    call = p["call"] if cfg.randomness == "per_call" else torch.zeros_like(p["call"])
+    if cfg.granularity == "token":
+        w = weight if cfg.pool <= 1 else span_pool(weight, cand, cfg.pool, slot_order, cfg.pool_reduce)
+        tau = policy.tau() if policy.sampled else None
+        reservoir = tau is not None and tau != float("inf")
+        evict = ops.select_token(w, cand, need, 1 if reservoir else 0, tau if reservoir else 0.0,
+                                 rows.get(pool.slot["gumbel"], width) if token_fixed and reservoir else None,
+                                 pos, p["seed"], p["group"], call)
+    else:
+        evict = select(weight, alive, protected, pos, n, p["budget"], p["slack"], p["seed"], p["group"], call,
+                       tau=policy.tau() if policy.sampled else None, pool=cfg.pool, pool_reduce=cfg.pool_reduce,
+                       block_size=cfg.block_size, slot_order=slot_order).evict
+    out_keep, out_pos, out_age, retained, new_count = ops.finish(alive, evict, ext, pos, age, attn, Wx)
+    rows.put(pool.slot["alive"], alive)  # a no-op on a view
+    pool.count[rows.index] = new_count
+    pool.params["call"][rows.index] += 1
+    return out_keep, out_pos, out_age, retained, new_count
