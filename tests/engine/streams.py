@@ -101,6 +101,7 @@ class Stream:
     start: int = 0  # first position
     gap: int = 0  # max random hole between calls (0 = contiguous positions)
     priors: bool = True  # send the query-agnostic priors (False: an old client)
+    call: str = "unspecified"  # the call kind every input carries
     next_pos: int = field(init=False)
     calls: int = field(default=0, init=False)
     first_positions: list[int] = field(default_factory=list, init=False)
@@ -120,7 +121,9 @@ class Stream:
         if self.calls and self.gap:
             self.next_pos += int(self.rng.integers(0, self.gap + 1))
         new = np.arange(self.next_pos, self.next_pos + k, dtype=np.int64)
-        return random_input(self.rng, self.engine.positions(self.handle), new, self.cfg.fanout, self.priors)
+        inp = random_input(self.rng, self.engine.positions(self.handle), new, self.cfg.fanout, self.priors)
+        inp.call = self.call
+        return inp
 
     def advance(self, inp: StepInput) -> None:
         """Book-keeping after the engine accepted ``inp``."""

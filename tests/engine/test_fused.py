@@ -36,7 +36,11 @@ VARIANTS: dict[str, dict[str, object]] = {
     "attn_mean": {"attn_reduce": "mean", "prior": "key_norm", "prior_sharpness": 2.0},
     "no_prior_mix": {"prior_mix": 0.0, "iterations": 1},
     "old_client": {},  # the streams send no priors
+    # Call kinds: no reaction term on context calls, another prior share on question calls.
+    "context_call": {"react_calls": "question", "question_prior_mix": 0.2},
+    "question_call": {"react_calls": "question", "question_prior_mix": 0.2},
 }
+CALLS = {"context_call": "context", "question_call": "question"}
 
 
 def _ops():
@@ -108,7 +112,8 @@ def test_fused_engine_agrees_with_torch(policy: str, variant: str) -> None:
         assert eng.kernels == mode
         # Three sessions of one batch with other budgets, seeds and lengths: padding rows and columns.
         streams = [Stream.open(eng, cfg.with_(seed=i, budget=cfg.budget + 3 * i), data_seed=i, prefill=20 + 5 * i,
-                               k_range=(1, 3 + i), priors=priors) for i in range(3)]
+                               k_range=(1, 3 + i), priors=priors, call=CALLS.get(variant, "unspecified"))
+                   for i in range(3)]
         runs[mode] = (eng, streams, [[out for _, out in step_together(streams)] for _ in range(20)])
     (eng_t, st_t, calls_t), (eng_f, st_f, calls_f) = runs["torch"], runs["fused"]
     evicted = 0
