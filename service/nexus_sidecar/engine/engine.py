@@ -372,6 +372,12 @@ class Engine:
             attn, last, new_pos, edge_pos, edge_w, priors = self._pad_inputs(items, G, widths, ks, Wx, K, F)
         n_new = torch.tensor([k for g, k in zip(G, ks, strict=True) for _ in range(g)], device=dev)
         row_ids = [r for s in sessions for r in s.rows]
+        moved = pool.make_contiguous(row_ids)
+        if moved:  # rows by batch affinity: the batch becomes a view, not a gather (see pool.py)
+            for other in self._sessions.values():
+                if other.pool is pool:
+                    other.rows = [moved.get(r, r) for r in other.rows]
+            row_ids = [r for s in sessions for r in s.rows]
         rows = pool.rows_of(row_ids)
         used_max = max(max(s.used) for s in sessions)
         inp_rows = RowInput(new_pos, n_new, attn, last, edge_pos, edge_w, priors, call=items[0][1].call)

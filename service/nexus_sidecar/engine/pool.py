@@ -6,14 +6,16 @@ as arena columns, so a call reads the edge tensors but never rewrites them. A ro
 (holes squeezed out, edges remapped) only once its holes exceed an allowance, which amortises
 the only O(slots x fan-out) write over many calls.
 
-A batch of rows that happens to be contiguous (the common case for in-process users stepping
-every session) is accessed through views; otherwise through one gather/scatter per field.
+A batch whose rows are contiguous, in batch order, is accessed through views (no copy of the
+edge tensors); the engine makes a batch so with :meth:`SessionPool.make_contiguous` (rows by batch
+affinity: sessions that travel together end up side by side, whatever order they were opened in).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 INT64_MAX = torch.iinfo(torch.int64).max
@@ -195,6 +197,43 @@ class SessionPool:
         self.count[rows] = 0
         for val in self.params.values():
             val[rows] = 0
+
+    def make_contiguous(self, rows: list[int]) -> dict[int, int]:
+        """Move rows so that ``rows`` (in that order) occupy one block; returns old -> new row for
+        every row that moved, the batch's and any other row displaced from the block (free rows
+        included, and the free list follows them). Contents move whole, so nothing else changes.
+
+        The block is the one that costs the fewest row copies, where displacing a row of another
+        session costs more than moving the whole batch: that row may belong to another batch that
+        would then move back on its next step (ping-pong). So a block of the batch's own rows and
+        free rows is chosen whenever one exists.
+        """
+        n = len(rows)
+        if n <= 1 or rows == list(range(rows[0], rows[0] + n)):
+            return {}
+        status = np.full(self.rows, 2, dtype=np.int8)  # 2 = another session's row, 1 = the batch's, 0 = free
+        status[self._free] = 0
+        status[rows] = 1
+        busy = np.concatenate([[0], np.cumsum(status == 2)])
+        starts = np.arange(self.rows - n + 1)
+        offsets = np.asarray(rows) - np.arange(n)  # the block start at which each row is already in place
+        in_place = np.zeros(self.rows - n + 1, dtype=np.int64)
+        ok = (offsets >= 0) & (offsets <= self.rows - n)
+        np.add.at(in_place, offsets[ok], 1)
+        cost = (n - in_place) + (n + 1) * (busy[starts + n] - busy[starts])
+        a = int(np.argmin(cost))
+        batch = set(rows)
+        window = range(a, a + n)
+        new_of = {r: a + i for i, r in enumerate(rows) if r != a + i}
+        displaced = sorted(t for t in window if t not in batch)
+        vacated = sorted(r for r in rows if not a <= r < a + n)
+        new_of.update(zip(displaced, vacated, strict=True))
+        src = torch.tensor(list(new_of), dtype=torch.int64, device=self.device)
+        dst = torch.tensor(list(new_of.values()), dtype=torch.int64, device=self.device)
+        for x in (*self.slot.values(), *self.edge.values(), self.used, self.count, *self.params.values()):
+            x[dst] = x[src]  # the right side is gathered first: a permutation is safe
+        self._free = sorted(new_of.get(f, f) for f in self._free)
+        return new_of
 
     # -- access -------------------------------------------------------------------------------
     def rows_of(self, rows: list[int]) -> Rows:
