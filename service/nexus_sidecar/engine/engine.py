@@ -17,7 +17,7 @@ from nexus_sidecar.engine.kernels import resolve as resolve_kernels
 from nexus_sidecar.engine.policies import Policy, make_policy
 from nexus_sidecar.engine.pool import SessionPool, slot_bytes
 from nexus_sidecar.engine.selection import gumbel
-from nexus_sidecar.engine.state import GroupState, SessionState
+from nexus_sidecar.engine.state import RowCapture, SessionState, capture_rows
 from nexus_sidecar.engine.step import ROW_ERRORS, RowInput, RowResult, hole_allowance, run_step, validate_rows
 from nexus_sidecar.engine.step_io import StepInput, StepOutput
 
@@ -258,24 +258,14 @@ class Engine:
         Edges are stored as target *positions* (-1 = none), so the snapshot does not depend on
         the pool's arena layout: equal logical states give equal bytes.
         """
+        return self.capture(handle).state()
+
+    def capture(self, handle: int, since: int | None = None) -> RowCapture:
+        """A plain host copy of the session's rows (see ``engine/state.py``): the only part of a
+        checkpoint that must run on the engine thread. ``since``: copy only the edges of slots that
+        entered at or after that call (for a delta against a base taken then)."""
         s = self._session(handle)
-        r = torch.tensor(s.rows, device=self.device)
-        pool = s.pool
-        alive = pool.slot["alive"][r].cpu()
-        pos, birth = pool.slot["pos"][r].cpu(), pool.slot["birth"][r].cpu()
-        mem = pool.slot["memory"][r].cpu()
-        eidx, ew = pool.edge["edge_idx"][r].cpu(), pool.edge["edge_w"][r].cpu()
-        groups = []
-        for g in range(len(s.rows)):
-            a = alive[g]
-            tgt_alive = alive[g].gather(0, eidx[g].reshape(-1)).reshape(eidx[g].shape)
-            live_edge = tgt_alive & (ew[g] > 0)
-            epos = torch.where(live_edge, pos[g].gather(0, eidx[g].reshape(-1)).reshape(eidx[g].shape), -1)
-            groups.append(GroupState(
-                pos=pos[g][a].clone(), age=(s.calls - birth[g][a]).to(torch.int32), memory=mem[g][a].clone(),
-                edge_pos=epos[a].to(torch.int64), edge_w=torch.where(live_edge, ew[g], 0.0)[a].clone(),
-            ))
-        return SessionState(s.cfg, s.calls, s.tokens_seen, s.tokens_evicted, groups)
+        return capture_rows(s.pool, s.rows, s.used, s.cfg, s.calls, s.tokens_seen, s.tokens_evicted, since)
 
     def _session(self, handle: int) -> _Session:
         try:
