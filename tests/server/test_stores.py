@@ -303,7 +303,8 @@ def test_redis_key_layout(redis_server: Any) -> None:
         await store.close()
 
     asyncio.run(body())
-    assert raw.hgetall("nexus:{acme:sess-1}:state") == {b"step": b"42", b"blob": b"\x00blob"}
+    # "full": the step of the full blob, which a delta put must name (see test_store_deltas.py).
+    assert raw.hgetall("nexus:{acme:sess-1}:state") == {b"step": b"42", b"blob": b"\x00blob", b"full": b"42"}
     raw.close()
 
 

@@ -4,6 +4,10 @@ A store keeps one opaque binary blob (a serialized session state) per ``(tenant,
 together with the step number it was taken at. ``put`` is a compare-and-set on that step
 number, so a stale replica (one that still holds an older step) can never overwrite newer
 state written by the replica that took the session over.
+
+Between two full blobs a writer may store a *delta* (``put(..., base=<step of the full blob>)``):
+kept next to the full blob, under the same key (one Redis Cluster slot), replacing the previous
+delta; a full put drops it. A delta is refused unless the stored full blob is the one it names.
 """
 
 from __future__ import annotations
@@ -64,10 +68,14 @@ class InvalidId(StoreError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class StoredState:
-    """One stored session state: the serialized blob and the step it was taken at."""
+    """One stored session state: the newest step, the full blob, and the delta taken since it.
+
+    ``step`` is the newest checkpoint's: the delta's when there is one, else the full blob's.
+    """
 
     step: int
     blob: bytes
+    delta: bytes | None = None
 
 
 @runtime_checkable
@@ -78,12 +86,14 @@ class StateStore(Protocol):
         """Return the stored state (refreshing its TTL), or None when nothing is stored."""
         ...
 
-    async def put(self, tenant: str, session_id: str, step: int, blob: bytes, epoch: int | None = None) -> bool:
+    async def put(self, tenant: str, session_id: str, step: int, blob: bytes, epoch: int | None = None,
+                  base: int | None = None) -> bool:
         """Store ``blob`` at ``step`` iff nothing is stored or the stored step is < ``step``.
 
         Returns False on a CAS conflict (stored step >= ``step``): the stored state is untouched.
         With ``epoch``, raises :class:`Fenced` (and writes nothing) unless it is the session's
-        current owner epoch.
+        current owner epoch. With ``base``, ``blob`` is a delta against the full blob stored at step
+        ``base``: False (nothing written) unless that full blob is the stored one.
         """
         ...
 

@@ -43,6 +43,8 @@ class MemoryStore:
         self._clock = clock
         # (tenant, session) -> (state, expiry deadline or None)
         self._data: dict[tuple[str, str], tuple[StoredState, float | None]] = {}
+        # (tenant, session) -> step of the stored full blob (what a delta must be taken against)
+        self._full: dict[tuple[str, str], int] = {}
         # Owner epochs (also the tombstones of closed sessions). Kept for the process's life: an
         # int per session ever claimed.
         self._epochs: dict[tuple[str, str], int] = {}
@@ -88,11 +90,15 @@ class MemoryStore:
             self._data[key] = (state, self._deadline())
             return state
 
-    async def put(self, tenant: str, session_id: str, step: int, blob: bytes, epoch: int | None = None) -> bool:
+    async def put(self, tenant: str, session_id: str, step: int, blob: bytes, epoch: int | None = None,
+                  base: int | None = None) -> bool:
         """Compare-and-set: write iff nothing is stored or the stored step is < ``step``, and
-        (``epoch`` given) the owner epoch is still ``epoch`` (else :class:`Fenced`)."""
+        (``epoch`` given) the owner epoch is still ``epoch`` (else :class:`Fenced`); with ``base``,
+        a delta written iff the stored full blob is the one of step ``base``."""
         key = (validate_id("tenant", tenant, allow_colon=False), validate_id("session_id", session_id))
         validate_step(step)
+        if base is not None:
+            validate_step(base)
         if not isinstance(blob, bytes | bytearray | memoryview):
             raise StoreError(f"blob: must be bytes, got {type(blob).__name__}")
         with observe(self._on_op, "put") as outcome:
@@ -107,7 +113,14 @@ class MemoryStore:
                 self._data[key] = (current, self._deadline())
                 outcome[0] = "conflict"
                 return False
+            if base is not None:
+                if current is None or self._full.get(key) != base:
+                    outcome[0] = "base"
+                    return False
+                self._data[key] = (StoredState(step=step, blob=current.blob, delta=bytes(blob)), self._deadline())
+                return True
             self._data[key] = (StoredState(step=step, blob=bytes(blob)), self._deadline())
+            self._full[key] = step
             return True
 
     async def delete(self, tenant: str, session_id: str) -> None:
@@ -116,6 +129,7 @@ class MemoryStore:
         with observe(self._on_op, "delete"):
             self._check_open()
             self._data.pop(key, None)
+            self._full.pop(key, None)
             self._epochs[key] = self._epochs.get(key, 0) + 1  # the tombstone: earlier writers are fenced
 
     async def claim(self, tenant: str, session_id: str) -> tuple[int, StoredState | None]:
@@ -151,4 +165,5 @@ class MemoryStore:
     async def close(self) -> None:
         """Drop all state."""
         self._data.clear()
+        self._full.clear()
         self._closed = True

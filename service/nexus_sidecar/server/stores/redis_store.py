@@ -1,8 +1,10 @@
 """Redis state store (standalone or Cluster) with a Lua compare-and-set on the step number.
 
 Key layout: one hash per session, ``<prefix>:{<tenant>:<session_id>}:state`` with fields
-``step`` (decimal) and ``blob`` (the serialized state). The ``{tenant:session}`` hash tag puts
-everything of one session in one Cluster slot, so the CAS script touches a single slot.
+``step`` (decimal, the newest checkpoint), ``blob`` (the full serialized state), ``full`` (its
+step), ``delta`` (the changes since it, at ``step``; absent right after a full write) and
+``epoch``. Everything of one session lives in that one hash, under the ``{tenant:session}`` hash
+tag, so it sits in one Cluster slot and the CAS script touches a single key.
 
 Listing uses ``SCAN MATCH <prefix>:{<tenant>:*}:state`` on every primary instead of a
 per-tenant index set: an index set would live in another slot (no atomic update with the
@@ -180,35 +182,43 @@ class RedisStore:
                 # two makes PEXPIRE a harmless no-op.
                 await self._ensure_ready()
                 pipe = self._client.pipeline(transaction=False)
-                pipe.hmget(key, "step", "blob")
+                pipe.hmget(key, "step", "blob", "delta")
                 if self._ttl_ms:
                     pipe.pexpire(key, self._ttl_ms)
                 res = await pipe.execute()
             except Exception as exc:
                 raise _translate("get", exc) from exc
-            step, blob = res[0]
+            step, blob, delta = res[0]
             if step is None or blob is None:
                 outcome[0] = "miss"
                 return None
-            return StoredState(step=int(step), blob=bytes(blob))
+            return StoredState(step=int(step), blob=bytes(blob), delta=None if delta is None else bytes(delta))
 
-    async def put(self, tenant: str, session_id: str, step: int, blob: bytes, epoch: int | None = None) -> bool:
+    async def put(self, tenant: str, session_id: str, step: int, blob: bytes, epoch: int | None = None,
+                  base: int | None = None) -> bool:
         """Compare-and-set via ``cas.lua``: write iff nothing is stored or stored step < ``step``,
-        and (``epoch`` given) the session's owner epoch is still ``epoch`` (else :class:`Fenced`)."""
+        and (``epoch`` given) the session's owner epoch is still ``epoch`` (else :class:`Fenced`);
+        with ``base``, a delta written iff the stored full blob is the one of step ``base``."""
         key = self.key(tenant, session_id)
         validate_step(step)
+        if base is not None:
+            validate_step(base)
         if not isinstance(blob, bytes | bytearray | memoryview):
             raise StoreError(f"blob: must be bytes, got {type(blob).__name__}")
         with observe(self._on_op, "put") as outcome:
             try:
                 await self._ensure_ready()
                 written, stored = await self._script(self._cas_sha, self._cas_src, key, str(step), bytes(blob),
-                                                     self._ttl_ms, "" if epoch is None else str(epoch))
+                                                     self._ttl_ms, "" if epoch is None else str(epoch),
+                                                     "" if base is None else str(base))
             except Exception as exc:
                 raise _translate("put", exc) from exc
             if int(written) == -1:
                 outcome[0] = "fenced"
                 raise Fenced(f"session {session_id!r} is owned by epoch {int(stored)}, this writer holds {epoch}")
+            if int(written) == -2:
+                outcome[0] = "base"  # the delta's full checkpoint is not the stored one
+                return False
             if int(written) != 1:
                 outcome[0] = "conflict"
                 return False
@@ -231,13 +241,15 @@ class RedisStore:
         with observe(self._on_op, "claim") as outcome:
             try:
                 await self._ensure_ready()
-                epoch, step, blob = await self._script(self._claim_sha, self._claim_src, key, "claim", self._ttl_ms)
+                epoch, step, blob, delta = await self._script(self._claim_sha, self._claim_src, key, "claim",
+                                                              self._ttl_ms)
             except Exception as exc:
                 raise _translate("claim", exc) from exc
             if step is None or blob is None:
                 outcome[0] = "miss"
                 return int(epoch), None
-            return int(epoch), StoredState(step=int(step), blob=bytes(blob))
+            return int(epoch), StoredState(step=int(step), blob=bytes(blob),
+                                           delta=None if delta is None else bytes(delta))
 
     async def epochs(self, tenant: str, session_ids: list[str]) -> list[int | None]:
         """The current owner epoch of each session (one pipelined round trip)."""
