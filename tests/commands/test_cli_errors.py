@@ -92,6 +92,8 @@ def test_bad_values_name_their_source(tmp_path: Path) -> None:
     one_line_error(cli(*SERVE, "--store", "mysql://db"), "--store mysql://db", "redis://")
     one_line_error(cli(*SERVE, env={"NEXUS_STORE": "mysql://db"}), "$NEXUS_STORE=mysql://db", "redis://")
     one_line_error(cli(*SERVE, "--device", "tpu"), "--device tpu", "cuda:N")
+    one_line_error(cli(*SERVE, "--checkpoint-full-every", "0"), "--checkpoint-full-every 0",
+                   "greater than or equal to 1")
     one_line_error(cli(*SERVE, "--no-such-flag"), "unrecognized arguments: --no-such-flag", "--help")
 
 

@@ -9,7 +9,7 @@ import subprocess
 
 import grpc
 import pytest
-from nexus_sidecar.server.checkpoint import Checkpoint
+from nexus_sidecar.server.checkpoint import load
 from nexus_sidecar.server.stores import Fenced
 
 from tests.server.conftest import SimSession, arun, client, drive, expect_error, running_sidecar
@@ -29,8 +29,8 @@ def test_close_during_an_outage_fails_and_keeps_then_never_resurrects(redis_fact
             await drive(c, [sim], 4)
             old_epoch = sc.sessions.hot_sessions()[0].epoch
             with rp.client() as r:
-                old_blob = r.hget("nexus:{default:c1}:state", "blob")
-            assert Checkpoint.from_bytes(old_blob).step >= 3
+                old_blob, old_delta, old_full = r.hmget("nexus:{default:c1}:state", "blob", "delta", "full")
+            assert load(old_blob, old_delta).checkpoint.step >= 3
 
             rp.stop()  # Redis down
             msg = await expect_error(c.close_session("c1"), grpc.StatusCode.UNAVAILABLE)
@@ -46,6 +46,11 @@ def test_close_during_an_outage_fails_and_keeps_then_never_resurrects(redis_fact
             # A stale replica's old checkpoint cannot bring it back.
             with pytest.raises(Fenced):
                 await sc.store.put("default", "c1", 99, old_blob, epoch=old_epoch)
+            assert old_delta is not None, "checkpoints after the first full one are deltas"
+            with pytest.raises(Fenced):  # nor its old delta
+                await sc.store.put("default", "c1", 99, old_delta, epoch=old_epoch, base=int(old_full))
+            # Without an epoch check too: the tombstone dropped the full blob a delta needs.
+            assert await sc.store.put("default", "c1", 99, old_delta, base=int(old_full)) is False
             await c.close()
         async with running_sidecar(store=rp.url) as other:  # nor can another replica
             c2 = client(other)

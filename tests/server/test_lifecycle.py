@@ -9,7 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from nexus_sidecar.server.checkpoint import Checkpoint
+from nexus_sidecar.server.checkpoint import load
 
 from tests.server.conftest import SimSession, arun, client, drive, expect_error, http, running_sidecar, target
 
@@ -87,7 +87,7 @@ def test_draining_refuses_new_work_and_checkpoints(redis_factory) -> None:
             for s in sims:
                 raw = r.hgetall(f"nexus:{{default:{s.session_id}}}:state")
                 assert int(raw[b"step"]) == 3, raw.keys()
-                cp = Checkpoint.from_bytes(raw[b"blob"])
+                cp = load(raw[b"blob"], raw.get(b"delta")).checkpoint
                 assert cp.step == 3 and cp.checksum == s.ws.retained_checksum
                 assert cp.state.groups[0].pos.tolist() == s.retained[0].tolist()
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 from nexus_client.v1 import sidecar_pb2 as pb
 from nexus_sidecar.bench.procs import sidecar_process
-from nexus_sidecar.server.checkpoint import Checkpoint
+from nexus_sidecar.server.checkpoint import load
 from nexus_sidecar.server.stores import Fenced, RedisStore
 
 from tests.server.conftest import (
@@ -129,7 +129,7 @@ def test_cas_fences_a_stale_replica(redis_server) -> None:
             for _ in range(2):  # the worker moves to B: resume from Redis, then steps 4 and 5
                 await _step_one(target(b), sim, ref)
             await wait_until(lambda: _eq(stored(), 5), 10, "B's checkpoint of step 5")
-            b_blob = await raw.hget(_key(sim.session_id), "blob")
+            b_blob, b_delta = await raw.hmget(_key(sim.session_id), "blob", "delta")
 
             # Stale A must neither answer nor write: B's resume took a newer owner epoch. A's step
             # is refused (ABORTED), A drops its hot copy, and the stored state stays B's.
@@ -141,11 +141,11 @@ def test_cas_fences_a_stale_replica(redis_server) -> None:
                 text = (await h.get("/metrics")).text
                 assert sample_value(text, "nexus_sessions_fenced_total", tenant="default") == 1
                 assert sample_value(text, "nexus_steps_rejected_total", code="ABORTED") == 1
-            assert await stored() == 5 and await raw.hget(_key(sim.session_id), "blob") == b_blob
+            assert await stored() == 5 and await raw.hmget(_key(sim.session_id), "blob", "delta") == [b_blob, b_delta]
             with pytest.raises(Fenced):  # a direct write with A's old epoch is fenced too
                 await a.store.put("default", sim.session_id, 9, stale_blob, epoch=a_epoch)
-            assert await stored() == 5 and await raw.hget(_key(sim.session_id), "blob") == b_blob
-            assert Checkpoint.from_bytes(b_blob).state.groups[0].pos.tolist() == sim.retained[0].tolist()
+            assert await stored() == 5 and await raw.hmget(_key(sim.session_id), "blob", "delta") == [b_blob, b_delta]
+            assert load(b_blob, b_delta).checkpoint.state.groups[0].pos.tolist() == sim.retained[0].tolist()
             # The worker, routed to the winner, loses nothing: B goes on with the engine's answers.
             for _ in range(3):
                 await _step_one(target(b), sim, ref)
@@ -234,7 +234,7 @@ def test_sigterm_checkpoints_dirty_sessions(redis_server) -> None:
         for s, step in zip(sims, (5, 3), strict=True):
             raw = r.hgetall(_key(s.session_id))
             assert int(raw[b"step"]) == step
-            cp = Checkpoint.from_bytes(raw[b"blob"])
+            cp = load(raw[b"blob"], raw.get(b"delta")).checkpoint
             assert cp.step == step and cp.checksum == s.ws.retained_checksum
             assert cp.state.groups[0].pos.tolist() == s.retained[0].tolist()
             assert 0 < r.pttl(_key(s.session_id)) <= 3600 * 1000, "stored sessions carry the sliding TTL"

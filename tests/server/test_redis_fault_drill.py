@@ -20,7 +20,7 @@ from nexus_client.client import ClientOptions
 from nexus_client.hf.accumulate import StepTensors
 from nexus_client.hf.remote import RemoteBackend
 from nexus_sidecar.bench.procs import sidecar_process
-from nexus_sidecar.server.checkpoint import Checkpoint
+from nexus_sidecar.server.checkpoint import load
 
 from tests.server.conftest import SMALL, Reference, SimSession
 
@@ -72,8 +72,8 @@ def _stream(target: str, fault: Callable[[], None], heal: Callable[[], None]) ->
 
 def _stored_steps(port: int, sims: list[SimSession]) -> list[int]:
     with redis.Redis(port=port, socket_timeout=2) as r:
-        blobs = [r.hget(f"nexus:{{default:{s.session_id}}}:state", "blob") for s in sims]
-    return [Checkpoint.from_bytes(b).step if b else -1 for b in blobs]
+        recs = [r.hmget(f"nexus:{{default:{s.session_id}}}:state", "blob", "delta") for s in sims]
+    return [load(b, d).checkpoint.step if b else -1 for b, d in recs]
 
 
 def _args(url: str) -> tuple[str, ...]:

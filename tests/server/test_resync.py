@@ -15,7 +15,7 @@ from nexus_client.v1 import sidecar_pb2 as pb
 from nexus_client.wire import tensor_to_proto
 from nexus_sidecar.engine import Engine
 from nexus_sidecar.server.app import Sidecar
-from nexus_sidecar.server.checkpoint import Checkpoint
+from nexus_sidecar.server.checkpoint import load
 from nexus_sidecar.server.resync import reseed
 from nexus_sidecar.server.stores import MemoryStore
 
@@ -56,7 +56,8 @@ def test_a_sidecar_behind_the_worker_is_resynced_and_the_stream_continues(caplog
             await ca.open_session("s1", sim.config)
             await drive(ca, [sim], 6)  # A checkpointed step 4; steps 5-6 only in A's hot state
             await asyncio.sleep(0.2)  # the background checkpoint
-            stored = Checkpoint.from_bytes((await store.get("default", "s1")).blob)
+            rec = await store.get("default", "s1")
+            stored = load(rec.blob, rec.delta).checkpoint
             assert stored.step == 4
             nxt = sim.make()
             msg = await expect_error(cb.step([nxt.msg]), FP)  # B resumed at step 4

@@ -159,18 +159,25 @@ class Loaded:
     fallback: str | None = None  # None: the newest stored step was restored
 
 
-def load(blob: bytes, delta: bytes | None) -> Loaded:
+def load(blob: bytes, delta: bytes | None, step: int | None = None) -> Loaded:
     """The newest checkpoint a stored record gives: its full checkpoint with its delta applied.
 
-    A delta that is corrupt, truncated or not taken against this full checkpoint is not used: the
-    full one is returned with ``fallback`` saying why (the session is then behind the worker, whose
-    next step is refused with the expected step and resyncs it: older state, never wrong state).
-    A bad full checkpoint raises StateError.
+    ``step``: the record's newest step, when known (the store's). A delta that is missing (the
+    record is newer than its full checkpoint), corrupt, truncated, of another step or not taken
+    against this full checkpoint is not used: the full one is returned with ``fallback`` saying why
+    (the session is then behind the worker, whose next step is refused with the expected step and
+    resyncs it: older state, never wrong state). A bad full checkpoint raises StateError.
     """
     full = Checkpoint.from_bytes(blob)
     if not delta:
+        if step is not None and step != full.step:
+            return Loaded(full, fallback=f"the store is at step {step} but holds no delta after the full "
+                                         f"checkpoint of step {full.step}")
         return Loaded(full)
     try:
-        return Loaded(DeltaCheckpoint.from_bytes(delta).apply(full, blob))
+        cp = DeltaCheckpoint.from_bytes(delta).apply(full, blob)
     except StateError as exc:
         return Loaded(full, fallback=str(exc))
+    if step is not None and cp.step != step:
+        return Loaded(full, fallback=f"the delta is of step {cp.step}, the store says step {step}")
+    return Loaded(cp)

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _LAT = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _AGE = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
+_BYTES = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
 _FRAC = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -66,6 +67,20 @@ class Metrics:
         self.degraded = Gauge("nexus_degraded",
                               "1 while the state store is unreachable (since an operation failed to reach it)",
                               registry=r)
+        self.checkpoint_bytes = Counter("nexus_checkpoint_bytes_total",
+                                        "Checkpoint bytes written to the store, by kind (full or delta)",
+                                        ["tenant", "kind"], registry=r)
+        self.checkpoint_bytes_per_step = Histogram(
+            "nexus_checkpoint_bytes_per_step", "Bytes of a written checkpoint / steps since the previous one",
+            ["tenant"], buckets=_BYTES, registry=r)
+        self.checkpoint_seconds = Histogram(
+            "nexus_checkpoint_duration_seconds", "Checkpoint time by kind and phase: capture (on the engine "
+            "thread), encode (on the checkpoint thread), write (the store)", ["kind", "phase"], buckets=_LAT,
+            registry=r)
+        self.checkpoint_fallbacks = Counter(
+            "nexus_checkpoint_delta_fallbacks_total", "Resumes from the full checkpoint because the delta after "
+            "it was missing, corrupt or not taken against it (the worker resyncs the steps in between)",
+            ["tenant"], registry=r)
         self.steps_rejected = Counter("nexus_steps_rejected_total", "Session steps answered with an error",
                                       ["tenant", "code"], registry=r)
 

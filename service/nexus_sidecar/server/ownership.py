@@ -73,10 +73,11 @@ class Ownership:
             return []
         return [s for s, e in zip(sessions, current, strict=True) if e is not None and e != s.epoch]
 
-    async def put(self, hs: Owned, step: int, blob: bytes) -> bool | None:
-        """Checkpoint with the owner epoch: True written, False CAS conflict, None fenced."""
+    async def put(self, hs: Owned, step: int, blob: bytes, base: int | None = None) -> bool | None:
+        """Checkpoint with the owner epoch: True written, False CAS conflict (or, for a delta with
+        ``base``, the stored full checkpoint is not its base), None fenced."""
         try:
-            written = await self.store.put(hs.tenant, hs.session_id, step, blob, epoch=hs.epoch)
+            written = await self.store.put(hs.tenant, hs.session_id, step, blob, epoch=hs.epoch, base=base)
         except Fenced as exc:
             log.warning("checkpoint of %s/%s at step %d fenced: %s", hs.tenant, hs.session_id, step, exc)
             return None

@@ -3,6 +3,11 @@
 All engine access runs on one dedicated thread (the engine is not thread-safe and must not
 block the event loop). Each session has a lock, so at most one of its steps is in flight:
 per-session order holds, and a batch never carries two steps of one session.
+
+Checkpoints (server/checkpoint_writer.py): the engine thread only copies the session's rows,
+under its lock; encoding (full, or a delta against the last full one) runs on a checkpoint thread
+and the write on the event loop, while the session steps on. At most one checkpoint of a session
+is in flight (``HotSession.writing``), so its writes reach the store in step order.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from nexus_client.wire import PRIORS, tensor_to_proto
 
 from nexus_sidecar.engine import Engine, EngineError, PolicyConfig, StepInput, StepOutput
 from nexus_sidecar.engine.errors import FieldError
+from nexus_sidecar.server import checkpoint_writer as writer
 from nexus_sidecar.server import codec
 from nexus_sidecar.server.admission import Admission
 from nexus_sidecar.server.batcher import Job, MicroBatcher
-from nexus_sidecar.server.checkpoint import Checkpoint
+from nexus_sidecar.server.checkpoint import load
+from nexus_sidecar.server.checkpoint_writer import Captured, DeltaBase
 from nexus_sidecar.server.errors import (
     InvalidArgument,
     SessionConflict,
@@ -46,6 +53,7 @@ from nexus_sidecar.server.stores import StateStore, StoreUnavailable, validate_i
 
 log = logging.getLogger("nexus_sidecar.sessions")
 T = TypeVar("T")
+_REDO = object()  # _store: the delta did not fit, write a full checkpoint instead
 
 
 @dataclass
@@ -86,6 +94,9 @@ class HotSession:
     epoch: int = 0  # the owner epoch this replica claimed (server/ownership.py)
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    writing: asyncio.Lock = field(default_factory=asyncio.Lock)  # held from capture to store answer
+    delta_base: DeltaBase | None = None  # the full checkpoint this replica wrote last (deltas go against it)
+    checkpoint_queued: bool = False  # a cadence checkpoint is spawned and not finished
 
     @property
     def dirty(self) -> bool:
@@ -104,6 +115,8 @@ class SessionManager:
         self.admission = Admission(settings, engine)
         self.ownership = Ownership(store, metrics, fence_timeout_s=settings.fence_timeout_s)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-engine")
+        # Encoding checkpoints: off the engine thread (numpy releases the GIL on the bulk copies).
+        self._ckpt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-checkpoint")
         self._hot: dict[tuple[str, str], HotSession] = {}
         self._loading: dict[tuple[str, str], asyncio.Future[HotSession]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -151,6 +164,7 @@ class SessionManager:
                 await task
         await self.checkpoint_all()
         self._executor.shutdown(wait=True)
+        self._ckpt_executor.shutdown(wait=True)
 
     def hot_sessions(self, tenant: str | None = None) -> list[HotSession]:
         """Hot sessions (of one tenant, or all)."""
@@ -211,7 +225,14 @@ class SessionManager:
         epoch, stored = await self.ownership.claim(tenant, session_id)  # ours from now on
         if stored is None:
             raise SessionNotFound(session_id)
-        cp = Checkpoint.from_bytes(stored.blob)
+        loaded = load(stored.blob, stored.delta, stored.step)
+        cp = loaded.checkpoint
+        if loaded.fallback is not None:
+            # Older state, never wrong state: the worker's next step is refused with the expected
+            # step (FAILED_PRECONDITION) and it resyncs the steps in between.
+            self.metrics.checkpoint_fallbacks.labels(tenant).inc()
+            log.warning("session %s/%s: the delta checkpoint at step %d is unusable (%s); resuming from the full "
+                        "checkpoint at step %d", tenant, session_id, stored.step, loaded.fallback, cp.step)
         cfg = cp.state.config
         await self.make_room(lambda: self.admission.open_fits(cfg), f"resuming a session of {cfg.groups} groups")
         handle = await self.on_engine(self.engine.restore, cp.state)
@@ -305,6 +326,7 @@ class SessionManager:
         hs.step, hs.count, hs.checksum = step, count, codec.checksum_of(positions)
         hs.digest, hs.last_result = b"", None  # nothing to answer a retry of an older step with
         hs.checkpointed_step, hs.stored = 0, False
+        hs.delta_base = None  # a new history: the next checkpoint is a full one
         hs.last_used = time.monotonic()
 
     async def _unload(self, hs: HotSession) -> None:
@@ -417,9 +439,16 @@ class SessionManager:
             for age in out.evicted_age[out.evicted_age > 0].tolist():
                 m.age.observe(age)
         every = self.settings.checkpoint_cadence
-        if every and hs.step - hs.checkpointed_step >= every:
-            self._spawn(self.checkpoint(hs))
+        if every and hs.step - hs.checkpointed_step >= every and not hs.checkpoint_queued:
+            hs.checkpoint_queued = True
+            self._spawn(self._cadence_checkpoint(hs))
         return result
+
+    async def _cadence_checkpoint(self, hs: HotSession) -> None:
+        try:
+            await self.checkpoint(hs)
+        finally:
+            hs.checkpoint_queued = False
 
     def _series(self, hs: HotSession) -> _Series:
         """The session's labelled metric children (looked up once per tenant and policy)."""
@@ -437,14 +466,24 @@ class SessionManager:
     async def checkpoint(self, hs: HotSession) -> bool:
         """Write the session's state to the store (CAS on its step). False if refused or failed.
 
-        The snapshot is taken under the session's lock; the store write happens after it is
-        released, so a background checkpoint never delays the session's next step.
+        The rows are copied under the session's lock; encoding and the store write happen after it
+        is released, so a background checkpoint never delays the session's next step.
         """
         async with hs.lock:
             if not hs.dirty or (hs.tenant, hs.session_id) not in self._hot:
                 return True
-            step, blob = await self._blob(hs)
-        written = await self._put(hs, step, blob)
+            await hs.writing.acquire()  # lock order: hs.lock, then hs.writing (as in _write)
+            try:
+                cap = await self._capture(hs)
+            except BaseException:
+                hs.writing.release()
+                raise
+        try:
+            written = await self._store(hs, cap)
+        finally:
+            hs.writing.release()
+        if written is _REDO:  # the delta did not fit: a full one now (delta_base was cleared)
+            return await self.checkpoint(hs)
         if written is None:  # fenced: drop the copy once no step of it is running
             async with hs.lock:
                 await self._drop_fenced(hs)
@@ -452,11 +491,58 @@ class SessionManager:
 
     async def _write(self, hs: HotSession) -> bool:
         """Checkpoint with the caller holding ``hs.lock`` (unload and resync paths)."""
-        step, blob = await self._blob(hs)
-        written = await self._put(hs, step, blob)
+        async with hs.writing:
+            written = await self._store(hs, await self._capture(hs))
+            if written is _REDO:
+                written = await self._store(hs, await self._capture(hs))
         if written is None:
             await self._drop_fenced(hs)
         return bool(written)
+
+    async def _capture(self, hs: HotSession) -> Captured:
+        """The consistent cut (caller holds ``hs.lock`` and ``hs.writing``): the rows copied on the
+        engine thread, ordered with its calls; full or against the session's delta base."""
+        base = hs.delta_base
+        if base is not None and base.deltas + 1 >= self.settings.checkpoint_full_every:
+            base = None
+        rows, seconds = await self.on_engine(writer.capture, self.engine, hs.handle, base)
+        last = hs.last_result.SerializeToString() if hs.last_result is not None else b""
+        return Captured(hs.step, hs.checksum, hs.digest, last, rows, base, seconds)
+
+    async def _store(self, hs: HotSession, cap: Captured) -> bool | object | None:
+        """Encode on the checkpoint thread, then write. True written, False refused (CAS) or store
+        unreachable, None fenced, ``_REDO`` when a delta could not be encoded or the store's full
+        checkpoint was not its base (``delta_base`` is cleared: retry with a full one)."""
+        loop = asyncio.get_running_loop()
+        enc = await loop.run_in_executor(self._ckpt_executor, writer.encode, cap)
+        m, kind = self.metrics, cap.kind
+        m.checkpoint_seconds.labels(kind, "capture").observe(cap.seconds)
+        if enc is None:
+            hs.delta_base = None
+            return _REDO
+        m.checkpoint_seconds.labels(kind, "encode").observe(enc.seconds)
+        prior = hs.checkpointed_step if hs.stored else 0
+        t0 = time.perf_counter()
+        try:
+            written = await self._put(hs, cap.step, enc.blob, base=None if cap.base is None else cap.base.step)
+        except StoreUnavailable as exc:
+            log.warning("checkpoint of %s/%s failed: %s (serving from hot state)", hs.tenant, hs.session_id, exc)
+            return False
+        m.checkpoint_seconds.labels(kind, "write").observe(time.perf_counter() - t0)
+        if not written:
+            if written is False and cap.base is not None:
+                hs.delta_base = None
+                return _REDO
+            return written
+        m.checkpoint_bytes.labels(hs.tenant, kind).inc(len(enc.blob))
+        m.checkpoint_bytes_per_step.labels(hs.tenant).observe(len(enc.blob) / max(1, cap.step - prior))
+        if cap.base is None:
+            hs.delta_base = enc.base
+        elif hs.delta_base is cap.base:
+            cap.base.deltas += 1
+            if len(enc.blob) * 2 > cap.base.nbytes:  # deltas grow with the appends: a full one is cheaper now
+                hs.delta_base = None
+        return True
 
     async def _drop_fenced(self, hs: HotSession) -> None:
         """Release a hot copy another replica owns now (no checkpoint: it would be refused)."""
@@ -466,24 +552,15 @@ class SessionManager:
             log.warning("dropped session %s/%s at step %d: another replica owns it now (newer epoch)", hs.tenant,
                         hs.session_id, hs.step)
 
-    async def _blob(self, hs: HotSession) -> tuple[int, bytes]:
-        state = await self.on_engine(self.engine.snapshot, hs.handle)
-        last = hs.last_result.SerializeToString() if hs.last_result is not None else b""
-        return hs.step, Checkpoint(hs.step, hs.checksum, hs.digest, last, state).to_bytes()
-
-    async def _put(self, hs: HotSession, step: int, blob: bytes) -> bool | None:
-        """True written, False refused (CAS) or store unreachable, None fenced."""
-        try:
-            written = await self.ownership.put(hs, step, blob)
-        except StoreUnavailable as exc:
-            log.warning("checkpoint of %s/%s failed: %s (serving from hot state)", hs.tenant, hs.session_id, exc)
-            return False
+    async def _put(self, hs: HotSession, step: int, blob: bytes, base: int | None = None) -> bool | None:
+        """True written, False refused (CAS), None fenced; raises StoreUnavailable."""
+        written = await self.ownership.put(hs, step, blob, base=base)
         if written is None:
             return None
         if written:
             hs.checkpointed_step = max(hs.checkpointed_step, step)
             hs.stored = True
-        else:
+        elif base is None:  # a refused delta is retried as a full checkpoint at once (see _store)
             log.warning("checkpoint of %s/%s at step %d refused: the store holds a newer step (another replica "
                         "owns this session)", hs.tenant, hs.session_id, step)
         return written

@@ -35,6 +35,10 @@ class ServerSettings(BaseSettings):
     # Steps between checkpoints (0 = on close/idle/shutdown only). Unset: 16 with a Redis store,
     # 0 with the memory store (its checkpoints die with the process anyway).
     checkpoint_every: int | None = Field(None, ge=0)
+    checkpoint_full_every: int = Field(
+        8, ge=1, le=1_000_000, description="every Nth checkpoint of a session is a full one, the others are deltas "
+                                           "against it (appended and evicted slots, changed memory; 1 = every "
+                                           "checkpoint full); a delta over half the full one's size starts a new full")
     idle_session_s: float = Field(900.0, gt=0)  # hot sessions idle this long are checkpointed and unloaded
     maintenance_period_s: float = Field(
         30.0, gt=0, description="how often idle sessions are unloaded and the pool is trimmed (freed rows and "

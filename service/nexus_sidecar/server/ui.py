@@ -15,7 +15,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import HTMLResponse
 
 from nexus_sidecar.server.auth import Principal
-from nexus_sidecar.server.checkpoint import Checkpoint
+from nexus_sidecar.server.checkpoint import load
 from nexus_sidecar.server.errors import SessionNotFound, http_status, to_status
 from nexus_sidecar.server.stores import validate_id
 from nexus_sidecar.server.ui_render import SessionSummary, error_page, index_page, page
@@ -93,7 +93,7 @@ async def _summary(sidecar: Sidecar, tenant: str, session_id: str) -> SessionSum
     stored = await sidecar.store.get(tenant, session_id)
     if stored is None:
         raise SessionNotFound(session_id)
-    cp = Checkpoint.from_bytes(stored.blob)
+    cp = load(stored.blob, stored.delta).checkpoint
     st = cp.state
     return SessionSummary(tenant=tenant, session_id=session_id, step=cp.step, policy=st.config.policy,
                           config=st.config.to_dict(), groups=st.config.groups,
