@@ -19,7 +19,7 @@ import torch
 from nexus_client.packing import WorkerSession, pack_step
 from nexus_client.v1 import sidecar_pb2 as pb
 
-from nexus_sidecar.bench import engine_bench
+from nexus_sidecar.bench import checkpoint_bench, engine_bench
 from nexus_sidecar.bench.echo_server import METHOD
 from nexus_sidecar.bench.procs import echo_process, redis_process, sidecar_process
 from nexus_sidecar.bench.report import machine, markdown_table
@@ -113,7 +113,10 @@ def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]
                                      threads) as sc:
                     for _, B, N, W in (g for g in grid if g[0] == store):
                         rec: dict[str, Any] = {"B": B, "N": N, "store": store, "workers": W}
+                        before = checkpoint_bench.scrape(sc.http_port) if store == "redis" else None
                         rec.update(asyncio.run(_run_workers(sc.target, B, N, W, settings.steps)))
+                        if before is not None:
+                            rec.update(checkpoint_bench.service_columns(before, checkpoint_bench.scrape(sc.http_port)))
                         rec.update(asyncio.run(_echo(echo_target, B, N, W, settings.echo_calls)))
                         if (B, N) not in engine_ref:
                             engine_ref[(B, N)] = engine_bench.measure("nexus", "cpu", B, N, 8, 2, 9, 2, priors=False)
@@ -142,7 +145,7 @@ def table(payload: dict[str, Any]) -> str:
     return markdown_table(payload["records"], [
         "store", "B", "N", "workers", "service_session_steps_per_s", "engine_session_steps_per_s",
         "throughput_vs_engine", "p50_ms", "p99_ms", "echo_p50_ms", "echo_p99_ms", "engine_ms_per_call",
-        "p99_target_ms"])
+        "p99_target_ms", *checkpoint_bench.SERVICE_COLUMNS])
 
 
 def plot(payload: dict[str, Any], path: str) -> None:

@@ -15,6 +15,8 @@ Benchmarks. Each prints a table, and with --json PATH writes PATH, PATH.md (tabl
   sweep     the same for nexus, one knob at a time around the defaults (how the defaults were chosen)
   engine    time per batched engine call and session-steps/s across B, N, F, R for every policy
   service   end-to-end gRPC throughput and latency against a bare gRPC echo and the engine alone
+  checkpoint  checkpoint bytes per step and engine-thread time, before (full snapshots on the
+            engine thread) and after (row copies, deltas, encoding on the checkpoint thread)
   soak      several tenants' workers against one serve process for --duration seconds: errors by
             code, p50/p99 and RSS over time, RSS growth after warm-up
 """
@@ -29,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                           ("sweep", "nexus knob sweep on the survival streams"),
                           ("engine", "engine cost per batched call"),
                           ("service", "end-to-end gRPC service throughput/latency"),
+                          ("checkpoint", "checkpoint bytes and engine-thread time, before/after"),
                           ("soak", "tenants x workers against one serve process for a while")):
         q = inner.add_parser(name, help=summary)
         q.add_argument("--quick", action="store_true", help="a small grid that finishes fast (CI-adjacent)")
@@ -98,6 +101,12 @@ def run(args: argparse.Namespace) -> int:
             settings.tenants, settings.workers_per_tenant, settings.window_s = 2, 1, 2.0
         payload = mod.run(settings, progress)
         table, plot = mod.table(payload), mod.plot
+    elif args.bench == "checkpoint":
+        from nexus_sidecar.bench import checkpoint_bench as mod
+
+        settings = mod.CheckpointBenchSettings.quick() if args.quick else mod.CheckpointBenchSettings()
+        payload = mod.run(settings, progress)
+        table, plot = mod.table(payload), None
     else:
         from nexus_sidecar.bench import service_bench as mod
 
