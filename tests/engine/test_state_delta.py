@@ -26,11 +26,13 @@ def _delta_state(eng: Engine, h: int, base: SessionState) -> tuple[SessionState,
     return back.apply(base), delta, blob
 
 
+@pytest.mark.parametrize("kernels", ["torch", "fused"])
 @pytest.mark.parametrize("policy", ["nexus", "h2o", "tova", "snapkv"])
 @pytest.mark.parametrize("groups", [1, 3])
-def test_base_plus_delta_is_the_full_snapshot(policy: str, groups: int) -> None:
+def test_base_plus_delta_is_the_full_snapshot(policy: str, groups: int, kernels: str) -> None:
+    """Both engine paths (the fused kernels and the torch reference) keep the pool's invariants."""
     rng = np.random.default_rng(groups * 31 + len(policy))
-    s = _stream(policy, groups, seed=5 + groups)
+    s = _stream(policy, groups, seed=5 + groups, eng=Engine("cpu", kernels=kernels))
     eng, h = s.engine, s.handle
     base = eng.snapshot(h)
     compactions = 0

@@ -33,8 +33,8 @@ class CheckpointBenchSettings:
     fanout: int = 8
     iterations: int = 2
     cadence: int = 16  # steps between checkpoints (the Redis default)
-    full_every: int = 8  # the default checkpoint_full_every
-    rounds: int = 8  # checkpoints timed (one full + full_every - 1 deltas with the defaults)
+    full_every: int = 16  # the default checkpoint_full_every
+    rounds: int = 16  # checkpoints timed (one full + full_every - 1 deltas with the defaults)
 
     @classmethod
     def quick(cls) -> CheckpointBenchSettings:
