@@ -106,3 +106,19 @@ def test_generate_samples_is_task_major() -> None:
     out = generate_samples(["passkey", "cwe"], 256, "dev", 2)
     assert [s.task for s in out] == ["passkey", "passkey", "cwe", "cwe"]
     assert [s.sample_id for s in out][:2] == ["passkey/256/dev/0", "passkey/256/dev/1"]
+
+
+def test_samples_do_not_depend_on_the_process_hash_seed() -> None:
+    """Same (task, length, split, index) -> same text in every process (keys were once drawn from a
+    set, whose order follows PYTHONHASHSEED: each process then asked about different keys)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib; from nexus_sidecar.evals.tasks import generate_samples as g; "
+            "s = g(['passkey', 'multikey', 'multivalue', 'multiquery', 'vartrack', 'cwe'], 512, 'test', 2); "
+            "print(hashlib.sha256(repr([(x.context, [(q.question, q.answers) for q in x.questions]) "
+            "for x in s]).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                              capture_output=True, text=True, check=True).stdout for seed in ("0", "1", "2")}
+    assert len(digests) == 1, digests

@@ -125,8 +125,10 @@ class EvalSettings:
     base_knobs: dict[str, Any] = field(default_factory=lambda: {"sinks": 4, "recent": 16})
 
     def fingerprint(self) -> str:
-        """Short hash of the settings (part of every run key)."""
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        """Short hash of the settings and the task generator's version (part of every run key)."""
+        from nexus_sidecar.evals.tasks import GENERATOR_VERSION
+
+        blob = json.dumps({**asdict(self), "generator": GENERATOR_VERSION}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -36,6 +36,10 @@ CountTokens = Callable[[str], int]
 
 BASE_TASKS = ("passkey", "multikey", "multivalue", "multiquery", "vartrack", "cwe")
 SPLITS = ("dev", "test")
+# Bumped whenever the same (task, length, split, index) would yield a different sample; part of
+# every run key (runner.EvalSettings.fingerprint), so a results log never mixes two generators.
+# 2: keys no longer depend on the process's string hash seed (version 1 logs are not reproducible).
+GENERATOR_VERSION = 2
 
 # Small fixed vocabularies keep the generators dependency-free and deterministic.
 ADJECTIVES = (
@@ -129,7 +133,9 @@ def _keys(rng: random.Random, n: int) -> list[str]:
     seen: set[str] = set()
     while len(seen) < n:
         seen.add(f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}")
-    return sorted(seen, key=lambda _: rng.random())
+    # Shuffle from a sorted list: a set's iteration order follows the per-process string hash seed
+    # (PYTHONHASHSEED), which made every process generate different keys for the same sample id.
+    return sorted(sorted(seen), key=lambda _: rng.random())
 
 
 def _hide(
