@@ -144,3 +144,18 @@ def test_capture_is_a_copy() -> None:
         s.step()  # the pool changes in place; the capture must not
     assert cap.state().to_bytes() == before
     assert torch.equal(cap.state().groups[0].pos, SessionState.from_bytes(before).groups[0].pos)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_capture_and_delta() -> None:
+    """On CUDA the capture copies device rows to the host (the delta's new-slot edges by index)."""
+    s = _stream("nexus", 2, seed=4, eng=Engine("cuda"))
+    eng, h = s.engine, s.handle
+    for _ in range(3):
+        s.step()
+    base = eng.snapshot(h)
+    for _ in range(25):
+        s.step()
+        got, _, _ = _delta_state(eng, h, base)
+        assert got.to_bytes() == eng.snapshot(h).to_bytes()
