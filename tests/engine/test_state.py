@@ -197,11 +197,13 @@ def test_bad_config_inside_the_blob() -> None:
     ({"attn_reduce": "sum", "pool_reduce": "max"}, {}),
     ({"prior": "key_diversity", "prior_mix": 0.5, "prior_sharpness": 1.0},
      {"prior": "value_norm", "prior_mix": 0.25, "prior_sharpness": 3.0}),
+    # Written before call kinds: the reaction term scored every call, and no question share existed.
+    ({"react_calls": "all", "question_prior_mix": None}, {"react_calls": "question", "question_prior_mix": 0.3}),
 ])
 def test_a_blob_written_before_knobs_existed_restores_with_their_defaults(knobs: dict, defaults: dict) -> None:
     # Rolling upgrade: checkpoints in Redis may predate a knob (attn_reduce / pool_reduce, prior /
-    # prior_mix). Their config JSON lacks its key; it must restore with the default (the behaviour
-    # it was written under), whatever the session had set.
+    # prior_mix, react_calls). Their config JSON lacks its key; it must restore with the default of
+    # the time it was written (the behaviour it was written under), whatever today's default is.
     s = _stream(groups=1, **defaults)
     run_checked(s, 6)
     snap = s.engine.snapshot(s.handle)

@@ -141,8 +141,8 @@ def test_priors_travel_and_are_checked_like_attn() -> None:
             assert opened.config.prior == pb.PRIOR_KEY_NORM and opened.config.prior_mix == 0.25
             assert opened.config.prior_sharpness == 2.0
             default = await c.open_session("d1", SMALL)
-            assert default.config.prior == pb.PRIOR_KEY_DIVERSITY and default.config.prior_mix == 0.5
-            assert default.config.prior_sharpness == 1.0
+            assert default.config.prior == pb.PRIOR_KEY_DIVERSITY and default.config.prior_mix == 1.0
+            assert default.config.prior_sharpness == 0.5
 
             sim = SimSession("k1", config={**SMALL, "policy": "keydiff"}, priors=True)
             await c.open_session("k1", sim.config)
@@ -526,7 +526,7 @@ def test_call_kinds_and_their_knobs_travel_and_answer_like_the_engine() -> None:
                 ref.open(sim)
             await drive(c, sims, 5, ref)  # one RPC, four kinds: each answers as the engine alone
             default = await c.open_session("d", SMALL)
-            assert default.config.react_calls == pb.REACT_CALLS_ALL
+            assert default.config.react_calls == pb.REACT_CALLS_QUESTION
             assert not default.config.HasField("question_prior_mix")  # unset = prior_mix on every call
             bad = sims[1].make()
             bad.msg.call = 9  # a kind from a newer client

@@ -32,7 +32,8 @@ MAX_SLOTS = 1 << 21
 class PolicyConfig:
     """Every knob of a session's eviction policy.
 
-    The defaults are the ones chosen from the survival benchmark (README, "Choosing the knobs").
+    The walk, EMA and reservoir defaults were chosen on the survival benchmark (README, "Choosing
+    the knobs"); the prior and call-kind defaults on the real-model evaluation's dev split.
     Fields split in two: *per-session* values (budget, slack, sinks, recent, seed, groups) may
     differ between sessions of one batched call; the rest are *structural* and define
     which sessions can share a batched engine call (see :meth:`batch_key`).
@@ -63,16 +64,18 @@ class PolicyConfig:
     # normalised over the evictable slots, so a token nothing has attended to yet (a needle before
     # its question) still gets direct mass, which the walk passes on to what it attended. Used only
     # when the step carries that prior (old clients: the attention-only walk, bit for bit).
+    # Defaults chosen on the evaluation's dev split (docs/evaluation.md, "Choosing Nexus's knobs"):
+    # all direct mass from the prior, contrast 0.5, no reaction term on context calls.
     prior: Prior = "key_diversity"
-    prior_mix: float = 0.5
+    prior_mix: float = 1.0
     # Contrast of the prior's weights: w = exp(prior_sharpness * z) with z the prior's keep weight
     # standardised over the evictable slots (0 = uniform: the prior carries no information).
-    prior_sharpness: float = 1.0
+    prior_sharpness: float = 0.5
     # Nexus: which calls the reaction term (the newest query's own row) scores. "question": every
     # call except those the worker marks "context": before a question exists, the newest query of
     # a context chunk mostly looks at its neighbours, and its row outweighed the prior on ~a third
     # of the slots (docs/evaluation.md). "all": every call (the survival benchmark's behaviour).
-    react_calls: ReactCalls = "all"
+    react_calls: ReactCalls = "question"
     # Nexus: the prior's share of the direct mass on question and decode calls, whose attention
     # does carry what is asked (None: prior_mix on every call).
     question_prior_mix: float | None = None
@@ -164,9 +167,24 @@ class PolicyConfig:
             raise ConfigError(extra[0], f"unknown config field; known: {sorted(names)}")
         return cls(**data).validate()
 
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> PolicyConfig:
+        """Like :meth:`from_dict`, for a config read back from a state blob: a knob the blob predates
+        takes the value it had when the blob was written (:data:`LEGACY_DEFAULTS`), not today's
+        default, so a restored session keeps the behaviour it was checkpointed under."""
+        return cls.from_dict({**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in data}, **data})
+
     def to_json(self) -> str:
         """Canonical JSON (sorted keys), used inside the state blob."""
         return json.dumps(self.to_dict(), sort_keys=True, allow_nan=True)
+
+
+# What a config written before each knob existed behaved as (the knob's default at that time).
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "attn_reduce": "sum", "pool_reduce": "max",
+    "prior": "key_diversity", "prior_mix": 0.5, "prior_sharpness": 1.0,
+    "react_calls": "all", "question_prior_mix": None,
+}
 
 
 def _int_range(name: str, value: Any, lo: int, hi: int) -> None:

@@ -117,7 +117,7 @@ class SessionState:
         import json
 
         try:
-            config = PolicyConfig.from_dict(json.loads(body[off : off + cfg_len]))
+            config = PolicyConfig.from_stored(json.loads(body[off : off + cfg_len]))
         except (ValueError, EngineError) as exc:
             raise StateError("state.config", str(exc)) from exc
         off += cfg_len
