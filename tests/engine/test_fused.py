@@ -17,9 +17,11 @@ import pytest
 import torch
 from nexus_sidecar.engine import POLICIES, Engine, InputError, PolicyConfig, kernels
 from nexus_sidecar.engine.errors import ConfigError
+from nexus_sidecar.engine.hashing import uniforms
 from nexus_sidecar.engine.kernels import loader
 from nexus_sidecar.engine.policies import ScoreContext, SlotOrder, make_policy
 from nexus_sidecar.engine.policies.nexus import nexus_scores
+from nexus_sidecar.engine.selection import gumbel, select
 from nexus_sidecar.engine.step_fused import _nexus_weight
 from nexus_sidecar.engine.walk import walk
 
@@ -189,3 +191,32 @@ def test_invalid_input_refused_alike(case: str, field: str) -> None:
         answers.append((info.value.field, str(info.value)))
     assert answers[0] == answers[1]
     assert answers[0][0] == field
+
+
+@pytest.mark.parametrize(("tau", "fixed"), [(None, False), (0.0, False), (0.5, False), (2.0, False), (16.0, False),
+                                            (0.0, True), (16.0, True)])
+def test_token_selection_kernel_is_exact(tau: float | None, fixed: bool) -> None:
+    # Rows with every number of evictions (0, 1, several, all candidates) and weights with zeros,
+    # ties, subnormals and a huge range: the kernel evicts exactly the reference's slots.
+    ops = _ops()
+    rng = np.random.default_rng(5)
+    R, W = 240, 97
+    valid = torch.from_numpy(rng.random((R, W)) > 0.1)
+    cand = valid & torch.from_numpy(rng.random((R, W)) > 0.15)
+    kinds = [rng.random((R // 4, W)), rng.exponential(1.0, (R // 4, W)) ** 8,
+             np.round(rng.random((R // 4, W)), 1), rng.random((R // 4, W)) * 1e-40]
+    weight = torch.from_numpy(np.concatenate(kinds).astype(np.float32))
+    weight[torch.from_numpy(rng.random((R, W)) < 0.05)] = 0.0
+    n = valid.sum(1)
+    need = torch.from_numpy(rng.integers(0, 4, R)).clamp(max=n)
+    need[::7] = n[::7]  # more than the candidates: all of them go
+    pos = torch.where(valid, torch.arange(W).expand(R, W) * 3, torch.iinfo(torch.int64).max)
+    seed, group, call = torch.arange(R) - 50, torch.arange(R) % 3, torch.full((R,), 7)
+    noise = gumbel(uniforms(seed, group, pos, torch.zeros(R, dtype=torch.int64))) if fixed else None
+    ref = select(weight, valid, valid & ~cand, pos, n, n - need, torch.zeros(R, dtype=torch.int64), seed, group,
+                 call, tau=tau, pool=1, block_size=None, noise=noise).evict
+    reservoir = tau is not None
+    got = ops.select_token(weight, cand, torch.where(n > n - need, need, 0), int(reservoir), tau or 0.0, noise, pos,
+                           seed, group, call)
+    assert torch.equal(got, ref)
+    assert int(got.sum()) > R

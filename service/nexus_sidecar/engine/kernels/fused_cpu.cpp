@@ -98,42 +98,67 @@ inline int64_t ordered(double x) {
 }
 
 // ---- the walk (walk.py) --------------------------------------------------------------------------
-// s_0 = d; s_{r+1} = d + beta * scatter(alive * s_r * w); result masked by alive. ``acc`` is scratch.
-// Returns false if an edge points outside [0, W).
+// One iteration's scatter for a fan-out known at compile time (unrolled), or any fan-out (FF = 0).
+// An out-of-row target is counted in ``bad`` and lands in the dump column acc[W]; the reference
+// would raise, and so does the caller.
+template <int FF>
+inline void scatter_row(const float* s, const bool* alive, const int64_t* idx, const float* w, int64_t W,
+                        int64_t F, float* acc, uint64_t& bad) {
+  const int64_t fan = FF > 0 ? FF : F;
+  for (int64_t j = 0; j < W; ++j) {
+    const float sj = s[j];
+    // A dead or massless source adds exact +0 terms in the reference: skipping them is exact.
+    if (!alive[j] || sj == 0.0f) continue;
+    const int64_t* ij = idx + j * fan;
+    const float* wj = w + j * fan;
+    for (int64_t f = 0; f < fan; ++f) {
+      const uint64_t t = static_cast<uint64_t>(ij[f]);
+      const bool out = t >= static_cast<uint64_t>(W);
+      bad += out;
+      acc[out ? W : t] += sj * wj[f];
+    }
+  }
+}
+
+// s_0 = d; s_{r+1} = d + beta * scatter(alive * s_r * w); result masked by alive. ``acc`` is scratch
+// of W + 1 floats. Returns false if an edge points outside [0, W).
 bool walk_row(const float* d, const bool* alive, const int64_t* idx, const float* w, int64_t W, int64_t F,
               float beta, int64_t iterations, float* s, float* acc) {
   std::copy(d, d + W, s);
-  bool ok = true;
+  uint64_t bad = 0;
   for (int64_t it = 0; it < iterations; ++it) {
-    std::fill(acc, acc + W, 0.0f);
-    for (int64_t j = 0; j < W; ++j) {
-      const float sj = s[j];
-      // A dead or massless source adds exact +0 terms in the reference: skipping them is exact.
-      if (!alive[j] || sj == 0.0f) continue;
-      const int64_t* ij = idx + j * F;
-      const float* wj = w + j * F;
-      for (int64_t f = 0; f < F; ++f) {
-        const int64_t t = ij[f];
-        if (static_cast<uint64_t>(t) >= static_cast<uint64_t>(W)) {
-          ok = false;
-          continue;
-        }
-        acc[t] += sj * wj[f];
-      }
-    }
+    std::fill(acc, acc + W + 1, 0.0f);
+    if (F == 8) scatter_row<8>(s, alive, idx, w, W, F, acc, bad);
+    else if (F == 16) scatter_row<16>(s, alive, idx, w, W, F, acc, bad);
+    else if (F == 4) scatter_row<4>(s, alive, idx, w, W, F, acc, bad);
+    else scatter_row<0>(s, alive, idx, w, W, F, acc, bad);
     for (int64_t j = 0; j < W; ++j) s[j] = d[j] + beta * acc[j];
   }
   for (int64_t j = 0; j < W; ++j) s[j] = alive[j] ? s[j] : 0.0f;
-  return ok;
+  return bad == 0;
+}
+
+// Float64 sum of x[j] (float32) over the slots where m[j], in four interleaved partial sums (slot j
+// goes to sum j % 4, whatever the row's width): four independent add chains instead of one
+// latency-bound chain, and the result depends only on the masked slots (padding adds nothing),
+// so batch invariance holds exactly. The reference's torch sum uses yet another order.
+inline double masked_sum(const float* x, const bool* m, int64_t W) {
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t j = 0;
+  for (; j + 4 <= W; j += 4)
+    for (int k = 0; k < 4; ++k) acc[k] += m[j + k] ? static_cast<double>(x[j + k]) : 0.0;
+  for (; j < W; ++j) acc[j & 3] += m[j] ? static_cast<double>(x[j]) : 0.0;
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
 // normalize(): x / sum(x[over]) with the sum in float64, the division in float64, rounded once.
 inline void normalize_row(const float* x, const bool* over, int64_t W, float* out) {
-  double total = 0.0;
-  for (int64_t j = 0; j < W; ++j)
-    if (over[j]) total += static_cast<double>(x[j]);
-  for (int64_t j = 0; j < W; ++j)
-    out[j] = total > 0.0 ? static_cast<float>(static_cast<double>(x[j]) / total) : 0.0f;
+  const double total = masked_sum(x, over, W);
+  if (total > 0.0) {
+    for (int64_t j = 0; j < W; ++j) out[j] = static_cast<float>(static_cast<double>(x[j]) / total);
+  } else {
+    std::fill(out, out + W, 0.0f);
+  }
 }
 
 inline double row_scale(double share, double total) {
@@ -178,15 +203,48 @@ void reservoir_keys(const float* w, const bool* c, int64_t W, int64_t need, doub
   const double log_scale = std::log(scale), log_floor = std::log(1e-300);
   constexpr double kLn2 = 0.6931471805599453;
   constexpr double kInf = std::numeric_limits<double>::infinity();
-  int64_t n = 0, best = -1;
-  for (int64_t j = 0; j < W; ++j) {
-    // log(rel) >= max(log 1e-300, min(log2floor(w) * ln2 - log scale, 0)): rel = clamp(w / scale, 1e-300, 1).
+  auto exact = [&](int64_t j) {
+    const double wj = w[j] > 0.0f ? static_cast<double>(w[j]) : 0.0;
+    return reservoir_prio(wj, scale, tau, noise, j, pos, key);
+  };
+  // The bound's weight term from a power-of-two floor: log(rel) >= max(log 1e-300, min(floor2 * ln2 -
+  // log scale, 0)) with rel = clamp(w / scale, 1e-300, 1); floor2 from the float32 exponent
+  // (-150 for subnormals, which are >= 2^-149; zero weights: log 1e-300 exactly).
+  auto lrel_of = [&](int expo) {  // expo: the biased exponent, or -1 for a zero weight
+    if (expo < 0) return log_floor;
+    const double floor2 = expo == 0 ? -150.0 : static_cast<double>(expo - 127);
+    return std::max(log_floor, std::min(floor2 * kLn2 - log_scale, 0.0));
+  };
+  auto expo_of = [&](int64_t j) {
     uint32_t bits;
     std::memcpy(&bits, &w[j], sizeof bits);
-    const int e = static_cast<int>((bits >> 23) & 0xff);
-    const double floor2 = e == 0 ? -150.0 : static_cast<double>(e - 127);
-    const double lrel = w[j] > 0.0f ? std::max(log_floor, std::min(floor2 * kLn2 - log_scale, 0.0)) : log_floor;
-    double bound = (noise ? noise[j] : kGumbelMin) + tau * lrel;
+    return w[j] > 0.0f ? static_cast<int>((bits >> 23) & 0xff) : -1;
+  };
+  if (!noise && need == 1) {
+    // Per-call noise, one eviction (the decode steady state): the bound depends on the weight's
+    // exponent alone and grows with it, so the least bound is at the least exponent, and the
+    // contenders are the candidates whose exponent is at most the largest one the threshold allows.
+    int least = 256;
+    int64_t first = -1;
+    for (int64_t j = 0; j < W; ++j) {
+      const int e = c[j] ? expo_of(j) : 256;
+      if (e < least) least = e, first = j;
+    }
+    if (first < 0) return;
+    const double threshold = exact(first);
+    auto bound = [&](int e) {
+      const double lb = kGumbelMin + tau * lrel_of(e);
+      return lb - 1e-9 * (1.0 + std::fabs(lb));
+    };
+    int most = least;
+    while (most < 255 && bound(most + 1) <= threshold) ++most;
+    for (int64_t j = 0; j < W; ++j)
+      if (c[j] && expo_of(j) <= most) keys.emplace_back(ordered(exact(j)), j);
+    return;
+  }
+  int64_t n = 0, best = -1;
+  for (int64_t j = 0; j < W; ++j) {
+    double bound = (noise ? noise[j] : kGumbelMin) + tau * lrel_of(expo_of(j));
     bound -= 1e-9 * (1.0 + std::fabs(bound));  // rounding of the bound itself
     lb[j] = c[j] ? bound : kInf;
     if (c[j]) {
@@ -196,10 +254,6 @@ void reservoir_keys(const float* w, const bool* c, int64_t W, int64_t need, doub
   }
   const int64_t k = std::min(need, n);
   if (k <= 0) return;
-  auto exact = [&](int64_t j) {
-    const double wj = w[j] > 0.0f ? static_cast<double>(w[j]) : 0.0;
-    return reservoir_prio(wj, scale, tau, noise, j, pos, key);
-  };
   if (k == n) {  // every candidate goes: no keys needed beyond membership
     for (int64_t j = 0; j < W; ++j)
       if (c[j]) keys.emplace_back(0, j);
@@ -238,13 +292,17 @@ at::Tensor value_codes(const at::Tensor& attn_t, const at::Tensor& last_t, const
   for (const auto& t : priors) pr.push_back(mat<float>(t, at::kFloat, "prior", R, Wx));
   at::Tensor out_t = at::zeros({R}, attn_t.options().dtype(at::kLong));
   int64_t* out = out_t.data_ptr<int64_t>();
+  // On the float32 bits, so the loops vectorise: not finite = all exponent bits set; negative =
+  // sign set and not -0 (NaN with the sign set also counts, but NaN is reported first).
   auto finite_nonneg = [Wx](const float* x, int64_t bad_finite, int64_t bad_sign) -> int64_t {
-    bool finite = true, nonneg = true;
+    uint32_t nonfinite = 0, negative = 0;
     for (int64_t j = 0; j < Wx; ++j) {
-      finite &= std::isfinite(x[j]);
-      nonneg &= !(x[j] < 0.0f);
+      uint32_t b;
+      std::memcpy(&b, x + j, sizeof b);
+      nonfinite |= static_cast<uint32_t>((b & 0x7f800000u) == 0x7f800000u);
+      negative |= static_cast<uint32_t>(b > 0x80000000u);
     }
-    return !finite ? bad_finite : (!nonneg ? bad_sign : 0);
+    return nonfinite ? bad_finite : (negative ? bad_sign : 0);
   };
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -254,9 +312,9 @@ at::Tensor value_codes(const at::Tensor& attn_t, const at::Tensor& last_t, const
         // One range test rejects NaN (every comparison is false), +-Inf and out-of-range values.
         const float l = static_cast<float>(lo[i]), h = static_cast<float>(std::min(hi[i], 3.4028234663852886e38));
         const float* x = pr[i].row(r);
-        bool ok = true;
-        for (int64_t j = 0; j < Wx; ++j) ok &= (x[j] >= l) & (x[j] <= h);
-        if (!ok) code = codes[i];
+        uint32_t bad = 0;
+        for (int64_t j = 0; j < Wx; ++j) bad |= static_cast<uint32_t>(!((x[j] >= l) & (x[j] <= h)));
+        if (bad) code = codes[i];
       }
       out[r] = code;
     }
@@ -333,7 +391,7 @@ at::Tensor walk(const at::Tensor& d_t, const at::Tensor& alive_t, const at::Tens
   float* out = out_t.data_ptr<float>();
   bool ok = true;
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<float> acc(W);
+    std::vector<float> acc(W + 1);
     bool local = true;
     for (int64_t r = r0; r < r1; ++r)
       local &= walk_row(d.row(r), alive.row(r), eidx.row(r), ew.row(r), W, F, static_cast<float>(beta), iterations,
@@ -389,7 +447,7 @@ at::Tensor nexus_score(const at::Tensor& attn_t, const at::Tensor& last_t, at::T
   float* weight = weight_t.data_ptr<float>();
   bool ok = true;
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<float> a(W), d(W), s(W), acc(W), x(W);
+    std::vector<float> a(W), d(W), s(W), acc(W + 1), x(W), sq32(W);
     bool local = true;
     for (int64_t r = r0; r < r1; ++r) {
       const bool* v = valid.row(r);
@@ -410,44 +468,37 @@ at::Tensor nexus_score(const at::Tensor& attn_t, const at::Tensor& last_t, at::T
         normalize_row(a.data(), v, W, d.data());
       } else {
         const float* pr = prior.row(r);
-        double n = 0.0, sum = 0.0, sq = 0.0;
-        for (int64_t j = 0; j < W; ++j) {
-          float pw;  // base.py PRIOR_WEIGHTS
-          if (prior_kind == 0) pw = (1.0f + pr[j]) * 0.5f;
-          else if (prior_kind == 1) pw = 1.0f / (1.0f + pr[j]);
-          else pw = pr[j];
-          x[j] = pw;
-          if (c[j]) {
-            n += 1.0;
-            sum += static_cast<double>(pw);
-            sq += static_cast<double>(pw * pw);
-          }
+        // base.py PRIOR_WEIGHTS
+        if (prior_kind == 0) {
+          for (int64_t j = 0; j < W; ++j) x[j] = (1.0f + pr[j]) * 0.5f;
+        } else if (prior_kind == 1) {
+          for (int64_t j = 0; j < W; ++j) x[j] = 1.0f / (1.0f + pr[j]);
+        } else {
+          std::copy(pr, pr + W, x.begin());
         }
         // standardize(): mean and std over the candidates in float64, applied in float32.
-        n = std::max(n, 1.0);
-        const double mean = sum / n;
-        const double var = std::max(sq / n - mean * mean, 0.0);
+        int64_t nc = 0;
+        for (int64_t j = 0; j < W; ++j) {
+          nc += c[j];
+          sq32[j] = x[j] * x[j];
+        }
+        const double n = static_cast<double>(std::max<int64_t>(nc, 1));
+        const double mean = masked_sum(x.data(), c, W) / n;
+        const double var = std::max(masked_sum(sq32.data(), c, W) / n - mean * mean, 0.0);
         const double sd = std::sqrt(var);
         const float inv = static_cast<float>(sd > 0.0 ? 1.0 / std::max(sd, 1e-300) : 0.0);
         const float mean32 = static_cast<float>(mean);
         float top = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j < W; ++j) {
           x[j] = (x[j] - mean32) * inv;
-          if (c[j]) top = std::max(top, x[j]);
+          top = std::max(top, c[j] ? x[j] : -std::numeric_limits<float>::infinity());
         }
         top = std::max(top, -3e38f);
-        // prior_mass(): exp(sharpness * min(z - top, 0)), exp in float64 rounded once.
-        double ta = 0.0, tw = 0.0;
-        for (int64_t j = 0; j < W; ++j) {
-          const float arg = std::min(x[j] - top, 0.0f) * sharp;
-          x[j] = static_cast<float>(std::exp(static_cast<double>(arg)));
-          if (c[j]) {
-            ta += static_cast<double>(a[j]);
-            tw += static_cast<double>(x[j]);
-          }
-        }
-        const float sa = static_cast<float>(row_scale(1.0 - mix, ta));
-        const float sw = static_cast<float>(row_scale(mix, tw));
+        // prior_mass(): exp(sharpness * min(z - top, 0)), exp in float64 rounded once 
+        for (int64_t j = 0; j < W; ++j)
+          x[j] = static_cast<float>(std::exp(static_cast<double>(std::min(x[j] - top, 0.0f) * sharp)));
+        const float sa = static_cast<float>(row_scale(1.0 - mix, masked_sum(a.data(), c, W)));
+        const float sw = static_cast<float>(row_scale(mix, masked_sum(x.data(), c, W)));
         for (int64_t j = 0; j < W; ++j) d[j] = a[j] * sa + x[j] * sw;
       }
       const float* sp = d.data();
@@ -458,28 +509,17 @@ at::Tensor nexus_score(const at::Tensor& attn_t, const at::Tensor& last_t, at::T
       // EMA, bias correction (denominator table shared with the reference), normalisations, max.
       float* m = memory.row(r);
       const int32_t* ag = age.row(r);
-      double tc = 0.0;
       for (int64_t j = 0; j < W; ++j) {
         const float mem = g32 * m[j] + one_minus_g * sp[j];
         m[j] = v[j] ? mem : 0.0f;
         const int64_t k = std::min<int64_t>(std::max<int64_t>(static_cast<int64_t>(ag[j]) + 1, 0), L - 1);
         x[j] = mem / denom[k];
-        if (c[j]) tc += static_cast<double>(x[j]);
       }
       float* out = weight + r * W;
-      const float* lr = last.row(r);
-      double tl = 0.0;
-      if (react[r])
-        for (int64_t j = 0; j < W; ++j)
-          if (c[j]) tl += static_cast<double>(lr[j]);
-      for (int64_t j = 0; j < W; ++j) {
-        const float remember = tc > 0.0 ? static_cast<float>(static_cast<double>(x[j]) / tc) : 0.0f;
-        if (react[r]) {
-          const float re = tl > 0.0 ? static_cast<float>(static_cast<double>(lr[j]) / tl) : 0.0f;
-          out[j] = std::max(remember, re);
-        } else {
-          out[j] = remember;
-        }
+      normalize_row(x.data(), c, W, out);  // remember
+      if (react[r]) {
+        normalize_row(last.row(r), c, W, a.data());
+        for (int64_t j = 0; j < W; ++j) out[j] = std::max(out[j], a[j]);
       }
     }
     if (!local) ok = false;
@@ -592,10 +632,9 @@ std::vector<at::Tensor> finish(at::Tensor alive_t, const at::Tensor& evict_t, co
       const int64_t* p = pos.row(r);
       const int32_t* ag = age.row(r);
       const float* at_ = attn.row(r);
-      double total = 0.0, kept = 0.0;
+      const double total = masked_sum(at_, a, W);  // dead columns hold 0: the sum over all of them
       int64_t n = 0;
       for (int64_t j = 0; j < W; ++j) {
-        total += static_cast<double>(at_[j]);
         if (!a[j]) continue;
         const bool gone = ev[j];
         const int64_t slot = e[j];
@@ -609,10 +648,10 @@ std::vector<at::Tensor> finish(at::Tensor alive_t, const at::Tensor& evict_t, co
           oage[r * Wx + slot] = ag[j] + 1;
           a[j] = false;
         } else {
-          kept += static_cast<double>(at_[j]);
           ++n;
         }
       }
+      const double kept = masked_sum(at_, a, W);  // ``a`` is the keep mask now
       mass[r] = total > 0.0 ? static_cast<float>(kept / std::max(total, 1e-300)) : 1.0f;
       count[r] = n;
     }
