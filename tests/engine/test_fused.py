@@ -220,3 +220,16 @@ def test_token_selection_kernel_is_exact(tau: float | None, fixed: bool) -> None
                            seed, group, call)
     assert torch.equal(got, ref)
     assert int(got.sum()) > R
+
+
+def test_prior_mass_exp_is_the_references() -> None:
+    # The kernel's vectorised exp against the reference's float64 torch.exp rounded to float32, on
+    # every 61st float32 bit pattern in [-110, 0] (18M arguments: underflow, subnormal results, 1.0).
+    ops = _ops()
+    lo = int(torch.tensor(-110.0).view(torch.int32))
+    x = torch.arange(-(2**31), lo + 1, 61, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = x[: x.numel() // 1000 * 1000].reshape(1000, -1).contiguous()
+    assert torch.equal(ops.prior_mass(x, 0.0, 1.0), torch.exp(x.double()).float())
+    z = torch.from_numpy(np.random.default_rng(2).normal(size=(64, 500)).astype(np.float32))
+    ref = torch.exp((z - 1.5).clamp(max=0.0).mul(4.0).double()).float()
+    assert torch.equal(ops.prior_mass(z, 1.5, 4.0), ref)

@@ -11,8 +11,9 @@
 // the walk accumulates its scatter in the same (source, edge) order as torch's CPU scatter_add_,
 // so those results are bit-identical. Row sums accumulate in float64 sequentially where torch
 // sums pairwise: they may differ in the last float64 bits, which changes a float32 result only
-// when it lies within ~1e-16 of a rounding boundary. Transcendentals are float64 std::exp/log
-// where the reference uses float64 torch.exp/log (both within one float64 ulp).
+// when it lies within ~1e-16 of a rounding boundary. Transcendentals are float64 (std::log, and a
+// vectorisable exp within ~2 float64 ulps for the prior mass) where the reference uses float64
+// torch.log/exp: the float32 results they round to agree but within ~1e-16 of a boundary.
 //
 // Rows are read through their row stride, so pool views (a batch of contiguous pool rows, arena
 // narrowed to the call's width) need no copy; the last dimension must be contiguous.
@@ -158,6 +159,46 @@ inline void normalize_row(const float* x, const bool* over, int64_t W, float* ou
     for (int64_t j = 0; j < W; ++j) out[j] = static_cast<float>(static_cast<double>(x[j]) / total);
   } else {
     std::fill(out, out + W, 0.0f);
+  }
+}
+
+// prior_mass()'s exp: out[j] = float32(exp(min(z[j] - top, 0) * sharpness)), evaluated in float64
+// within ~2 float64 ulps (Cody-Waite reduction by ln 2, degree-13 Taylor polynomial, the power of
+// two by integer arithmetic on the bits), so it rounds to the correctly rounded float32 value except
+// within ~4e-16 of a rounding boundary, as the reference's float64 torch.exp does. Written so the
+// loop vectorises (SSE2 at least: no integer<->float64 conversions, no branches): glibc's scalar exp
+// was a third of the Nexus scoring. Arguments below -104 give 0 (exp underflows float32 there).
+void prior_mass_row(const float* z, float top, float sharpness, int64_t W, float* out) {
+  constexpr double kInvLn2 = 1.4426950408889634, kLn2Hi = 0.6931471803691238, kLn2Lo = 1.9082149292705877e-10;
+  constexpr double kShift = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
+  constexpr int64_t kShiftBits = 0x4338000000000000LL;  // its bits; bits(kShift + n) = kShiftBits + n
+  for (int64_t j = 0; j < W; ++j) {
+    const float arg = std::min(z[j] - top, 0.0f) * sharpness;
+    const double x = arg < -104.0f ? -104.0 : static_cast<double>(arg);
+    const double t = x * kInvLn2 + kShift;
+    const double n = t - kShift;
+    const double r = (x - n * kLn2Hi) - n * kLn2Lo;  // |r| <= ~0.347
+    double p = 1.0 / 6227020800.0;  // 1/13!
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    int64_t tb;
+    std::memcpy(&tb, &t, sizeof tb);
+    const int64_t sb = (tb - kShiftBits + 1023) << 52;
+    double scale;
+    std::memcpy(&scale, &sb, sizeof scale);
+    const float e = static_cast<float>(p * scale);
+    out[j] = arg < -104.0f ? 0.0f : e;
   }
 }
 
@@ -495,8 +536,7 @@ at::Tensor nexus_score(const at::Tensor& attn_t, const at::Tensor& last_t, at::T
         }
         top = std::max(top, -3e38f);
         // prior_mass(): exp(sharpness * min(z - top, 0)), exp in float64 rounded once 
-        for (int64_t j = 0; j < W; ++j)
-          x[j] = static_cast<float>(std::exp(static_cast<double>(std::min(x[j] - top, 0.0f) * sharp)));
+        prior_mass_row(x.data(), top, sharp, W, x.data());
         const float sa = static_cast<float>(row_scale(1.0 - mix, masked_sum(a.data(), c, W)));
         const float sw = static_cast<float>(row_scale(mix, masked_sum(x.data(), c, W)));
         for (int64_t j = 0; j < W; ++j) d[j] = a[j] * sa + x[j] * sw;
@@ -661,6 +701,16 @@ std::vector<at::Tensor> finish(at::Tensor alive_t, const at::Tensor& evict_t, co
   return {keep_t, opos_t, oage_t, mass_t, count_t};
 }
 
+// prior_mass: the prior mass's exp row by row, exp(min(z - top, 0) * sharpness) (its accuracy test).
+at::Tensor prior_mass(const at::Tensor& z_t, double top, double sharpness) {
+  const int64_t R = z_t.size(0), W = z_t.size(1);
+  const auto z = mat<float>(z_t, at::kFloat, "z", R, W);
+  at::Tensor out_t = at::empty({R, W}, z_t.options());
+  for (int64_t r = 0; r < R; ++r)
+    prior_mass_row(z.row(r), static_cast<float>(top), static_cast<float>(sharpness), W, out_t.data_ptr<float>() + r * W);
+  return out_t;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU kernels of the Nexus sidecar engine (see engine/step_fused.py)";
   m.def("value_codes", &value_codes, "validate_rows's value checks of attn, last and the priors, per row");
@@ -668,5 +718,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("walk", &walk, "the Nexus walk (walk.py) in one pass per iteration and row");
   m.def("nexus_score", &nexus_score, "Nexus scores (policies/nexus.py), walk included; writes memory in place");
   m.def("select_token", &select_token, "token-granularity eviction selection (selection.py)");
+  m.def("prior_mass", &prior_mass, "float32(exp(min(z - top, 0) * sharpness)) per slot, as policies/nexus.py");
   m.def("finish", &finish, "keep mask in place, outputs in call-slot order, retained mass, counts");
 }
