@@ -145,8 +145,15 @@ class NexusClient:
                                                                          config=config_message(config)))
 
     def step(self, steps: Sequence[pb.SessionStep]) -> list[pb.SessionResult]:
-        """One RPC carrying one step of each session; retried with the same step numbers."""
+        """One RPC carrying one step of each session (the per-session form); retried with the same
+        step numbers."""
         return list(self._call(self._stub.Step, pb.StepRequest(steps=list(steps))).results)
+
+    def step_batch(self, request: pb.StepBatchRequest) -> pb.StepBatchResponse:
+        """The columnar form of :meth:`step` (build ``request`` with
+        :class:`nexus_client.columnar.BatchBuilder`, read the answer with
+        :func:`nexus_client.columnar.read_answer`); retried with the same step numbers."""
+        return self._call(self._stub.StepBatch, request)
 
     def close_session(self, session_id: str) -> int:
         """Close a session; returns its last step."""
@@ -209,8 +216,13 @@ class AsyncNexusClient:
                                                                                config=config_message(config)))
 
     async def step(self, steps: Sequence[pb.SessionStep]) -> list[pb.SessionResult]:
-        """One RPC carrying one step of each session; retried with the same step numbers."""
+        """One RPC carrying one step of each session (the per-session form); retried with the same
+        step numbers."""
         return list((await self._call(self._stub.Step, pb.StepRequest(steps=list(steps)))).results)
+
+    async def step_batch(self, request: pb.StepBatchRequest) -> pb.StepBatchResponse:
+        """Asyncio :meth:`NexusClient.step_batch` (the columnar form)."""
+        return await self._call(self._stub.StepBatch, request)
 
     async def close_session(self, session_id: str) -> int:
         """Close a session; returns its last step."""

@@ -28,9 +28,11 @@ __all__ = [
     "WIRE_DTYPES",
     "WireError",
     "int_wire_dtype",
+    "mix64",
     "positions_checksum",
     "tensor_from_proto",
     "tensor_to_proto",
+    "wire_array",
 ]
 
 # Wire dtype -> (torch dtype, little-endian numpy dtype). Explicit "<" so decoding is correct
@@ -123,6 +125,28 @@ def tensor_to_proto(
     return pb.Tensor(dtype=wire, shape=list(t.shape), data=data)
 
 
+def wire_array(msg: pb.Tensor, *, field: str) -> np.ndarray:
+    """A read-only numpy view of a ``nexus.v1.Tensor``'s elements (flat, little-endian, no copy).
+
+    The same checks as :func:`tensor_from_proto` (dtype, shape, byte length), without decoding:
+    callers that concatenate many tensors convert once, after their own checks.
+    """
+    if msg.dtype not in WIRE_DTYPES:
+        raise WireError(field, f"unknown or unspecified dtype {_dtype_name(msg.dtype)}")
+    np_dtype = WIRE_DTYPES[msg.dtype][1]
+    shape = tuple(msg.shape)
+    if shape and min(shape) < 0:
+        raise WireError(field, f"negative dimension in shape {list(shape)}")
+    numel = math.prod(shape)
+    if numel > _MAX_ELEMENTS:
+        raise WireError(field, f"shape {list(shape)} has {numel} elements, more than {_MAX_ELEMENTS}")
+    data = msg.data  # one access: upb hands out a fresh bytes object each time
+    if len(data) != numel * np_dtype.itemsize:
+        raise WireError(field, f"data has {len(data)} bytes but shape {list(shape)} of {_dtype_name(msg.dtype)} "
+                               f"needs {numel * np_dtype.itemsize}")
+    return np.frombuffer(data, dtype=np_dtype, count=numel)
+
+
 def tensor_from_proto(msg: pb.Tensor, *, field: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Decode a ``nexus.v1.Tensor`` into a CPU torch tensor.
 
@@ -196,10 +220,17 @@ def positions_checksum(pos: torch.Tensor) -> int:
     if pos.numel() <= _SMALL:
         # A decode step adds and evicts a handful of positions: plain ints beat array setup.
         return sum(_mix64(p) for p in pos.reshape(-1).tolist()) & _MASK64
-    # numpy uint64 array arithmetic wraps mod 2^64 (exactly the splitmix64 arithmetic); for the
-    # small per-step arrays numpy is ~10x cheaper per op than torch.
-    z = pos.detach().reshape(-1).to("cpu", torch.int64).numpy().view(np.uint64) + np.uint64(_GOLDEN64)
+    return int(mix64(pos.detach().reshape(-1).to("cpu", torch.int64).numpy()).sum(dtype=np.uint64))
+
+
+def mix64(pos: np.ndarray) -> np.ndarray:
+    """The per-position terms of :func:`positions_checksum` for an int64 array (uint64, same shape).
+
+    numpy uint64 arithmetic wraps mod 2^64 (exactly the splitmix64 arithmetic); summing segments of
+    the result (mod 2^64) gives each segment's checksum, for a whole batch at once.
+    """
+    z = np.ascontiguousarray(pos, dtype=np.int64).view(np.uint64) + np.uint64(_GOLDEN64)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z ^= z >> np.uint64(31)
-    return int(z.sum(dtype=np.uint64))
+    return z

@@ -65,7 +65,7 @@ def test_contract_shape() -> None:
     methods = {m.name: (m.input_type.name, m.output_type.name) for m in svc.methods}
     assert methods == {
         name: (f"{name}Request", f"{name}Response")
-        for name in ("OpenSession", "Step", "CloseSession", "GetSession", "ListPolicies", "Resync")
+        for name in ("OpenSession", "Step", "StepBatch", "CloseSession", "GetSession", "ListPolicies", "Resync")
     }
     step = pb.SessionStep.DESCRIPTOR.fields_by_name
     assert step["step"].type == step["step"].TYPE_UINT64

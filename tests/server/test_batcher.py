@@ -42,7 +42,12 @@ def _batcher(engine: FakeEngine, **kw: Any) -> MicroBatcher:
 
 
 def _job(handle: int, tenant: str = "t", deadline: float | None = None) -> Job:
-    return Job(handle, f"inp{handle}", tenant, deadline)  # type: ignore[arg-type]
+    return Job({handle: f"inp{handle}"}, tenant, deadline)  # type: ignore[dict-item]
+
+
+async def _one(b: MicroBatcher, job: Job) -> Any:
+    """Submit a one-step job; its step's output."""
+    return (await b.submit(job))[next(iter(job.items))]
 
 
 def test_flushes_when_max_batch_is_reached() -> None:
@@ -50,7 +55,7 @@ def test_flushes_when_max_batch_is_reached() -> None:
         eng = FakeEngine()
         b = _batcher(eng, max_batch=4)  # max delay 1 s: only a full batch flushes early
         t0 = time.monotonic()
-        outs = await asyncio.gather(*(b.submit(_job(h)) for h in range(4)))
+        outs = await asyncio.gather(*(_one(b, _job(h)) for h in range(4)))
         assert time.monotonic() - t0 < 0.5, "a full batch must not wait for max_delay"
         assert eng.batches == [[0, 1, 2, 3]]
         assert outs == [("out", h, f"inp{h}") for h in range(4)]
@@ -64,7 +69,7 @@ def test_flushes_after_max_delay() -> None:
         eng = FakeEngine()
         b = _batcher(eng, max_batch=64, max_delay_us=80_000)
         t0 = time.monotonic()
-        out = await b.submit(_job(7))
+        out = await _one(b, _job(7))
         waited = time.monotonic() - t0
         assert out == ("out", 7, "inp7")
         assert 0.07 <= waited < 1.0, waited
@@ -78,11 +83,11 @@ def test_bounded_queue_raises_queue_full() -> None:
     async def body() -> None:
         eng = FakeEngine()
         b = _batcher(eng, max_batch=64, queue_size=2)
-        first = [asyncio.create_task(b.submit(_job(h))) for h in (1, 2)]
+        first = [asyncio.create_task(_one(b, _job(h))) for h in (1, 2)]
         await asyncio.sleep(0)
         assert b.pending == 2
         with pytest.raises(QueueFull, match="2 steps waiting"):
-            await b.submit(_job(3))
+            await _one(b, _job(3))
         await b.close()  # drains the two queued steps
         assert [t.result() for t in first] == [("out", 1, "inp1"), ("out", 2, "inp2")]
 
@@ -95,10 +100,10 @@ def test_round_robin_across_tenants() -> None:
     async def body() -> None:
         eng = FakeEngine(hold=True)
         b = _batcher(eng, max_batch=8, max_delay_us=50_000)
-        busy = [asyncio.create_task(b.submit(_job(h, "busy"))) for h in range(100)]
+        busy = [asyncio.create_task(_one(b, _job(h, "busy"))) for h in range(100)]
         await asyncio.wait_for(eng.entered.wait(), 5)  # the first batch (all "busy") is in the engine
         assert eng.batches == [list(range(8))]
-        lone = asyncio.create_task(b.submit(_job(1000, "lone")))
+        lone = asyncio.create_task(_one(b, _job(1000, "lone")))
         await asyncio.sleep(0)
         eng.gate.set()
         assert await asyncio.wait_for(lone, 5) == ("out", 1000, "inp1000")
@@ -115,7 +120,7 @@ def test_batches_interleave_three_tenants() -> None:
     async def body() -> None:
         eng = FakeEngine()
         b = _batcher(eng, max_batch=6)
-        tasks = [asyncio.create_task(b.submit(_job(t * 100 + i, f"t{t}"))) for t in range(3) for i in range(4)]
+        tasks = [asyncio.create_task(_one(b, _job(t * 100 + i, f"t{t}"))) for t in range(3) for i in range(4)]
         await asyncio.gather(*tasks)
         first = eng.batches[0]
         assert sorted(h // 100 for h in first) == [0, 0, 1, 1, 2, 2], eng.batches
@@ -132,8 +137,8 @@ def test_expired_deadline_is_not_computed() -> None:
     async def body() -> None:
         eng = FakeEngine()
         b = _batcher(eng, max_batch=64, max_delay_us=20_000)
-        expired = asyncio.create_task(b.submit(_job(1, deadline=time.monotonic() + 0.005)))
-        alive = asyncio.create_task(b.submit(_job(2, deadline=time.monotonic() + 30)))
+        expired = asyncio.create_task(_one(b, _job(1, deadline=time.monotonic() + 0.005)))
+        alive = asyncio.create_task(_one(b, _job(2, deadline=time.monotonic() + 30)))
         with pytest.raises(DeadlineExpired, match="not computed"):
             await expired
         assert await alive == ("out", 2, "inp2")
@@ -147,12 +152,12 @@ def test_cancelled_caller_is_not_computed_and_does_not_break_the_loop() -> None:
     async def body() -> None:
         eng = FakeEngine()
         b = _batcher(eng, max_batch=64, max_delay_us=50_000)
-        gone = asyncio.create_task(b.submit(_job(1, deadline=time.monotonic() + 0.01)))
+        gone = asyncio.create_task(_one(b, _job(1, deadline=time.monotonic() + 0.01)))
         await asyncio.sleep(0.02)
         gone.cancel()  # the RPC's deadline cancelled the handler before the flush
         await asyncio.sleep(0.1)
         assert eng.batches == []
-        assert await asyncio.wait_for(b.submit(_job(2)), 5) == ("out", 2, "inp2")
+        assert await asyncio.wait_for(_one(b, _job(2)), 5) == ("out", 2, "inp2")
         await b.close()
 
     arun(body())
@@ -162,7 +167,7 @@ def test_close_drains_then_refuses() -> None:
     async def body() -> None:
         eng = FakeEngine()
         b = _batcher(eng, max_batch=4)  # 1 s delay: close() must not wait for it
-        tasks = [asyncio.create_task(b.submit(_job(h))) for h in range(10)]
+        tasks = [asyncio.create_task(_one(b, _job(h))) for h in range(10)]
         await asyncio.sleep(0)
         t0 = time.monotonic()
         await b.close()
@@ -170,7 +175,7 @@ def test_close_drains_then_refuses() -> None:
         assert [t.result() for t in tasks] == [("out", h, f"inp{h}") for h in range(10)]
         assert [len(x) for x in eng.batches] == [4, 4, 2]
         with pytest.raises(Draining):
-            await b.submit(_job(99))
+            await _one(b, _job(99))
 
     arun(body())
 
@@ -188,9 +193,45 @@ def test_engine_failure_fails_the_batch_not_the_loop() -> None:
 
         b = MicroBatcher(flaky, Metrics(), max_batch=2, max_delay_us=1000, queue_size=10)
         b.start()
-        results = await asyncio.gather(b.submit(_job(1)), b.submit(_job(2)), return_exceptions=True)
+        results = await asyncio.gather(_one(b, _job(1)), _one(b, _job(2)), return_exceptions=True)
         assert all(isinstance(r, RuntimeError) for r in results), results
-        assert await b.submit(_job(3)) == "ok"
+        assert await _one(b, _job(3)) == "ok"
+        await b.close()
+
+    arun(body())
+
+
+def test_a_multi_session_job_is_split_over_batches_and_answered_whole() -> None:
+    async def body() -> None:
+        eng = FakeEngine()
+        b = _batcher(eng, max_batch=4, max_delay_us=1000)
+        job = Job({h: f"inp{h}" for h in range(10)}, "t", None)  # type: ignore[misc]
+        lone = _job(100, "other")
+        outs, single = await asyncio.gather(b.submit(job), _one(b, lone))
+        assert outs == {h: ("out", h, f"inp{h}") for h in range(10)}
+        assert single == ("out", 100, "inp100")
+        assert all(len(x) <= 4 for x in eng.batches), eng.batches
+        assert sorted(h for x in eng.batches for h in x) == [*range(10), 100]
+        # The other tenant's step rode in the first or second batch, not after the whole job.
+        assert any(100 in x for x in eng.batches[:2]), eng.batches
+        await b.close()
+
+    arun(body())
+
+
+def test_a_started_job_is_finished_even_past_its_deadline() -> None:
+    """Once part of a job reached the engine, the rest is computed too (the session layer commits
+    all of it or none)."""
+
+    async def body() -> None:
+        eng = FakeEngine(hold=True)
+        b = _batcher(eng, max_batch=2, max_delay_us=1000)
+        job = Job({h: f"inp{h}" for h in range(4)}, "t", time.monotonic() + 0.05)  # type: ignore[misc]
+        task = asyncio.create_task(b.submit(job))
+        await asyncio.wait_for(eng.entered.wait(), 5)
+        await asyncio.sleep(0.1)  # the deadline passes while the first half is in the engine
+        eng.gate.set()
+        assert sorted(await asyncio.wait_for(task, 5)) == [0, 1, 2, 3]
         await b.close()
 
     arun(body())

@@ -1,7 +1,7 @@
 """The ``remote`` policy backend: the same decisions as ``LocalBackend``, made by a sidecar.
 
 Each sequence gets one sidecar session. A call packs the worker's accumulated summary
-(:class:`~nexus_client.hf.accumulate.StepTensors`) into one ``SessionStep`` with the next step
+(:class:`~nexus_client.hf.accumulate.StepTensors`) into a one-session ``StepBatch`` with the next step
 number and the worker's retained count/checksum, sends it with a deadline and bounded retries
 (a retry re-sends the *same* step number, which the sidecar answers idempotently), and turns the
 answer into a :class:`~nexus_client.hf.backends.StepDecision`.
@@ -24,11 +24,12 @@ from typing import Any
 import torch
 
 from nexus_client.client import ClientOptions, NexusClient
+from nexus_client.columnar import BatchBuilder, read_answer
 from nexus_client.errors import DeadlineExceeded, FailedPrecondition, SessionNotFound, Unavailable
 from nexus_client.fallback import FALLBACKS, Budget, advance_locally, streaming_keep
 from nexus_client.hf.accumulate import StepTensors
 from nexus_client.hf.backends import StepDecision
-from nexus_client.packing import WorkerSession, pack_step, unpack_result
+from nexus_client.packing import WorkerSession
 from nexus_client.v1 import sidecar_pb2 as pb
 
 _WIRE_FLOATS = (torch.float32, torch.float16)
@@ -88,7 +89,7 @@ class RemoteBackend:
 
     @property
     def bytes_per_call(self) -> float:
-        """Mean serialized ``SessionStep`` size over all calls so far (0.0 before the first)."""
+        """Mean serialized request size over all calls so far (0.0 before the first)."""
         return self.bytes_sent / self.calls if self.calls else 0.0
 
     def open(self, config: Mapping[str, Any]) -> WorkerSession:
@@ -104,10 +105,13 @@ class RemoteBackend:
         return WorkerSession(sid, groups=resp.config.groups, step=resp.step)
 
     def step(self, session: WorkerSession, tensors: StepTensors) -> StepDecision:
-        """One call; the worker's retained count/checksum ride along for the mismatch check."""
-        def pack() -> pb.SessionStep:  # again after a resync: the count and checksum changed
-            return pack_step(session, tensors.new_positions, tensors.attn, tensors.last, tensors.edge_pos,
-                             tensors.edge_w, float_dtype=self.float_dtype, call=tensors.call, **tensors.priors)
+        """One call (the columnar ``StepBatch`` form); the worker's retained count/checksum ride
+        along for the mismatch check."""
+        def pack() -> pb.StepBatchRequest:  # again after a resync: the count and checksum changed
+            batch = BatchBuilder(self.float_dtype)
+            batch.add(session, tensors.new_positions, tensors.attn, tensors.last, tensors.edge_pos, tensors.edge_w,
+                      call=tensors.call, **tensors.priors)
+            return batch.request()
 
         msg = pack()
         size = msg.ByteSize()
@@ -122,7 +126,7 @@ class RemoteBackend:
                 self._unsynced.discard(session.session_id)
                 self.resyncs += 1
                 msg = pack()
-            results = self.client.step([msg])
+            resp = self.client.step_batch(msg)
         except (Unavailable, DeadlineExceeded):
             if self.fallback == "wait":
                 raise
@@ -134,13 +138,14 @@ class RemoteBackend:
             self.client.resync(session, self._configs.get(session.session_id))
             self.resyncs += 1
             msg = pack()
-            results = self.client.step([msg])
-        if len(results) != 1 or results[0].session_id != session.session_id or results[0].step != msg.step:
-            got = [(r.session_id, r.step) for r in results]
-            raise RuntimeError(f"sidecar answered {got} for step {msg.step} of session {session.session_id!r}")
-        result = results[0]
-        session.advance(tensors.new_positions, result)
-        keep, evicted = unpack_result(result)
+            resp = self.client.step_batch(msg)
+        answer = read_answer(resp, msg, [session.groups])
+        step = session.step + 1
+        if len(answer) != 1 or int(answer.steps[0]) != step:
+            raise RuntimeError(f"sidecar answered steps {answer.steps.tolist()} for step {step} of session "
+                               f"{session.session_id!r}")
+        keep, evicted = answer.keep_of(0), answer.evicted_of(0)
+        answer.settle(session, 0, tensors.new_positions)
         return StepDecision(keep=keep, evicted=evicted)
 
     def _local(self, session: WorkerSession, tensors: StepTensors) -> StepDecision:

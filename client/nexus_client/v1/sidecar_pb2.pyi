@@ -205,6 +205,60 @@ class StepRequest(_message.Message):
     steps: _containers.RepeatedCompositeFieldContainer[SessionStep]
     def __init__(self, steps: _Optional[_Iterable[_Union[SessionStep, _Mapping]]] = ...) -> None: ...
 
+class StepBatchRequest(_message.Message):
+    __slots__ = ("session_ids", "steps", "retained_counts", "retained_checksums", "retained_slots", "token_offsets", "slot_offsets", "edge_offsets", "new_positions", "attn", "last", "edge_index", "edge_weight", "key_diversity", "key_norm", "value_norm", "calls")
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    EDGE_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    NEW_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    ATTN_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    EDGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    EDGE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    KEY_DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    KEY_NORM_FIELD_NUMBER: _ClassVar[int]
+    VALUE_NORM_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    steps: bytes
+    retained_counts: bytes
+    retained_checksums: bytes
+    retained_slots: bytes
+    token_offsets: bytes
+    slot_offsets: bytes
+    edge_offsets: bytes
+    new_positions: Tensor
+    attn: Tensor
+    last: Tensor
+    edge_index: Tensor
+    edge_weight: Tensor
+    key_diversity: Tensor
+    key_norm: Tensor
+    value_norm: Tensor
+    calls: bytes
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., steps: _Optional[bytes] = ..., retained_counts: _Optional[bytes] = ..., retained_checksums: _Optional[bytes] = ..., retained_slots: _Optional[bytes] = ..., token_offsets: _Optional[bytes] = ..., slot_offsets: _Optional[bytes] = ..., edge_offsets: _Optional[bytes] = ..., new_positions: _Optional[_Union[Tensor, _Mapping]] = ..., attn: _Optional[_Union[Tensor, _Mapping]] = ..., last: _Optional[_Union[Tensor, _Mapping]] = ..., edge_index: _Optional[_Union[Tensor, _Mapping]] = ..., edge_weight: _Optional[_Union[Tensor, _Mapping]] = ..., key_diversity: _Optional[_Union[Tensor, _Mapping]] = ..., key_norm: _Optional[_Union[Tensor, _Mapping]] = ..., value_norm: _Optional[_Union[Tensor, _Mapping]] = ..., calls: _Optional[bytes] = ...) -> None: ...
+
+class StepBatchResponse(_message.Message):
+    __slots__ = ("steps", "retained_counts", "retained_checksums", "keep", "evicted", "evicted_offsets")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    steps: bytes
+    retained_counts: bytes
+    retained_checksums: bytes
+    keep: bytes
+    evicted: bytes
+    evicted_offsets: bytes
+    def __init__(self, steps: _Optional[bytes] = ..., retained_counts: _Optional[bytes] = ..., retained_checksums: _Optional[bytes] = ..., keep: _Optional[bytes] = ..., evicted: _Optional[bytes] = ..., evicted_offsets: _Optional[bytes] = ...) -> None: ...
+
 class GroupEvictions(_message.Message):
     __slots__ = ("group", "positions")
     GROUP_FIELD_NUMBER: _ClassVar[int]

@@ -45,6 +45,11 @@ class EvictionServiceStub(object):
                 request_serializer=nexus_dot_v1_dot_sidecar__pb2.StepRequest.SerializeToString,
                 response_deserializer=nexus_dot_v1_dot_sidecar__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.StepBatch = channel.unary_unary(
+                '/nexus.v1.EvictionService/StepBatch',
+                request_serializer=nexus_dot_v1_dot_sidecar__pb2.StepBatchRequest.SerializeToString,
+                response_deserializer=nexus_dot_v1_dot_sidecar__pb2.StepBatchResponse.FromString,
+                _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/nexus.v1.EvictionService/CloseSession',
                 request_serializer=nexus_dot_v1_dot_sidecar__pb2.CloseSessionRequest.SerializeToString,
@@ -81,6 +86,19 @@ class EvictionServiceServicer(object):
     def Step(self, request, context):
         """Step applies one step to each of many sessions; results come back in request order.
         Retrying a step with the same step number returns the same answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepBatch(self, request, context):
+        """StepBatch is Step in columnar form, for workers that step many sessions per call: the B
+        sessions travel as a few packed buffers (see StepBatchRequest) that the server decodes with a
+        handful of array operations, and the answer comes back columnar too. Same semantics, status
+        codes and idempotent retries as Step (both forms go through one validation path). A separate
+        RPC rather than a oneof in StepRequest: the answer's type differs too, a server that predates it
+        answers UNIMPLEMENTED (a clear cue to fall back to Step) instead of misreading an empty
+        `steps`, and each form keeps its own request metrics label.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +148,11 @@ def add_EvictionServiceServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=nexus_dot_v1_dot_sidecar__pb2.StepRequest.FromString,
                     response_serializer=nexus_dot_v1_dot_sidecar__pb2.StepResponse.SerializeToString,
+            ),
+            'StepBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepBatch,
+                    request_deserializer=nexus_dot_v1_dot_sidecar__pb2.StepBatchRequest.FromString,
+                    response_serializer=nexus_dot_v1_dot_sidecar__pb2.StepBatchResponse.SerializeToString,
             ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
@@ -207,6 +230,33 @@ class EvictionService(object):
             '/nexus.v1.EvictionService/Step',
             nexus_dot_v1_dot_sidecar__pb2.StepRequest.SerializeToString,
             nexus_dot_v1_dot_sidecar__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.v1.EvictionService/StepBatch',
+            nexus_dot_v1_dot_sidecar__pb2.StepBatchRequest.SerializeToString,
+            nexus_dot_v1_dot_sidecar__pb2.StepBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import torch
+from nexus_client.columnar import BatchBuilder
 from nexus_client.packing import WorkerSession, pack_step
 from nexus_client.v1 import sidecar_pb2 as pb
 
@@ -30,7 +31,7 @@ from nexus_sidecar.bench.workers import SimulatedWorker, Workload
 class ServiceBenchSettings:
     """The grid."""
 
-    batch_sizes: tuple[int, ...] = (1, 8, 64)
+    batch_sizes: tuple[int, ...] = (1, 8, 64, 256)
     slots: tuple[int, ...] = (4096,)
     stores: tuple[str, ...] = ("memory", "redis")
     workers: tuple[int, ...] = (2,)
@@ -39,8 +40,26 @@ class ServiceBenchSettings:
 
     @classmethod
     def quick(cls) -> ServiceBenchSettings:
-        """B=64, N=4096, memory store, 2 workers: under a minute here."""
-        return cls(batch_sizes=(64,), slots=(4096,), stores=("memory",), workers=(2,), steps=15, echo_calls=15)
+        """B = 8 and 64, N = 4096, both stores, 2 workers, fewer steps: a few minutes here."""
+        return cls(batch_sizes=(8, 64), slots=(4096,), stores=("memory", "redis"), workers=(2,), steps=15,
+                   echo_calls=15)
+
+
+def overhead(rec: dict[str, Any]) -> dict[str, float]:
+    """The server's cost beyond the engine, from one record's throughput and engine time.
+
+    ``service_ms_per_rpc`` is the wall time one B-session RPC takes at the measured throughput
+    (B / session-steps per second, over all workers); the engine alone takes
+    ``engine_ms_per_call`` for the same B x N call. What is left, spread over the B
+    session-steps, is the server's overhead per session-step: gRPC, decoding, validation,
+    batching, encoding, metrics, checkpoints (and the load generator's own packing, which shares
+    the machine). ``service_vs_engine_time`` is their ratio (1.0 = the engine is the only cost).
+    """
+    B = rec["B"]
+    per_rpc_ms = 1e3 * B / rec["service_session_steps_per_s"]
+    return {"service_ms_per_rpc": per_rpc_ms,
+            "server_overhead_us_per_session_step": (per_rpc_ms - rec["engine_ms_per_call"]) * 1e3 / B,
+            "service_vs_engine_time": per_rpc_ms / rec["engine_ms_per_call"]}
 
 
 def _config(n: int) -> dict[str, Any]:
@@ -67,13 +86,21 @@ async def _run_workers(target: str, B: int, N: int, workers: int, steps: int) ->
 
 
 async def _echo(target: str, B: int, N: int, workers: int, calls: int) -> dict[str, float]:
-    """The same StepRequest bytes (B sessions at N slots) through a bare echo, same concurrency."""
+    """The same request bytes (B sessions at N slots, the form the workers send) through a bare echo,
+    same concurrency."""
     ws = WorkerSession("echo", groups=1, step=1, retained_count=N)
     new = torch.tensor([N])
     attn = torch.rand(1, N + 1)
     edge_pos = (new.view(1, 1) - torch.arange(8).view(1, 8))[None]
-    one = pack_step(ws, new, attn, attn, edge_pos, torch.rand(1, 1, 8), float_dtype=torch.float16)
-    payload = pb.StepRequest(steps=[one] * B).SerializeToString()
+    edge_w = torch.rand(1, 1, 8)
+    if Workload().columnar:
+        batch = BatchBuilder(torch.float16)
+        for i in range(B):
+            batch.add(WorkerSession(f"echo{i}", groups=1, step=1, retained_count=N), new, attn, attn, edge_pos, edge_w)
+        payload = batch.request().SerializeToString()
+    else:
+        one = pack_step(ws, new, attn, attn, edge_pos, edge_w, float_dtype=torch.float16)
+        payload = pb.StepRequest(steps=[one] * B).SerializeToString()
     size = 64 * 1024 * 1024
     lat: list[float] = []
 
@@ -109,7 +136,9 @@ def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]
             with (redis_process() if store == "redis" else _null()) as redis_url:
                 args = ["--store", redis_url, "--checkpoint-every", "16"] if store == "redis" else []
                 threads = str(torch.get_num_threads())
-                with sidecar_process(*args, "--max-batch", "64", "--max-delay-us", "500", "--torch-threads",
+                # max_batch = the largest B: every RPC is one engine call, like the engine-only column.
+                max_batch = str(max(settings.batch_sizes))
+                with sidecar_process(*args, "--max-batch", max_batch, "--max-delay-us", "500", "--torch-threads",
                                      threads) as sc:
                     for _, B, N, W in (g for g in grid if g[0] == store):
                         rec: dict[str, Any] = {"B": B, "N": N, "store": store, "workers": W}
@@ -125,6 +154,7 @@ def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]
                         rec["engine_session_steps_per_s"] = eng["session_steps_per_s"]
                         rec["throughput_vs_engine"] = rec["service_session_steps_per_s"] / eng["session_steps_per_s"]
                         rec["p99_target_ms"] = 2 * (rec["echo_p99_ms"] + eng["ms_per_call"])
+                        rec.update(overhead(rec))
                         records.append(rec)
                         bar.update()
     bar.close()
@@ -144,28 +174,31 @@ def table(payload: dict[str, Any]) -> str:
     """Markdown table."""
     return markdown_table(payload["records"], [
         "store", "B", "N", "workers", "service_session_steps_per_s", "engine_session_steps_per_s",
-        "throughput_vs_engine", "p50_ms", "p99_ms", "echo_p50_ms", "echo_p99_ms", "engine_ms_per_call",
-        "p99_target_ms", *checkpoint_bench.SERVICE_COLUMNS])
+        "throughput_vs_engine", "server_overhead_us_per_session_step", "service_vs_engine_time", "p50_ms", "p99_ms",
+        "echo_p50_ms", "echo_p99_ms", "engine_ms_per_call", "p99_target_ms", *checkpoint_bench.SERVICE_COLUMNS])
 
 
 def plot(payload: dict[str, Any], path: str) -> None:
-    """Throughput (service vs engine) and p99 latency vs B, per store."""
+    """Throughput (service vs engine), p99 latency and server overhead per session-step vs B, per store."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recs = payload["records"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
     for store in sorted({r["store"] for r in recs}):
         pts = sorted(((r["B"], r) for r in recs if r["store"] == store), key=lambda p: p[0])
         xs = [p[0] for p in pts]
         a.plot(xs, [p[1]["service_session_steps_per_s"] for p in pts], marker="o", label=f"service ({store})")
         b.plot(xs, [p[1]["p99_ms"] for p in pts], marker="o", label=f"p99 ({store})")
+        c.plot(xs, [p[1]["server_overhead_us_per_session_step"] for p in pts], marker="o", label=store)
     pts = sorted({r["B"]: r for r in recs}.items())
     a.plot([p[0] for p in pts], [p[1]["engine_session_steps_per_s"] for p in pts], "k--", label="engine alone")
     b.plot([p[0] for p in pts], [p[1]["echo_p99_ms"] for p in pts], "k:", label="echo p99")
-    for ax, title in ((a, "session-steps/s"), (b, "step RPC latency (ms)")):
+    b.plot([p[0] for p in pts], [p[1]["p99_target_ms"] for p in pts], "r--", label="p99 goal")
+    c.axhline(50, color="r", linestyle="--", label="goal (50 us)")
+    for ax, title in ((a, "session-steps/s"), (b, "step RPC latency (ms)"), (c, "server overhead (us / session-step)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sessions per RPC (B)")
         ax.set_title(title)

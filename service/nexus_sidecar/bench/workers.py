@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from nexus_client.client import AsyncNexusClient, ClientOptions
+from nexus_client.columnar import BatchBuilder, read_answer
 from nexus_client.packing import WorkerSession, pack_step, top_edges, unpack_result
 from nexus_client.v1 import sidecar_pb2 as pb
 
@@ -33,6 +34,7 @@ class Workload:
     config: dict[str, Any] = field(default_factory=lambda: {"policy": "nexus", "budget": 128})
     realistic: bool = True
     float_dtype: torch.dtype = torch.float16
+    columnar: bool = True  # the StepBatch form (False: the per-session Step form)
 
 
 @dataclass
@@ -74,7 +76,7 @@ class SimulatedWorker:
         spec = StreamSpec(length=width)
         self.kinds = [plant_kinds(spec, seed * 1000 + i) for i in range(work.sessions)]
 
-    def _payload(self, ws: WorkerSession, retained: torch.Tensor, new: torch.Tensor, idx: int) -> pb.SessionStep:
+    def _tensors(self, retained: torch.Tensor, new: torch.Tensor, idx: int) -> tuple[torch.Tensor, ...]:
         k, fan = new.numel(), self.fanout
         slots = torch.cat([retained, new])
         if self.work.realistic:
@@ -89,7 +91,41 @@ class SimulatedWorker:
             base = new.view(k, 1) - torch.arange(fan).view(1, fan)
             edge_pos = base.clamp(min=0)
             edge_w = self._rand_w[0, :k]
-        return pack_step(ws, new, attn, last, edge_pos[None], edge_w[None], float_dtype=self.work.float_dtype)
+        return new, attn, last, edge_pos[None], edge_w[None]
+
+    def _payload(self, ws: WorkerSession, retained: torch.Tensor, new: torch.Tensor, idx: int) -> pb.SessionStep:
+        return pack_step(ws, *self._tensors(retained, new, idx), float_dtype=self.work.float_dtype)
+
+    async def _call(self, sessions: list[WorkerSession], retained: list[torch.Tensor], new: torch.Tensor
+                    ) -> tuple[float, int, int]:
+        """One RPC carrying a step of every session; advances them. (seconds, request bytes, evicted)."""
+        evicted = 0
+        if self.work.columnar:
+            batch = BatchBuilder(self.work.float_dtype)
+            for i, ws in enumerate(sessions):
+                batch.add(ws, *self._tensors(retained[i], new, i))
+            req = batch.request()
+            t0 = time.perf_counter()
+            resp = await self.client.step_batch(req)
+            dt = time.perf_counter() - t0
+            answer = read_answer(resp, req, [ws.groups for ws in sessions])
+            for i, ws in enumerate(sessions):
+                answer.settle(ws, i)
+                slots = torch.cat([retained[i], new])
+                retained[i] = slots[answer.keep_of(i)[0, : slots.numel()]]
+            evicted = int(answer.evicted.shape[0])
+            return dt, req.ByteSize(), evicted
+        msgs = [self._payload(ws, retained[i], new, i) for i, ws in enumerate(sessions)]
+        t0 = time.perf_counter()
+        results = await self.client.step(msgs)
+        dt = time.perf_counter() - t0
+        for i, (ws, res) in enumerate(zip(sessions, results, strict=True)):
+            ws.apply(res)
+            keep, ev = unpack_result(res)
+            slots = torch.cat([retained[i], new])
+            retained[i] = slots[keep[0, : slots.numel()]]
+            evicted += sum(e.numel() for e in ev)
+        return dt, sum(m.ByteSize() for m in msgs), evicted
 
     async def run(self, barrier: asyncio.Barrier | None = None) -> WorkerStats:
         """Open the sessions, prefill, decode ``steps`` calls, close; returns the stats.
@@ -111,11 +147,7 @@ class SimulatedWorker:
             k = w.prefill if call == 0 else w.k
             new = torch.arange(nxt, nxt + k)
             nxt += k
-            msgs = [self._payload(ws, retained[i], new, i) for i, ws in enumerate(sessions)]
-            size = sum(m.ByteSize() for m in msgs)
-            t0 = time.perf_counter()
-            results = await self.client.step(msgs)
-            dt = time.perf_counter() - t0
+            dt, size, evicted = await self._call(sessions, retained, new)
             if call == 0:
                 if barrier is not None:
                     await barrier.wait()
@@ -124,13 +156,7 @@ class SimulatedWorker:
                 stats.rpc_seconds.append(dt)
                 stats.session_steps += len(sessions) * k
                 stats.bytes_sent += size
-            for i, (ws, res) in enumerate(zip(sessions, results, strict=True)):
-                ws.apply(res)
-                keep, evicted = unpack_result(res)
-                slots = torch.cat([retained[i], new])
-                retained[i] = slots[keep[0, : slots.numel()]]
-                if call:
-                    stats.evicted += sum(e.numel() for e in evicted)
+                stats.evicted += evicted
         stats.seconds = time.perf_counter() - (t_start or time.perf_counter())
         stats.retained = sum(r.numel() for r in retained)
         for (kind, _), kept_pos in zip(self.kinds, retained, strict=True):

@@ -10,7 +10,7 @@ pool, and only then refuses.
 
 from __future__ import annotations
 
-from nexus_client.v1 import sidecar_pb2 as pb
+import numpy as np
 
 from nexus_sidecar.engine import Engine, PolicyConfig
 from nexus_sidecar.server.errors import LimitExceeded
@@ -56,14 +56,13 @@ class Admission:
         if steps > self.settings.max_sessions_per_rpc:
             raise LimitExceeded("max_sessions_per_rpc", self.settings.max_sessions_per_rpc, f"{steps} steps")
 
-    def new_tokens(self, st: pb.SessionStep) -> int:
-        """k of a step, read from the wire shape before anything is decoded; checked against the limit."""
-        shape = list(st.new_positions.shape)
-        k = shape[0] if len(shape) == 1 else 0  # other shapes are the codec's INVALID_ARGUMENT
-        if k > self.settings.max_new_tokens_per_step:
-            raise LimitExceeded("max_new_tokens_per_step", self.settings.max_new_tokens_per_step,
-                                f"steps[{st.session_id}] carries {k} new tokens")
-        return k
+    def check_new_tokens(self, ids: list[str], k: np.ndarray, rows: np.ndarray) -> None:
+        """k of the steps ``rows`` (read from the offsets, before any payload is decoded) against the limit."""
+        limit = self.settings.max_new_tokens_per_step
+        over = np.flatnonzero(k[rows] > limit)
+        if over.size:
+            b = int(rows[over[0]])
+            raise LimitExceeded("max_new_tokens_per_step", limit, f"steps[{ids[b]}] carries {int(k[b])} new tokens")
 
     def open_fits(self, cfg: PolicyConfig) -> int:
         """Bytes over the pool budget if a session of ``cfg`` were opened now (0 = it fits)."""

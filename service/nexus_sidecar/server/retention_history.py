@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from nexus_sidecar.engine import Engine, StepOutput
+from nexus_sidecar.engine import Engine
+from nexus_sidecar.server.answers import HostOutput
 
 
 @dataclass
@@ -57,10 +58,26 @@ class RetentionHistory:
         """False when configured off."""
         return self.max_sessions > 0 and self.max_calls > 0
 
-    def record(self, tenant: str, session_id: str, handle: int, step: int, new_tokens: int, out: StepOutput) -> None:
+    def record(self, tenant: str, session_id: str, handle: int, step: int, new_tokens: int, out: HostOutput) -> None:
         """Note a committed step (event-loop thread); its weights are read on the engine thread."""
+        self.record_many([(tenant, session_id, handle, step, new_tokens, out)])
+
+    def record_many(self, steps: list[tuple[str, str, int, int, int, HostOutput]]) -> None:
+        """:meth:`record` for a batch of committed steps, with one weight-reading job for all of them."""
         if not self.enabled:
             return
+        pending = [(handle, rec) for tenant, sid, handle, step, k, out in steps
+                   if (rec := self._note(tenant, sid, step, k, out)) is not None]
+        if not pending:
+            return
+        with self._lock:
+            self._pending.extend(pending)
+            if self._queued:
+                return
+            self._queued = True
+        self.submit(self._read_weights)
+
+    def _note(self, tenant: str, session_id: str, step: int, new_tokens: int, out: HostOutput) -> CallRecord | None:
         key = (tenant, session_id)
         calls = self._records.get(key)
         if calls is None:
@@ -68,21 +85,17 @@ class RetentionHistory:
             # any while there is room (e.g. one resumed here); never re-admit a forgotten one, which
             # would rotate tracking over every session and cost the weight reads for all of them.
             if step != 1 and len(self._records) >= self.max_sessions:
-                return
+                return None
             calls = self._records[key] = collections.deque(maxlen=self.max_calls)
             while len(self._records) > self.max_sessions:
                 self._records.popitem(last=False)
-        keep, pos = out.keep[0].numpy(), out.slot_positions[0].numpy()
+        keep_all, pos_all = np.asarray(out.keep), np.asarray(out.slot_positions)  # numpy views of host outputs
+        keep, pos = keep_all[0], pos_all[0]
         live = pos >= 0
         rec = CallRecord(step, new_tokens, pos[keep & live].astype(np.int64), pos[~keep & live].astype(np.int64),
-                         out.n_evicted)
+                         int((~keep_all & (pos_all >= 0)).sum()))
         calls.append(rec)
-        with self._lock:
-            self._pending.append((handle, rec))
-            if self._queued:
-                return
-            self._queued = True
-        self.submit(self._read_weights)
+        return rec
 
     def _read_weights(self) -> None:
         """Engine thread: the policy memory of every pending record's session, as of its step."""

@@ -66,7 +66,7 @@ def add_to_server(servicer: EvictionServicer, server: grpc.aio.Server) -> None:
 
 
 class EvictionServicer(pb_grpc.EvictionServiceServicer):
-    """Implements the five RPCs on top of a :class:`SessionManager`."""
+    """Implements the RPCs on top of a :class:`SessionManager`."""
 
     def __init__(self, sessions: SessionManager, keys: KeyRing, metrics: Metrics) -> None:
         self.sessions = sessions
@@ -99,8 +99,9 @@ class EvictionServicer(pb_grpc.EvictionServiceServicer):
             if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
                 log.exception("%s failed with %s", rpc, code.name)  # a bug: the only case worth a traceback
             forget_frames(exc)
-            if rpc == "Step":  # every step of a refused RPC was answered with the error, whatever the code
-                steps = len(request.steps) if isinstance(request, pb.StepRequest) else 1
+            if rpc in ("Step", "StepBatch"):  # every step of a refused RPC was answered with the error
+                steps = len(request.steps) if isinstance(request, pb.StepRequest) else \
+                    len(request.session_ids) if isinstance(request, pb.StepBatchRequest) else 1
                 self.metrics.steps_rejected.labels(tenant, code.name).inc(max(1, steps))
             # set_code + return instead of context.abort: abort raises an exception whose traceback
             # holds this frame (and the request) in a cycle that only the cyclic GC frees.
@@ -131,6 +132,14 @@ class EvictionServicer(pb_grpc.EvictionServiceServicer):
             return pb.StepResponse(results=results)
 
         return await self._call("Step", request, context, True, body)
+
+    async def StepBatch(self, request: pb.StepBatchRequest, context: grpc.aio.ServicerContext
+                        ) -> pb.StepBatchResponse:
+        """One step for each of many sessions, columnar both ways."""
+        async def body(p: Principal) -> pb.StepBatchResponse:
+            return await self.sessions.step_batch(p.tenant, request, self._deadline(context))
+
+        return await self._call("StepBatch", request, context, True, body)
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
                            ) -> pb.CloseSessionResponse:

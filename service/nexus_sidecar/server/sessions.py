@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,15 +22,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from nexus_client.v1 import sidecar_pb2 as pb
-from nexus_client.wire import PRIORS, tensor_to_proto
+from nexus_client.wire import tensor_to_proto
 
 from nexus_sidecar.engine import Engine, EngineError, PolicyConfig, StepInput, StepOutput
 from nexus_sidecar.engine.errors import FieldError
 from nexus_sidecar.server import checkpoint_writer as writer
-from nexus_sidecar.server import codec
+from nexus_sidecar.server import codec, step_columns
 from nexus_sidecar.server.admission import Admission
+from nexus_sidecar.server.answers import Answer, HostOutput, answer_batch, encode_batch
 from nexus_sidecar.server.batcher import Job, MicroBatcher
 from nexus_sidecar.server.checkpoint import load
 from nexus_sidecar.server.checkpoint_writer import Captured, DeltaBase
@@ -44,11 +45,12 @@ from nexus_sidecar.server.errors import (
     StepOutOfOrder,
     step_field,
 )
-from nexus_sidecar.server.metrics import Metrics
+from nexus_sidecar.server.metrics import Metrics, observe_many
 from nexus_sidecar.server.ownership import Ownership
 from nexus_sidecar.server.resync import Reseeded, reseed, retained_positions
 from nexus_sidecar.server.retention_history import RetentionHistory
 from nexus_sidecar.server.settings import ServerSettings
+from nexus_sidecar.server.step_columns import LazyInput, StepColumns
 from nexus_sidecar.server.stores import StateStore, StoreUnavailable, validate_id
 
 log = logging.getLogger("nexus_sidecar.sessions")
@@ -69,14 +71,6 @@ class _Series:
 
 
 @dataclass
-class _Planned:
-    """A validated step waiting for the engine."""
-
-    inp: StepInput
-    digest: bytes
-
-
-@dataclass
 class HotSession:
     """A session whose state is in the engine's pool."""
 
@@ -87,8 +81,8 @@ class HotSession:
     step: int = 0
     checksum: int = 0  # positions_checksum of retained positions, summed over groups
     count: int = 0  # retained slots, summed over groups
-    digest: bytes = b""  # step_digest of the last applied SessionStep (idempotent retries)
-    last_result: pb.SessionResult | None = None
+    digest: bytes = b""  # StepColumns.digest of the last applied step (idempotent retries)
+    last_result: Answer | None = None
     checkpointed_step: int = 0
     stored: bool = False  # a checkpoint of it is in the store (else unloading it would lose it)
     epoch: int = 0  # the owner epoch this replica claimed (server/ownership.py)
@@ -133,12 +127,15 @@ class SessionManager:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
-    async def _run_batch(self, items: dict[int, StepInput]) -> dict[int, StepOutput | EngineError]:
-        def run() -> tuple[dict[int, StepOutput | EngineError], float]:
+    async def _run_batch(self, items: dict[int, StepInput | LazyInput]) -> dict[int, HostOutput | EngineError]:
+        def run() -> tuple[dict[int, HostOutput | EngineError], float]:
+            # Inputs become tensors and outputs become numpy views here, on the engine thread: torch
+            # calls on the event loop would queue for the GIL behind this thread's ops.
+            inputs = {h: x.build() if isinstance(x, LazyInput) else x for h, x in items.items()}
             t0 = time.perf_counter()
-            outs = self.engine.step(items, raise_errors=False)
-            outs = {h: (o.cpu() if isinstance(o, StepOutput) else o) for h, o in outs.items()}
-            return outs, time.perf_counter() - t0
+            outs = self.engine.step(inputs, raise_errors=False)
+            seconds = time.perf_counter() - t0
+            return {h: (HostOutput.of(o) if isinstance(o, StepOutput) else o) for h, o in outs.items()}, seconds
 
         outs, seconds = await self.on_engine(run)
         self.metrics.compute_seconds.labels(self.engine.device.type).observe(seconds)
@@ -236,7 +233,7 @@ class SessionManager:
         cfg = cp.state.config
         await self.make_room(lambda: self.admission.open_fits(cfg), f"resuming a session of {cfg.groups} groups")
         handle = await self.on_engine(self.engine.restore, cp.state)
-        last = pb.SessionResult.FromString(cp.last_result) if cp.last_result else None
+        last = Answer.from_session_result(pb.SessionResult.FromString(cp.last_result)) if cp.last_result else None
         hs = HotSession(tenant, session_id, handle, cp.state.config, step=cp.step, checksum=cp.checksum,
                         count=sum(g.pos.numel() for g in cp.state.groups), digest=cp.digest,
                         last_result=last, checkpointed_step=cp.step, stored=True, epoch=epoch)
@@ -340,109 +337,185 @@ class SessionManager:
     # -- stepping -----------------------------------------------------------------------------
     async def step_many(self, tenant: str, steps: list[pb.SessionStep], deadline: float | None
                         ) -> list[pb.SessionResult]:
-        """Apply one step to each session. Every step is validated before any is applied."""
-        if not steps:
-            raise InvalidArgument("steps", "is empty")
-        self.admission.check_rpc(len(steps))
-        ids = [validate_id("session_id", s.session_id) for s in steps]
+        """The per-session form (``Step``): converted to columns, then the one path of :meth:`step_columns`."""
+        self.admission.check_rpc(len(steps))  # before any per-message work
+        cols = step_columns.from_steps(steps)
+        answers = await self.step_columns(tenant, cols, deadline)
+        return [a.session_result(sid) for a, sid in zip(answers, cols.ids, strict=True)]
+
+    async def step_batch(self, tenant: str, request: pb.StepBatchRequest, deadline: float | None
+                         ) -> pb.StepBatchResponse:
+        """The columnar form (``StepBatch``): read with a few array calls, answered columnar."""
+        self.admission.check_rpc(len(request.session_ids))
+        cols = step_columns.from_batch(request)
+        return encode_batch(await self.step_columns(tenant, cols, deadline))
+
+    async def step_columns(self, tenant: str, cols: StepColumns, deadline: float | None) -> list[Answer]:
+        """Apply one step to each session of ``cols``. Every step is validated before any is applied.
+
+        Retries of a session's last step are answered from its cached answer; the others go to the
+        engine as one job of the micro-batcher.
+        """
+        ids = cols.ids
         if len(set(ids)) != len(ids):
             dupes = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
             raise InvalidArgument("steps", f"session {dupes[0]!r} appears more than once in one request")
         # Shielded: once a step may reach the engine it is committed even if the caller goes away
         # (RPC deadline or cancel). Otherwise the engine state advances without the session's
         # step/count/checksum, and every retry of that step is rejected.
-        work = asyncio.ensure_future(self._apply(tenant, ids, steps, deadline))
+        work = asyncio.ensure_future(self._apply(tenant, cols, deadline))
         work.add_done_callback(lambda t: t.cancelled() or t.exception())
         return await asyncio.shield(work)
 
-    async def _apply(self, tenant: str, ids: list[str], steps: list[pb.SessionStep],
-                     deadline: float | None) -> list[pb.SessionResult]:
-        async with contextlib.AsyncExitStack() as stack:
-            by_id: dict[str, HotSession] = {}
-            for sid in sorted(ids):  # fixed order: no lock-order deadlock
-                by_id[sid] = await stack.enter_async_context(self.locked(tenant, sid))
+    async def _apply(self, tenant: str, cols: StepColumns, deadline: float | None) -> list[Answer]:
+        ids = cols.ids
+        first_error: BaseException | None = None
+        by_id = await self._lock_all(tenant, ids)
+        try:
             sessions = [by_id[sid] for sid in ids]
             stale = await self.ownership.stale(tenant, sessions)
             if stale:  # another replica took these over: never answer for them
                 for hs in stale:
                     await self._drop_fenced(hs)  # type: ignore[arg-type]
                 raise SessionFenced(stale[0].session_id)
-            plans = [self._plan(hs, st) for hs, st in zip(sessions, steps, strict=True)]
-            ks = {hs.handle: plan.inp.new_positions.numel() for hs, plan in zip(sessions, plans, strict=True)
-                  if isinstance(plan, _Planned)}
-            if ks:  # widening the arena is the allocation a step can cause: admitted first
-                await self.make_room(lambda: self.admission.step_fits(ks), f"a step of {max(ks.values())} new tokens")
-            jobs = [self.batcher.submit(Job(hs.handle, plan.inp, tenant, deadline))
-                    for hs, plan in zip(sessions, plans, strict=True) if isinstance(plan, _Planned)]
-            outs = iter(await asyncio.gather(*jobs, return_exceptions=True))
-            results: list[pb.SessionResult] = []
-            first_error: BaseException | None = None
-            for hs, st, plan in zip(sessions, steps, plans, strict=True):
-                if isinstance(plan, pb.SessionResult):
-                    results.append(plan)
-                    continue
-                out = next(outs)
-                if isinstance(out, BaseException):
-                    first_error = first_error or _named(out, st.session_id)
-                    continue
-                results.append(self._commit(hs, st, plan, out))
+            answers: list[Answer | None] = [None] * len(ids)
+            ints = cols.int_fields()
+            fresh = self._plan(sessions, cols, ints, answers)
+            if fresh:
+                first_error = await self._run_fresh(tenant, sessions, cols, ints, fresh, answers, deadline)
+        finally:
+            for hs in by_id.values():
+                hs.lock.release()
         if first_error is not None:
             raise first_error
-        return results
+        return answers  # type: ignore[return-value]  # every entry is set once no error was raised
 
-    def _plan(self, hs: HotSession, st: pb.SessionStep) -> _Planned | pb.SessionResult:
-        """Check order and worker state; return the cached answer of a retry, or the engine input."""
-        digest = step_digest(st)
-        if st.step == hs.step and hs.step > 0 and hs.last_result is not None:
-            if digest != hs.digest:
-                raise StepOutOfOrder(hs.session_id, st.step, hs.step + 1,
-                                     note="it was already applied with a different payload")
-            return hs.last_result
-        if st.step != hs.step + 1:
-            raise StepOutOfOrder(hs.session_id, st.step, hs.step + 1)
-        self.admission.new_tokens(st)  # before the payload is decoded
-        if st.retained_count != hs.count or st.retained_checksum != hs.checksum:
-            raise StateMismatch(
-                f"session {hs.session_id!r} before step {st.step}: worker holds {st.retained_count} tokens "
-                f"(checksum {st.retained_checksum:#018x}), sidecar holds {hs.count} (checksum {hs.checksum:#018x}) "
-                f"at step {hs.step}; the worker's cache and the sidecar's state diverged (failover to an older "
-                "checkpoint?). Reopen the session or rebuild the worker's cache.")
-        inp = codec.step_input(st)
+    async def _lock_all(self, tenant: str, ids: list[str]) -> dict[str, HotSession]:
+        """Every session of ``ids`` hot with its lock held (what :meth:`locked` does for one), taken
+        in id order (no lock-order deadlock); the caller releases them. On an error none is held."""
+        held: dict[str, HotSession] = {}
         try:
-            self.engine.check(hs.handle, inp)  # shapes: host-only, safe while the session is locked
-        except FieldError as exc:
-            raise InvalidArgument(step_field(hs.session_id, exc.field), exc.reason) from None
-        hs.last_used = time.monotonic()
-        return _Planned(inp, digest)
+            for sid in sorted(ids):
+                while True:
+                    hs = await self.get(tenant, sid)
+                    await hs.lock.acquire()
+                    if self._hot.get((tenant, sid)) is hs:
+                        break
+                    hs.lock.release()  # unloaded while we waited: resume it again
+                held[sid] = hs
+        except BaseException:
+            for hs in held.values():
+                hs.lock.release()
+            raise
+        return held
 
-    def _commit(self, hs: HotSession, st: pb.SessionStep, plan: _Planned, out: StepOutput | EngineError
-                ) -> pb.SessionResult:
-        if isinstance(out, EngineError):
-            raise _named(out, hs.session_id)
-        G, inp = hs.cfg.groups, plan.inp
-        checksum = codec.checksum_after(hs.checksum, G, inp.new_positions, out)
-        result = codec.session_result(hs.session_id, st.step, out, checksum)
-        self.history.record(hs.tenant, hs.session_id, hs.handle, st.step, inp.new_positions.numel(), out)
-        before = hs.count
-        hs.step, hs.checksum, hs.count = st.step, checksum, result.retained_count
-        hs.digest, hs.last_result = plan.digest, result
-        m = self._series(hs)
-        k = inp.new_positions.numel()
-        m.seen.inc(k)
-        evicted = before + G * k - hs.count
-        m.evicted.inc(evicted)
-        m.retained.inc(hs.count - before)
-        m.ratio.observe(hs.count / max(1, before + G * k))
-        for mass in out.retained_mass.tolist():
-            m.mass.observe(mass)
-        if evicted:
-            for age in out.evicted_age[out.evicted_age > 0].tolist():
-                m.age.observe(age)
+    def _plan(self, sessions: list[HotSession], cols: StepColumns, ints: dict[str, np.ndarray],
+              answers: list[Answer | None]) -> list[int]:
+        """Check order and worker state for the whole batch; fill in the cached answers of retries
+        and return the indices of the steps that go to the engine (request order)."""
+        current = np.array([hs.step for hs in sessions], dtype=np.uint64)
+        cached = np.array([hs.last_result is not None for hs in sessions])
+        retry = (cols.steps == current) & (current > 0) & cached
+        for b in np.flatnonzero(retry).tolist():
+            hs = sessions[b]
+            if cols.digest(b, ints) != hs.digest:
+                raise StepOutOfOrder(hs.session_id, int(cols.steps[b]), hs.step + 1,
+                                     note="it was already applied with a different payload")
+            answers[b] = hs.last_result
+        out_of_order = np.flatnonzero(~retry & (cols.steps != current + np.uint64(1)))
+        if out_of_order.size:
+            b = int(out_of_order[0])
+            raise StepOutOfOrder(sessions[b].session_id, int(cols.steps[b]), sessions[b].step + 1)
+        fresh = np.flatnonzero(~retry)
+        if not fresh.size:
+            return []
+        self.admission.check_new_tokens(cols.ids, cols.k, fresh)  # before the payload is decoded
+        counts = np.array([sessions[b].count for b in fresh.tolist()], dtype=np.int64)
+        checksums = np.array([sessions[b].checksum for b in fresh.tolist()], dtype=np.uint64)
+        diverged = np.flatnonzero((cols.retained_counts[fresh] != counts)
+                                  | (cols.retained_checksums[fresh] != checksums))
+        if diverged.size:
+            b = int(fresh[diverged[0]])
+            hs = sessions[b]
+            raise StateMismatch(
+                f"session {hs.session_id!r} before step {int(cols.steps[b])}: worker holds "
+                f"{int(cols.retained_counts[b])} tokens (checksum {int(cols.retained_checksums[b]):#018x}), sidecar "
+                f"holds {hs.count} (checksum {hs.checksum:#018x}) at step {hs.step}; the worker's cache and the "
+                "sidecar's state diverged (failover to an older checkpoint?). Reopen the session or rebuild the "
+                "worker's cache.")
+        return fresh.tolist()
+
+    async def _run_fresh(self, tenant: str, sessions: list[HotSession], cols: StepColumns,
+                         ints: dict[str, np.ndarray], fresh: list[int], answers: list[Answer | None],
+                         deadline: float | None) -> BaseException | None:
+        """Validate, run and commit the steps ``fresh``; returns the first engine refusal (request order)."""
+        hot = [sessions[b] for b in fresh]
+        groups = [hs.cfg.groups for hs in hot]
+        cols.check_layout(fresh, np.array(groups), np.array([hs.cfg.fanout for hs in hot]),
+                          np.array([max(self.engine.counts(hs.handle)) for hs in hot]),
+                          [hs.cfg.policy for hs in hot])
+        cols.check_positions(fresh, ints)
+        digests = [cols.digest(b, ints) for b in fresh]
+        inputs = cols.inputs(fresh, groups, ints)
+        now = time.monotonic()
+        for hs in hot:
+            hs.last_used = now
+        ks = {hs.handle: k for hs, k in zip(hot, cols.k[np.asarray(fresh)].tolist(), strict=True)}
+        # Widening the arena is the allocation a step can cause: admitted first.
+        await self.make_room(lambda: self.admission.step_fits(ks), f"a step of {max(ks.values())} new tokens")
+        job = Job({hs.handle: inp for hs, inp in zip(hot, inputs, strict=True)}, tenant, deadline)
+        try:
+            outs = await self.batcher.submit(job)
+        except BaseException as exc:  # queue full, deadline, draining: nothing was applied
+            return exc
+        good = [j for j, hs in enumerate(hot) if isinstance(outs[hs.handle], HostOutput)]
+        first_error = next((_named(outs[hot[j].handle], hot[j].session_id)  # type: ignore[arg-type]
+                            for j in range(len(hot)) if j not in set(good)), None)
+        if good:
+            self._commit([hot[j] for j in good], [int(cols.steps[fresh[j]]) for j in good],
+                         [outs[hot[j].handle] for j in good],  # type: ignore[misc]
+                         [int(cols.k[fresh[j]]) for j in good],
+                         np.concatenate([ints["new_positions"][cols.columns["new_positions"].offsets[b]:
+                                                               cols.columns["new_positions"].offsets[b + 1]]
+                                         for b in (fresh[j] for j in good)]),
+                         [digests[j] for j in good])
+            for j in good:
+                answers[fresh[j]] = hot[j].last_result
+        return first_error
+
+    def _commit(self, hot: list[HotSession], steps: list[int], outs: list[HostOutput], ks: list[int],
+                new_pos: np.ndarray, digests: list[bytes]) -> None:
+        """Commit engine outputs: answers, checksums and metrics computed for the whole batch (numpy
+        only: see LazyInputs for why no torch call runs here)."""
+        answers = answer_batch(steps, outs, new_pos, np.concatenate([[0], np.cumsum(ks)]),
+                               [hs.checksum for hs in hot])
+        by_series: dict[int, tuple[_Series, list[int]]] = {}
         every = self.settings.checkpoint_cadence
-        if every and hs.step - hs.checkpointed_step >= every and not hs.checkpoint_queued:
-            hs.checkpoint_queued = True
-            self._spawn(self._cadence_checkpoint(hs))
-        return result
+        before = [hs.count for hs in hot]
+        self.history.record_many([(hs.tenant, hs.session_id, hs.handle, ans.step, k, out)
+                                  for hs, ans, k, out in zip(hot, answers, ks, outs, strict=True)])
+        for j, (hs, ans, digest) in enumerate(zip(hot, answers, digests, strict=True)):
+            hs.step, hs.checksum, hs.count = ans.step, ans.checksum, ans.count
+            hs.digest, hs.last_result = digest, ans
+            series = self._series(hs)
+            by_series.setdefault(id(series), (series, []))[1].append(j)
+            if every and hs.step - hs.checkpointed_step >= every and not hs.checkpoint_queued:
+                hs.checkpoint_queued = True
+                self._spawn(self._cadence_checkpoint(hs))
+        for m, js in by_series.values():
+            G = np.array([hot[j].cfg.groups for j in js], dtype=np.int64)
+            k = np.array([ks[j] for j in js], dtype=np.int64)
+            was = np.array([before[j] for j in js], dtype=np.int64)
+            now = np.array([answers[j].count for j in js], dtype=np.int64)
+            m.seen.inc(int(k.sum()))
+            evicted = int((was + G * k - now).sum())
+            m.evicted.inc(evicted)
+            m.retained.inc(int((now - was).sum()))
+            observe_many(m.ratio, now / np.maximum(1, was + G * k))
+            observe_many(m.mass, np.concatenate([outs[j].retained_mass for j in js]))
+            if evicted:
+                ages = np.concatenate([outs[j].evicted_age.reshape(-1) for j in js])
+                observe_many(m.age, ages[ages > 0])
 
     async def _cadence_checkpoint(self, hs: HotSession) -> None:
         try:
@@ -506,7 +579,7 @@ class SessionManager:
         if base is not None and base.deltas + 1 >= self.settings.checkpoint_full_every:
             base = None
         rows, seconds = await self.on_engine(writer.capture, self.engine, hs.handle, base)
-        last = hs.last_result.SerializeToString() if hs.last_result is not None else b""
+        last = b"" if hs.last_result is None else hs.last_result.session_result(hs.session_id).SerializeToString()
         return Captured(hs.step, hs.checksum, hs.digest, last, rows, base, seconds)
 
     async def _store(self, hs: HotSession, cap: Captured) -> bool | object | None:
@@ -650,25 +723,6 @@ class SessionManager:
         """Hot and stored session ids of a tenant (sorted)."""
         stored = await self.store.list(tenant)
         return sorted(set(stored) | {hs.session_id for hs in self.hot_sessions(tenant)})
-
-
-def step_digest(st: pb.SessionStep) -> bytes:
-    """Identity of a step's payload: its header fields and every tensor's dtype, shape and bytes.
-
-    Hashing the fields directly avoids re-serializing the whole message per step.
-    """
-    h = hashlib.blake2b(digest_size=32)
-    h.update(f"{st.session_id}\x00{st.step}\x00{st.retained_count}\x00{st.retained_checksum}".encode())
-    for t in (st.new_positions, st.attn, st.last, st.edge_index, st.edge_weight):
-        h.update(f"\x00{t.dtype}:{list(t.shape)}:".encode())
-        h.update(t.data)
-    # The optional priors only when sent, named: a step without them hashes as before they existed.
-    for name in PRIORS:
-        if st.HasField(name):
-            t = getattr(st, name)
-            h.update(f"\x00{name}:{t.dtype}:{list(t.shape)}:".encode())
-            h.update(t.data)
-    return h.digest()
 
 
 def _named(exc: BaseException, session_id: str) -> BaseException:

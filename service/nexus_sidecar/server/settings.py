@@ -75,8 +75,9 @@ class ServerSettings(BaseSettings):
                                 "(bounds the request bytes held in flight to about this x max_message_mb)",
         json_schema_extra={"group": _LIMITS})
     malloc_mmap_threshold_kb: int = Field(
-        1024, ge=0, description="glibc: allocations of at least this many KiB are mmapped and returned to the OS "
-                                "when freed, keeping RSS flat under bursts of large requests (0 = glibc default)",
+        32768, ge=0, description="glibc: allocations of at least this many KiB are mmapped and returned to the OS "
+                                 "when freed, keeping RSS flat under bursts of large requests (0 = glibc default; "
+                                 "at most 32768)",
         json_schema_extra={"group": _LIMITS})
     metrics_require_key: bool = Field(
         False, description="/metrics answers only with a valid API key (Authorization: Bearer; Prometheus: "
