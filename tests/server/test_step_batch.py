@@ -44,7 +44,9 @@ CONFIGS = [
     {**SMALL, "slack": 4, "seed": 99, "fanout": 6},
 ]
 PRIOR_CONFIGS = [{**SMALL, "policy": "keydiff", "groups": 2, "budget": 16},
-                 {**SMALL, "seed": 1, "prior": "value_norm", "prior_mix": 0.7}]
+                 {**SMALL, "seed": 1, "prior": "value_norm", "prior_mix": 0.7, "react_calls": "question",
+                  "question_prior_mix": 0.25}]
+CALLS = ("decode", "context", "question", "unspecified")
 
 
 def batch_request(sims: list[SimSession], plans: list[Planned], float_dtype: torch.dtype = torch.float32
@@ -104,8 +106,10 @@ def test_batch_and_per_session_forms_give_the_same_answers_and_state(configs: li
         async with running_sidecar(max_batch=3) as sc:  # max_batch 3: batches split over engine calls
             c = client(sc)
             ref = Reference()
-            per_session = [SimSession(f"p{i}", config=cfg, seed=i, priors=priors) for i, cfg in enumerate(configs)]
-            columnar = [SimSession(f"c{i}", config=cfg, seed=i, priors=priors) for i, cfg in enumerate(configs)]
+            per_session = [SimSession(f"p{i}", config=cfg, seed=i, priors=priors, call=CALLS[i % 4])
+                           for i, cfg in enumerate(configs)]
+            columnar = [SimSession(f"c{i}", config=cfg, seed=i, priors=priors, call=CALLS[i % 4])
+                        for i, cfg in enumerate(configs)]
             for sim in per_session + columnar:
                 await c.open_session(sim.session_id, sim.config)
             for sim in columnar:
@@ -248,6 +252,10 @@ def _truncate(name: str) -> Callable[[pb.StepBatchRequest], None]:
     return mutate
 
 
+def _bad_call(req: pb.StepBatchRequest) -> None:
+    req.calls = bytes([3, 9])
+
+
 def _duplicate_id(req: pb.StepBatchRequest) -> None:
     req.session_ids[1] = req.session_ids[0]
 
@@ -301,6 +309,8 @@ BAD_INPUTS: dict[str, tuple[Callable[[pb.StepBatchRequest], None], str, str]] = 
     "edge_weight negative": (_value("edge_weight", 1, -0.5), "steps[b0].edge_weight: ", "negative"),
     "edge_weight truncated": (_truncate("edge_weight"), "edge_weight: ", "bytes"),
     "edge_weight missing": (_clear("edge_weight"), "edge_weight: ", "required"),
+    "calls unknown kind": (_bad_call, "steps[b1].call: ", "unknown call kind 9"),
+    "calls length": (_raw("calls", lambda d: bytes([1, 1, 1])), "calls: ", "bytes"),
 }
 PRIOR_BAD: dict[str, tuple[Callable[[pb.StepBatchRequest], None], str, str]] = {
     "key_diversity out of range": (_value("key_diversity", 2, 1.5), "steps[b0].key_diversity: ", "outside"),
