@@ -66,12 +66,60 @@ def _config(n: int) -> dict[str, Any]:
     return {"policy": "nexus", "budget": n, "recent": 32, "fanout": 8, "iterations": 2}
 
 
-async def _run_workers(target: str, B: int, N: int, workers: int, steps: int) -> dict[str, float]:
+class _DecodeWindow:
+    """The workers' prefill barrier, which also scrapes the sidecar's /metrics as the decode phase
+    starts (and ``close`` as it ends): the server-side figures cover decode RPCs only."""
+
+    def __init__(self, workers: int, http_port: int | None) -> None:
+        self._barrier = asyncio.Barrier(workers)
+        self._port = http_port
+        self.before = self.after = ""
+
+    async def wait(self) -> int:
+        index = await self._barrier.wait()
+        if index == 0 and self._port is not None:
+            self.before = await asyncio.to_thread(checkpoint_bench.scrape, self._port)
+        return index
+
+    async def close(self) -> None:
+        if self._port is not None:
+            self.after = await asyncio.to_thread(checkpoint_bench.scrape, self._port)
+
+
+def server_side(before: str, after: str) -> dict[str, float]:
+    """What the sidecar itself measured over the decode window (its /metrics before and after).
+
+    ``server_overhead_us_server_side``: per session-step, the Step/StepBatch handler time that is
+    neither waiting in the micro-batcher (for another RPC's engine call) nor the engine call itself:
+    parsing, validation, decoding, thread hand-offs, answers, metrics (no client, no transport).
+    Each RPC's engine time is its call's; RPCs merged into one call share it (counted per RPC).
+    """
+    def total(name: str, **labels: str) -> float:
+        return checkpoint_bench._total(after, name, **labels) - checkpoint_bench._total(before, name, **labels)
+
+    req_s = sum(total("nexus_request_duration_seconds_sum", rpc=r, code="OK") for r in ("Step", "StepBatch"))
+    rpcs = sum(total("nexus_request_duration_seconds_count", rpc=r, code="OK") for r in ("Step", "StepBatch"))
+    calls = total("nexus_engine_compute_seconds_count")
+    compute_s = total("nexus_engine_compute_seconds_sum")
+    queue_s = total("nexus_queue_wait_seconds_sum")
+    steps = total("nexus_batch_sessions_sum")
+    if not rpcs or not calls or not steps:
+        return {}
+    # Merged RPCs (rpcs > calls) each wait for their whole call; a split RPC waits for all its calls.
+    engine_attributed = compute_s * max(1.0, rpcs / calls)
+    return {"server_ms_per_rpc": 1e3 * req_s / rpcs, "server_engine_ms_per_call": 1e3 * compute_s / calls,
+            "server_queue_ms_per_rpc": 1e3 * queue_s / rpcs,
+            "server_overhead_us_server_side": 1e6 * (req_s - queue_s - engine_attributed) / steps}
+
+
+async def _run_workers(target: str, B: int, N: int, workers: int, steps: int, http_port: int | None = None
+                       ) -> dict[str, float]:
     work = Workload(sessions=B, prefill=N, steps=steps, k=1, config=_config(N), realistic=False)
     ws = [SimulatedWorker(f"w{i}", target, "default", None, work, seed=i) for i in range(workers)]
     t0 = time.perf_counter()
-    barrier = asyncio.Barrier(workers)
-    stats = await asyncio.gather(*(w.run(barrier) for w in ws))
+    window = _DecodeWindow(workers, http_port)
+    stats = await asyncio.gather(*(w.run(window) for w in ws))  # type: ignore[arg-type]
+    await window.close()  # after every decode call (the closes are not Step RPCs)
     wall = time.perf_counter() - t0
     lat = sorted(itertools.chain.from_iterable(s.rpc_seconds for s in stats))
     # Throughput over the decode phase: the slowest worker's decode window bounds it.
@@ -82,6 +130,7 @@ async def _run_workers(target: str, B: int, N: int, workers: int, steps: int) ->
         "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3,
         "bytes_per_rpc": sum(s.bytes_sent for s in stats) / max(1, len(lat)),
         "wall_s": wall,
+        **(server_side(window.before, window.after) if http_port is not None else {}),
     }
 
 
@@ -143,7 +192,7 @@ def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]
                     for _, B, N, W in (g for g in grid if g[0] == store):
                         rec: dict[str, Any] = {"B": B, "N": N, "store": store, "workers": W}
                         before = checkpoint_bench.scrape(sc.http_port) if store == "redis" else None
-                        rec.update(asyncio.run(_run_workers(sc.target, B, N, W, settings.steps)))
+                        rec.update(asyncio.run(_run_workers(sc.target, B, N, W, settings.steps, sc.http_port)))
                         if before is not None:
                             rec.update(checkpoint_bench.service_columns(before, checkpoint_bench.scrape(sc.http_port)))
                         rec.update(asyncio.run(_echo(echo_target, B, N, W, settings.echo_calls)))
@@ -174,8 +223,9 @@ def table(payload: dict[str, Any]) -> str:
     """Markdown table."""
     return markdown_table(payload["records"], [
         "store", "B", "N", "workers", "service_session_steps_per_s", "engine_session_steps_per_s",
-        "throughput_vs_engine", "server_overhead_us_per_session_step", "service_vs_engine_time", "p50_ms", "p99_ms",
-        "echo_p50_ms", "echo_p99_ms", "engine_ms_per_call", "p99_target_ms", *checkpoint_bench.SERVICE_COLUMNS])
+        "throughput_vs_engine", "server_overhead_us_per_session_step", "server_overhead_us_server_side",
+        "service_vs_engine_time", "p50_ms", "p99_ms", "echo_p50_ms", "echo_p99_ms", "engine_ms_per_call",
+        "server_engine_ms_per_call", "p99_target_ms", *checkpoint_bench.SERVICE_COLUMNS])
 
 
 def plot(payload: dict[str, Any], path: str) -> None:
