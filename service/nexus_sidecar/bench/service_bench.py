@@ -101,7 +101,9 @@ def server_side(before: str, after: str) -> dict[str, float]:
     rpcs = sum(total("nexus_request_duration_seconds_count", rpc=r, code="OK") for r in ("Step", "StepBatch"))
     calls = total("nexus_engine_compute_seconds_count")
     compute_s = total("nexus_engine_compute_seconds_sum")
-    queue_s = total("nexus_queue_wait_seconds_sum")
+    # One queue-wait sample per queued part of an RPC (per session step where each step is a job):
+    # the mean sample is what one RPC waited.
+    queue_s = total("nexus_queue_wait_seconds_sum") / max(1.0, total("nexus_queue_wait_seconds_count")) * rpcs
     steps = total("nexus_batch_sessions_sum")
     if not rpcs or not calls or not steps:
         return {}
