@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -189,8 +191,11 @@ def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]
                 threads = str(torch.get_num_threads())
                 # max_batch = the largest B: every RPC is one engine call, like the engine-only column.
                 max_batch = str(max(settings.batch_sizes))
+                # Its log goes to a file: an undrained pipe fills up (e.g. a burst of checkpoint
+                # warnings) and blocks the sidecar mid-run.
+                log_path = os.path.join(tempfile.gettempdir(), f"nexus-bench-service-{os.getpid()}-{store}.log")
                 with sidecar_process(*args, "--max-batch", max_batch, "--max-delay-us", "500", "--torch-threads",
-                                     threads) as sc:
+                                     threads, log_path=log_path) as sc:
                     for _, B, N, W in (g for g in grid if g[0] == store):
                         rec: dict[str, Any] = {"B": B, "N": N, "store": store, "workers": W}
                         before = checkpoint_bench.scrape(sc.http_port) if store == "redis" else None
