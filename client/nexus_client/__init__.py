@@ -9,6 +9,7 @@ integration lives in ``nexus_client.hf`` (imported separately: it needs transfor
 """
 
 from nexus_client.client import AsyncNexusClient, ClientOptions, NexusClient, config_message
+from nexus_client.columnar import BatchAnswer, BatchBuilder, read_answer
 from nexus_client.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -30,6 +31,8 @@ __all__ = [
     "AlreadyExists",
     "AsyncNexusClient",
     "AsyncNexusRouter",
+    "BatchAnswer",
+    "BatchBuilder",
     "ClientOptions",
     "DeadlineExceeded",
     "DnsEndpoints",
@@ -52,6 +55,7 @@ __all__ = [
     "config_message",
     "pack_step",
     "positions_checksum",
+    "read_answer",
     "top_edges",
     "unpack_result",
 ]
