@@ -54,7 +54,9 @@ def build(verbose: bool = False) -> ModuleType:
     """
     path = build_dir()
     built = path / f"{NAME}.so"
-    if built.exists():
+    # torch holds ``lock`` in the directory while it builds: then the .so may be half written, and
+    # load() below waits for the other process's build instead.
+    if built.exists() and not (path / "lock").exists():
         spec = importlib.util.spec_from_file_location(NAME, built)
         if spec is not None and spec.loader is not None:
             mod = importlib.util.module_from_spec(spec)
