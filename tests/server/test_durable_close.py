@@ -12,7 +12,7 @@ import pytest
 from nexus_sidecar.server.checkpoint import load
 from nexus_sidecar.server.stores import Fenced
 
-from tests.server.conftest import SimSession, arun, client, drive, expect_error, running_sidecar
+from tests.server.conftest import SimSession, arun, client, drive, expect_error, running_sidecar, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,9 +28,15 @@ def test_close_during_an_outage_fails_and_keeps_then_never_resurrects(redis_fact
             await c.open_session("c1", sim.config)
             await drive(c, [sim], 4)
             old_epoch = sc.sessions.hot_sessions()[0].epoch
-            with rp.client() as r:
-                old_blob, old_delta, old_full = r.hmget("nexus:{default:c1}:state", "blob", "delta", "full")
-            assert load(old_blob, old_delta).checkpoint.step >= 3
+
+            def stored() -> list[bytes | None]:
+                with rp.client() as r:
+                    return r.hmget("nexus:{default:c1}:state", "blob", "delta", "full")
+
+            # Checkpoints are written off the engine thread: wait for the one of step 3 or later.
+            await wait_until(lambda: load(*stored()[:2]).checkpoint.step >= 3, timeout=10,
+                             what="the checkpoint of step 3 in Redis")
+            old_blob, old_delta, old_full = stored()
 
             rp.stop()  # Redis down
             msg = await expect_error(c.close_session("c1"), grpc.StatusCode.UNAVAILABLE)

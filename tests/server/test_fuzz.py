@@ -170,7 +170,10 @@ def mutate(sim: SimSession, plan: list[tuple[str, Any, Any]]) -> pb.SessionStep:
         elif what == "position":
             t = getattr(msg, name)
             n = math.prod(t.shape)
-            if n and t.dtype in (pb.D_TYPE_INT32, pb.D_TYPE_INT64):
+            width = 4 if t.dtype == pb.D_TYPE_INT32 else 8
+            # Only a well-formed integer tensor gets a value changed (an earlier step of the plan may
+            # have replaced it by one whose data does not match its shape: that case is already bad).
+            if n and t.dtype in (pb.D_TYPE_INT32, pb.D_TYPE_INT64) and len(t.data) == n * width:
                 vals = torch.frombuffer(bytearray(t.data), dtype=torch.int32 if t.dtype == pb.D_TYPE_INT32
                                         else torch.int64).to(torch.int64).clone()
                 vals[value[0] % n] = value[1]
