@@ -1,7 +1,7 @@
 """``nexus-sidecar eval``: task accuracy of eviction policies against dense attention.
 
 Runs RULER-style generated tasks (or a LongBench-format JSONL file) through a HF causal LM under
-each policy, eviction rate and mode (streaming / one-shot question-agnostic), resumably, and writes
+each policy, compression and setting (streaming / agnostic / aware / decode), resumably, and writes
 ``PATH`` (JSON list of records), ``PATH`` with ``.jsonl`` (one line per finished run, the resume
 log), ``.md`` (tables + verdict), ``.png`` (accuracy vs eviction rate) and ``.meta.json`` (settings,
 haystack fingerprints, the verdict). See docs/evaluation.md.
