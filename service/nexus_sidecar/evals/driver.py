@@ -314,23 +314,18 @@ def drive(
                 retained = None
             else:
                 logits, cap = fwd(c, qt, qpos)
-            run = None
             s = [slots[0].clone()] if slots else []
-            if setting in ONE_SHOT_QUESTION and policy is not None:
-                assert prefix is not None
-                run = policy()
-                try:
+            run = policy() if setting in ONE_SHOT_QUESTION and policy is not None else None
+            try:
+                if run is not None:
+                    assert prefix is not None
                     run.add(prefix.capture, s[0], s)  # the context's queries, then the question's
                     s[0] = torch.cat([s[0], qpos])
                     run.add(cap, qpos, s)
                     run.call(c, s, "question")
                     retained = [p for p in s[0].tolist() if p < n_ctx]
-                except BaseException:
-                    finish(run)
-                    raise
-            if setting in ONE_SHOT_QUESTION:
-                kept_context = max(kept_context, max(cache_lengths(c)))
-            try:
+                if setting in ONE_SHOT_QUESTION:
+                    kept_context = max(kept_context, max(cache_lengths(c)))
                 # decode: the budget also holds while the answer is written (one call per token).
                 ids = decode(c, logits, n_ctx + int(qt.numel()), run if setting == "decode" else None, s)
             finally:

@@ -63,20 +63,24 @@ class Checkpoint:
             raise StateError("checkpoint", f"unsupported checkpoint version {version} (this build reads 1..{VERSION})"
                              if head is None else f"blob of {len(blob)} bytes is too short")
         _, _, _, step, checksum, dlen = head.unpack_from(blob, 0)
-        off = head.size
-        digest = blob[off : off + dlen]
-        off += dlen
-        try:
-            (rlen,) = struct.unpack_from("<I", blob, off)
-        except struct.error as exc:
-            raise StateError("checkpoint", "blob ends inside the header") from exc
-        off += 4
-        last_result = blob[off : off + rlen]
-        off += rlen
+        digest, last_result, off = _read_reply(blob, head.size, dlen, "checkpoint")
         state = SessionState.from_bytes(blob[off:])
         if version == 1:  # the 32-bit checksum of v1 means nothing today: recompute it from the state
             checksum = sum(positions_checksum(g.pos) for g in state.groups) & ((1 << 64) - 1)
         return cls(step, checksum, digest, last_result, state)
+
+
+def _read_reply(blob: bytes, off: int, digest_len: int, field: str) -> tuple[bytes, bytes, int]:
+    """The request digest and the last answer that follow either envelope's header, and the offset
+    of the engine blob after them."""
+    digest = blob[off : off + digest_len]
+    off += digest_len
+    try:
+        (rlen,) = struct.unpack_from("<I", blob, off)
+    except struct.error as exc:
+        raise StateError(field, "blob ends inside the header") from exc
+    off += 4
+    return digest, blob[off : off + rlen], off + rlen
 
 
 DELTA_MAGIC = b"NXCD"
@@ -129,16 +133,7 @@ class DeltaCheckpoint:
             raise StateError("checkpoint.delta", f"bad magic {magic!r}, expected {DELTA_MAGIC!r}")
         if version != DELTA_VERSION:
             raise StateError("checkpoint.delta", f"unsupported version {version} (this build reads {DELTA_VERSION})")
-        off = _DHEAD.size
-        digest = body[off : off + dlen]
-        off += dlen
-        try:
-            (rlen,) = struct.unpack_from("<I", body, off)
-        except struct.error as exc:
-            raise StateError("checkpoint.delta", "blob ends inside the header") from exc
-        off += 4
-        last_result = body[off : off + rlen]
-        off += rlen
+        digest, last_result, off = _read_reply(body, _DHEAD.size, dlen, "checkpoint.delta")
         return cls(step, base_step, base_crc, checksum, digest, last_result, StateDelta.from_bytes(body[off:]))
 
     def apply(self, full: Checkpoint, full_blob: bytes) -> Checkpoint:
