@@ -126,3 +126,28 @@ def test_capture_matches_eager_output_attentions() -> None:
         for got_rows, exp_rows in zip(cap.rows, expect, strict=True):
             torch.testing.assert_close(got_rows, exp_rows, atol=1e-6, rtol=1e-5)
         assert cap.mass[0].shape == (12,)
+
+
+@torch.inference_mode()
+def test_capture_survives_kvpress_wrapping_the_registered_kernels() -> None:
+    """kvpress wraps every registered attention kernel at import and passes ``dropout`` positionally;
+    our kernel registered before that import must still give the model's own logits (it raised
+    "multiple values for argument 'scaling'" when ``scaling`` came first)."""
+    from kvpress.attention_patch import attention_patch
+    from nexus_client.hf.capture import nexus_attention_forward
+    from transformers import AttentionInterface
+
+    model = tiny_llama(2048)
+    ids = torch.randint(0, 128, (1, 12))
+    model.set_attn_implementation("eager")
+    ref = model(input_ids=ids).logits
+    rec = AttentionRecorder(2)
+    with capture_attention(model, rec):
+        AttentionInterface.register("nexus_capture", attention_patch(nexus_attention_forward))
+        try:
+            rec.start()
+            out = model(input_ids=ids).logits
+            rec.finish()
+        finally:
+            AttentionInterface.register("nexus_capture", nexus_attention_forward)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -42,3 +42,34 @@ def test_press_knobs_are_checked_against_the_press_fields() -> None:
     with pytest.raises(ValueError, match="known: "):
         make_press("kvpress:kvzip_plus", 0.5, {}, 0)
     assert make_press("kvpress:random", 0.5, {}, 11).seed == 11
+
+
+@pytest.mark.parametrize("name", ["keydiff", "snapkv", "streaming_llm"])
+def test_shared_selection_keeps_one_position_set_for_every_layer_and_head(tiny: Any, name: str) -> None:
+    model, _ = tiny
+    ids = torch.randint(3, 500, (96,), generator=torch.Generator().manual_seed(7))
+    prefix = prefill(model, ids.tolist())
+    shared = copy.deepcopy(prefix.cache)
+    kept = apply_press(make_press(f"kvpress:{name}", 0.75, {"select": "shared"}, seed=3), model, shared, prefix.inputs)
+    assert kept is not None and len(kept) == 24 and kept == sorted(set(kept))
+    for full, cut in zip(prefix.cache.layers, shared.layers, strict=True):
+        assert torch.equal(cut.keys, full.keys[:, :, kept]) and torch.equal(cut.values, full.values[:, :, kept])
+    per_head = copy.deepcopy(prefix.cache)
+    assert apply_press(make_press(f"kvpress:{name}", 0.75, {}, seed=3), model, per_head, prefix.inputs) is None
+    if name == "streaming_llm":  # the same score in every head and layer: both granularities agree
+        assert kept == [*range(4), *range(76, 96)]
+        a, b = per_head.layers[-1].keys[0], shared.layers[-1].keys[0]  # kvpress keeps topk order, we sort
+        for h in range(a.shape[0]):
+            assert torch.equal(a[h][a[h, :, 0].argsort()], b[h][b[h, :, 0].argsort()])
+    else:  # kvpress's heads disagree on this input, so the shared set is not any one head's
+        heads = per_head.layers[0].keys
+        assert not all(torch.equal(heads[:, h], shared.layers[0].keys[:, h]) for h in range(heads.shape[1]))
+
+
+def test_select_knob_is_checked() -> None:
+    check_press_knobs("kvpress:keydiff", {"select": "shared"}, "x")
+    check_press_knobs("kvpress:keydiff", {"select": "per_head"}, "x")
+    with pytest.raises(ValueError, match="select must be one of per_head, shared, got 'layer'"):
+        check_press_knobs("kvpress:keydiff", {"select": "layer"}, "policy 'kvpress:keydiff:select=layer'")
+    assert not hasattr(make_press("kvpress:keydiff", 0.5, {"select": "per_head"}, 0), "press")
+    assert make_press("kvpress:keydiff", 0.5, {"select": "shared"}, 0).press.compression_ratio == 0.5

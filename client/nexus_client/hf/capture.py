@@ -135,15 +135,17 @@ def nexus_attention_forward(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
     dropout: float = 0.0,
+    scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Eager attention that also hands head-reduced probabilities to the module's recorder.
 
     ``query``: ``[B, H, q, D]``; ``key``/``value``: ``[B, Hkv, L, D]`` (the layer's whole cache,
     new tokens last). A 4D ``attention_mask`` (additive float or boolean keep) is honoured; without
-    one, the causal mask is built against this layer's own key length.
+    one, the causal mask is built against this layer's own key length. ``dropout`` comes before
+    ``scaling`` as in transformers' registered kernels (sdpa, flash): kvpress wraps every registered
+    kernel at import and passes ``dropout`` positionally (``scaling`` first broke under that wrapper).
     """
     if kwargs.get("sliding_window") or getattr(module, "sliding_window", None):
         raise NotImplementedError("nexus_capture does not implement sliding-window attention layers")

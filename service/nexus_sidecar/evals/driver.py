@@ -42,6 +42,8 @@ from nexus_client.hf.capture import AttentionRecorder, ForwardCapture, attention
 from nexus_client.hf.decode import greedy_decode
 from nexus_client.hf.policy_run import PolicyRun
 
+from nexus_sidecar.evals.kvpress_baselines import SharedSelection
+
 SETTINGS = ("streaming", "agnostic", "aware", "decode")
 ONE_SHOT_QUESTION = ("aware", "decode")  # settings that compress context + question together
 Press = Any  # a kvpress BasePress; kvpress is an optional extra
@@ -168,20 +170,38 @@ def kv_bytes_per_token(model: Any) -> int:
 
 
 @torch.inference_mode()
-def apply_press(press: Press, model: Any, cache: Any, inputs: LayerInputs) -> None:
+def apply_press(press: Press, model: Any, cache: Any, inputs: LayerInputs) -> list[int] | None:
     """Compress every layer of ``cache`` in place with kvpress ``press``, from the captured ``inputs``.
 
     This is the body of kvpress's ``BasePress.forward_hook`` (``compress`` on the layer's inputs,
     then the cache layer replaced), run after the prefill instead of inside it. The two agree
     because a layer's compression never changes the attention output of the pass that filled it.
+    Returns the kept positions when ``press`` is a :class:`~.kvpress_baselines.SharedSelection`
+    (one set for every layer and head), ``None`` for kvpress's own per-head selection.
     """
-    press.post_init_from_model(model)
+    shared = isinstance(press, SharedSelection)
+    inner = press.press if shared else press
+    inner.post_init_from_model(model)
     base = model.model
     kwargs = {"position_embeddings": (inputs.cos, inputs.sin)}
-    for layer_module, layer_cache, hidden in zip(attention_modules(model), cache.layers, inputs.hidden, strict=True):
+    layers = list(zip(attention_modules(model), cache.layers, inputs.hidden, strict=True))
+    for layer_module, _, _ in layers:
         layer_module.rotary_emb = base.rotary_emb  # what kvpress's context manager sets
-        keys, values = press.compress(layer_module, hidden, layer_cache.keys, layer_cache.values, None, kwargs)
-        layer_cache.keys, layer_cache.values = keys.contiguous(), values.contiguous()
+    if not shared:
+        for layer_module, layer_cache, hidden in layers:
+            keys, values = inner.compress(layer_module, hidden, layer_cache.keys, layer_cache.values, None, kwargs)
+            layer_cache.keys, layer_cache.values = keys.contiguous(), values.contiguous()
+        return None
+    from kvpress.utils import compute_n_kept
+
+    # Scores [1, Hkv, T] per layer -> mean over heads, then over layers: the shared group's rule.
+    total = torch.stack([inner.score(m, h, c.keys, c.values, None, kwargs)[0].float().mean(0) for m, c, h in layers])
+    length = int(total.shape[-1])
+    keep = total.mean(0).topk(compute_n_kept(length, inner.compression_ratio)).indices.sort().values
+    for _, layer_cache, _ in layers:
+        layer_cache.keys = layer_cache.keys[:, :, keep].contiguous()
+        layer_cache.values = layer_cache.values[:, :, keep].contiguous()
+    return keep.tolist()
 
 
 @torch.inference_mode()
@@ -297,8 +317,9 @@ def drive(
                 finally:
                     finish(run)
             elif setting == "agnostic" and press is not None:
-                apply_press(press, model, cache, prefix.inputs)
-                slots = []  # per-head selection: no shared position list
+                kept = apply_press(press, model, cache, prefix.inputs)
+                # per-head selection keeps no shared position list
+                slots = [torch.as_tensor(kept, dtype=torch.int64)] if kept is not None else []
         kept_context = max(cache_lengths(cache)) if setting not in ONE_SHOT_QUESTION else 0
 
         for q in questions:
@@ -310,8 +331,8 @@ def drive(
                 assert prefix is not None
                 with _InputRecorder(model) as q_inputs:  # only a press compressing the question reads them
                     logits, cap = fwd(c, qt, qpos)
-                apply_press(press, model, c, prefix.inputs.cat(q_inputs.result()))
-                retained = None
+                kept = apply_press(press, model, c, prefix.inputs.cat(q_inputs.result()))
+                retained = None if kept is None else [p for p in kept if p < n_ctx]
             else:
                 logits, cap = fwd(c, qt, qpos)
             s = [slots[0].clone()] if slots else []
