@@ -133,3 +133,23 @@ def test_seed_spread_groups_labels_that_differ_only_in_seed() -> None:
     assert (r["policy"], r["mode"], r["seeds"]) == ("nexus:tau=4", "agnostic", [0, 1, 2])
     assert r["mean"] == 0.6 and abs(r["std"] - 0.1) < 1e-9 and r["scores"] == [0.5, 0.7, 0.6]
     assert "0.600 +- 0.100" in seed_spread_markdown(rows)
+
+
+def test_agreement_pairs_ours_with_kvpress_at_both_granularities() -> None:
+    from nexus_sidecar.evals.report import agreement, agreement_markdown
+
+    def run(policy: str, mode: str, sid: int, score: float) -> dict[str, Any]:
+        return {**_run(policy, 0.8, mode, "passkey", score), "sample_id": f"s{sid}"}
+
+    runs = [run("snapkv", "aware", i, s) for i, s in enumerate((1.0, 1.0, 0.0, 1.0))]
+    runs += [run("kvpress:snapkv", "aware", i, 0.0) for i in range(4)]
+    runs += [run("kvpress:snapkv:select=shared", "aware", i, s) for i, s in enumerate((1.0, 1.0, 0.0, 0.0))]
+    runs += [run("kvpress:keydiff", "aware", i, 1.0) for i in range(4)]  # no "keydiff" of ours: no row
+    rows = agreement(runs, 0.8)
+    assert [(r["ours"], r["kvpress"]) for r in rows] == [("snapkv", "kvpress:snapkv"),
+                                                         ("snapkv", "kvpress:snapkv:select=shared")]
+    per_head, shared = rows
+    assert per_head["ours_score"] == 0.75 and per_head["kvpress_score"] == 0.0 and per_head["same_answer"] == 0.25
+    assert shared["kvpress_score"] == 0.5 and shared["same_answer"] == 0.75
+    assert shared["paired"]["n"] == 4 and shared["paired"]["diff"] == pytest.approx(0.25)
+    assert "snapkv vs kvpress:snapkv:select=shared | aware" in agreement_markdown(rows)

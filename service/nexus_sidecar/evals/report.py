@@ -179,22 +179,26 @@ def agreement(runs: Sequence[dict[str, Any]], eviction: float) -> list[dict[str,
     have = {(r["policy"], r["mode"]) for r in runs if float(r["eviction"]) == eviction}
     out = []
     for press, ours in sorted(SAME_METHOD.items()):
-        theirs = f"kvpress:{press}"
-        for mode in sorted({m for _, m in have}):
-            if (ours, mode) not in have or (theirs, mode) not in have:
-                continue
-            a, b = (ours, eviction, mode), (theirs, eviction, mode)
-            by: dict[str, dict[str, float]] = {ours: {}, theirs: {}}
-            for r in runs:
-                if r["mode"] == mode and float(r["eviction"]) == eviction and r["policy"] in by:
-                    by[r["policy"]][r["sample_id"]] = float(r["score"])
-            common = sorted(set(by[ours]) & set(by[theirs]))
-            out.append({"method": press, "ours": ours, "kvpress": theirs, "mode": mode, "eviction": eviction,
-                        "ours_score": round(sum(by[ours][s] for s in common) / len(common), 4),
-                        "kvpress_score": round(sum(by[theirs][s] for s in common) / len(common), 4),
-                        "same_answer": round(sum(by[ours][s] == by[theirs][s] for s in common) / len(common), 4),
-                        "paired": paired(runs, a, b)})  # fmt: skip
+        # kvpress's own per-head selection, and the same press at our granularity (select=shared)
+        for theirs in (f"kvpress:{press}", f"kvpress:{press}:select=shared"):
+            for mode in sorted({m for _, m in have}):
+                if (ours, mode) in have and (theirs, mode) in have:
+                    out.append(_agree(runs, press, ours, theirs, mode, eviction))
     return out
+
+
+def _agree(runs: Sequence[dict[str, Any]], press: str, ours: str, theirs: str, mode: str,
+           eviction: float) -> dict[str, Any]:  # fmt: skip
+    by: dict[str, dict[str, float]] = {ours: {}, theirs: {}}
+    for r in runs:
+        if r["mode"] == mode and float(r["eviction"]) == eviction and r["policy"] in by:
+            by[r["policy"]][r["sample_id"]] = float(r["score"])
+    common = sorted(set(by[ours]) & set(by[theirs]))
+    return {"method": press, "ours": ours, "kvpress": theirs, "mode": mode, "eviction": eviction,
+            "ours_score": round(sum(by[ours][s] for s in common) / len(common), 4),
+            "kvpress_score": round(sum(by[theirs][s] for s in common) / len(common), 4),
+            "same_answer": round(sum(by[ours][s] == by[theirs][s] for s in common) / len(common), 4),
+            "paired": paired(runs, (ours, eviction, mode), (theirs, eviction, mode))}  # fmt: skip
 
 
 def agreement_markdown(rows: Iterable[dict[str, Any]]) -> str:
