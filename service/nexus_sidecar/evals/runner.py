@@ -9,7 +9,8 @@ Compression (``eviction`` in records, kvpress's ``compression_ratio``) is the fr
 pairs of what the setting compresses that is removed: the context in ``streaming`` and ``agnostic``,
 context + question in ``aware`` and ``decode`` (see :mod:`.driver`). Policy ``dense`` runs once (mode ``dense``).
 Policies named ``kvpress:<press>`` are kvpress's own presses (:mod:`.kvpress_baselines`); they have
-no ``streaming`` or ``decode`` setting (they compress a prefill), so those runs are not planned.
+no ``streaming`` or ``decode`` setting (they compress a prefill), so those runs are not planned;
+``kvpress:kvzip`` has only ``agnostic`` (:mod:`.kvzip_driver`), and a plan that leaves it no run fails.
 
 The backend is pluggable: :data:`BackendFactory` builds one from the CLI arguments, so a remote
 sidecar backend (``--sidecar ADDR``) slots in without touching this loop.
@@ -29,7 +30,8 @@ from typing import Any
 
 from nexus_sidecar.evals.driver import SETTINGS, Prefix, drive, kv_bytes_per_token, prefill
 from nexus_sidecar.evals.kvpress_baselines import PREFIX as KVPRESS_PREFIX
-from nexus_sidecar.evals.kvpress_baselines import check_press_knobs, is_kvpress, make_press
+from nexus_sidecar.evals.kvpress_baselines import REPLAY_MODES, check_press_knobs, is_kvpress, is_replay, make_press
+from nexus_sidecar.evals.kvzip_driver import drive_kvzip
 from nexus_sidecar.evals.longbench import score as score_answer
 from nexus_sidecar.evals.tasks import Question, Sample
 
@@ -69,7 +71,7 @@ class PolicySpec:
                 raise ValueError(f"policy {text!r}: knob {part!r} is not key=value")
             knobs[key] = knob_value(raw)
         if is_kvpress(name):
-            check_press_knobs(name, knobs, f"policy {text!r}")
+            knobs = check_press_knobs(name, knobs, f"policy {text!r}")
         elif name != DENSE:
             check_knobs(name, knobs, f"policy {text!r}")
         return cls(name, tuple(sorted(knobs.items())))
@@ -154,8 +156,12 @@ def expand_runs(policies: Sequence[PolicySpec], evictions: Sequence[float], mode
         if p.name == DENSE:
             runs.append(RunSpec(p, 0.0, DENSE))
             continue
+        if is_replay(p.name) and not set(modes) & set(REPLAY_MODES):
+            raise ValueError(f"policy {p.label!r} runs only in mode {', '.join(REPLAY_MODES)} (KVzip scores the "
+                             f"context by reconstructing it, before any question), got --modes {','.join(modes)}")
         runs.extend(RunSpec(p, e, m) for e in evictions for m in modes
-                    if not (is_kvpress(p.name) and m in ("streaming", "decode")))
+                    if not (is_kvpress(p.name) and m in ("streaming", "decode"))
+                    and not (is_replay(p.name) and m not in REPLAY_MODES))  # fmt: skip
     return runs
 
 
@@ -314,9 +320,13 @@ def run_one(
                              f"sinks + recent = {need}; lower the compression or the protected window")  # fmt: skip
         backend = backend_factory()
     shared = prefix if run.mode != "streaming" else None
-    res = drive(model, tokenizer, ctx, qs, sample.max_new_tokens, setting=setting, backend=backend,
-                policy_config=cfg, press=press, window=settings.window, chunk_size=settings.chunk_size,
-                stop_ids=stop_ids, prefix=shared)  # fmt: skip
+    if is_replay(run.policy.name):  # its own prefill and cache: the shared prefix is not used
+        res = drive_kvzip(model, tokenizer, ctx, qs, sample.max_new_tokens, press, setting=setting,
+                          chat=settings.chat, stop_ids=stop_ids)  # fmt: skip
+    else:
+        res = drive(model, tokenizer, ctx, qs, sample.max_new_tokens, setting=setting, backend=backend,
+                    policy_config=cfg, press=press, window=settings.window, chunk_size=settings.chunk_size,
+                    stop_ids=stop_ids, prefix=shared)  # fmt: skip
     if evidence is None:
         evidence = [answer_positions(tokenizer, sample, ctx, settings.chat, q) for q in questions]
     scores = [score_answer(sample.metric, a.text, list(q.answers)) for a, q in zip(res.answers, questions, strict=True)]
@@ -408,7 +418,7 @@ def iter_eval(
                         segments = prompt_segments(tokenizer, sample, settings.chat)
                         evidence = [answer_positions(tokenizer, sample, segments[0], settings.chat, q)
                                     for q in sample.questions]  # fmt: skip
-                    if prefix is None and run.mode != "streaming":
+                    if prefix is None and run.mode != "streaming" and not is_replay(run.policy.name):
                         prefix = prefill(model, segments[0])
                     rec = run_one(model, tokenizer, sample, run, settings, backend_factory, segments, prefix, evidence)
                     _append(results_path, rec)
