@@ -67,7 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "knobs per policy as name:key=value, any PolicyConfig field, checked "
                         "before the model loads (e.g. nexus:pool=7:pool_reduce=mean, nexus:tau=inf); "
                         "kvpress:<press>[:field=value] runs kvpress's own press (keydiff, snapkv, tova, "
-                        "expected_attention, knorm, streaming_llm, random; needs the [kvpress] extra)")  # fmt: skip
+                        "expected_attention, knorm, streaming_llm, random; needs the [kvpress] extra); "
+                        "kvpress:kvzip (KVzip, e.g. kvpress:kvzip:layerwise=true) is not a default: it re-runs "
+                        "the model to reconstruct the context on its own prefill (~3x a prefill per run, measured "
+                        "at 2k tokens), agnostic mode only")  # fmt: skip
     p.add_argument("--eviction", type=_floats, default=None,
                    help="compression ratios (fraction of KV pairs removed, kvpress's definition), comma list "
                         "(default 0.8)")  # fmt: skip
