@@ -129,7 +129,8 @@ def test_kvzip_knobs_and_modes_fail_with_the_field_named() -> None:
     for bad, words in (("layerwise=maybe", "KVzipPress.layerwise is a bool"),
                        ("chunk_size=0", "KVzipPress rejects chunk_size=0"),
                        ("n_sink=2.5", "KVzipPress.n_sink is an int"),
-                       ("layer_wise=1", "no field 'layer_wise'")):  # fmt: skip
+                       ("layer_wise=1", "no field 'layer_wise'"),
+                       ("select=shared", "needs a scorer press")):  # fmt: skip
         with pytest.raises(ValueError, match=words):
             PolicySpec.parse(f"kvpress:kvzip:{bad}")
     modes = [r.mode for r in expand_runs([spec], [0.5], ["streaming", "agnostic", "aware", "decode"])]
