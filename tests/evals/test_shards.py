@@ -12,12 +12,20 @@ from nexus_sidecar.evals.runner import load_done
 from nexus_sidecar.evals.shards import parse_shard, run_shards, shard_log
 
 
-def _child(log: Path, keys: list[str], exit_code: int = 0, sleep_s: float = 0.0) -> list[str]:
+def _child(
+    log: Path, keys: list[str], exit_code: int = 0, sleep_s: float = 0.0, after: Path | None = None
+) -> list[str]:
+    """A child that appends ``keys`` to ``log``, waits until ``after`` (another child's log) has a line,
+    up to 60 s (under load the other interpreter may not have started yet), sleeps and exits."""
+    ready = f"os.path.exists({str(after)!r}) and os.path.getsize({str(after)!r}) > 0"
+    wait = f"while not ({ready}) and time.time() < t0 + 60: time.sleep(0.02)\n" if after else ""
     script = (
-        "import json, sys, time\n"
+        "import json, os, sys, time\n"
+        "t0 = time.time()\n"
         f"with open({str(log)!r}, 'a') as f:\n"
         f"    for k in {keys!r}:\n"
         "        f.write(json.dumps({'key': k}) + '\\n')\n"
+        f"{wait}"
         f"time.sleep({sleep_s})\n"
         f"print('child says bye'); sys.exit({exit_code})\n"
     )
@@ -48,7 +56,7 @@ def test_a_failing_child_is_reported_and_its_finished_runs_are_kept(tmp_path: Pa
     def argv(k: int, n: int) -> list[str]:
         # Shard 0 finishes two runs then fails; shard 1 would run for a minute and must be stopped.
         if k == 0:
-            return _child(shard_log(main_log, k, n), ["x", "y"], exit_code=3)
+            return _child(shard_log(main_log, k, n), ["x", "y"], exit_code=3, after=shard_log(main_log, 1, n))
         return _child(shard_log(main_log, k, n), ["z"], sleep_s=60)
 
     with pytest.raises(RuntimeError) as err:
