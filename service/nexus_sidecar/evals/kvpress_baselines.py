@@ -14,6 +14,13 @@ query-agnostic by design: only the ``agnostic`` setting is planned (``aware`` wo
 "repeat" the question as if it were context, which is not its protocol, so it is refused), and
 kvpress's implementation masks evicted keys in ``sdpa`` attention instead of removing them, so the
 driver switches the model to ``sdpa`` for the run and restores the previous implementation after.
+
+``select=shared`` (a harness knob, not a press field) keeps a scorer press's scores but changes the
+granularity: kvpress keeps its top positions *per layer and KV head*; the sidecar, and our
+re-implementations, keep *one* position set for every layer and head. With ``select=shared`` the
+scores are averaged over KV heads, then layers (as ``nexus_client.hf.priors`` averages the priors),
+and the same top positions are kept everywhere: the control that says whether a difference between
+kvpress's press and ours is the method or the granularity (docs/evaluation.md, agreement table).
 """
 
 from __future__ import annotations
