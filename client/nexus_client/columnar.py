@@ -179,14 +179,7 @@ class BatchAnswer:
         """Advance ``ws`` with session ``b``'s answer; with ``new_positions`` also track its retained
         positions (what a resync sends), like :meth:`WorkerSession.advance`."""
         if new_positions is not None:
-            keep = self.keep_of(b)
-            new = new_positions.detach().to("cpu", torch.int64).reshape(-1)
-            held = ws.positions or [torch.zeros(0, dtype=torch.int64) for _ in range(ws.groups)]
-            out = []
-            for g in range(ws.groups):
-                slots = torch.cat([held[g], new])
-                out.append(slots[keep[g, : slots.numel()]])
-            ws.positions = out
+            ws.track(self.keep_of(b), new_positions)
         ws.step = int(self.steps[b])
         ws.retained_count = int(self.retained_counts[b])
         ws.retained_checksum = int(self.retained_checksums[b])

@@ -37,7 +37,12 @@ class WorkerSession:
         ``positions[g]`` becomes the kept slots of this call: the retained positions, then the new
         ones, filtered by the sidecar's keep mask.
         """
-        keep, _ = unpack_result(result)
+        self.track(unpack_result(result)[0], new_positions)
+        self.apply(result)
+
+    def track(self, keep: torch.Tensor, new_positions: torch.Tensor) -> None:
+        """Keep per group the slots of one call (held positions, then ``new_positions``) that the
+        sidecar's ``keep`` mask (bool ``[G, >= slots]``) retained."""
         new = new_positions.detach().to("cpu", torch.int64).reshape(-1)
         held = self.positions or [torch.zeros(0, dtype=torch.int64) for _ in range(self.groups)]
         out = []
@@ -45,7 +50,6 @@ class WorkerSession:
             slots = torch.cat([held[g], new])
             out.append(slots[keep[g, : slots.numel()]])
         self.positions = out
-        self.apply(result)
 
 
 def pack_step(ws: WorkerSession, new_positions: torch.Tensor, attn: torch.Tensor, last: torch.Tensor,
