@@ -47,13 +47,13 @@ def walk_panel(ax: plt.Axes) -> None:
     for h in HUBS:
         ax.annotate("", xy=(BRIDGE, top * 1.05), xytext=(h, top * 1.05),
                     arrowprops={"arrowstyle": "->", "color": "#c0392b", "connectionstyle": "arc3,rad=0.25"})
-    ax.text(BRIDGE, top * 1.28, "hubs' edges", color="#c0392b", ha="left", fontsize=8)
+    ax.text((BRIDGE + HUBS[0]) / 2, top * 1.2, "the hubs' recorded edges", color="#c0392b", ha="center", fontsize=8)
     ax.set_xticks(x, [("bridge" if i == BRIDGE else "hub" if i in HUBS else "sink" if i == 0 else str(i))
                       for i in x], fontsize=7, rotation=45)
     ax.set_ylim(0, top * 1.45)
     ax.set_title("1. The walk: mass flows along recorded edges", fontsize=9)
     ax.set_ylabel("share of the mass", fontsize=8)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper right")
 
 
 def weight_panel(ax: plt.Axes) -> None:
@@ -97,7 +97,7 @@ def reservoir_panel(ax: plt.Axes) -> None:
 
 def main() -> None:
     """Draw the three panels into one PNG."""
-    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8))
+    fig, axes = plt.subplots(3, 1, figsize=(7.5, 10.5))
     walk_panel(axes[0])
     weight_panel(axes[1])
     reservoir_panel(axes[2])
