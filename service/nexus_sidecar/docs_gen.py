@@ -89,23 +89,30 @@ def settings_page() -> str:
 
 
 def metrics_page() -> str:
-    """Every metric the sidecar registers, in the order ``server/metrics.py`` defines them."""
+    """Every metric registered on the sidecar's registry, in registration order."""
     from prometheus_client.metrics import MetricWrapperBase
 
     from nexus_sidecar.server.metrics import Metrics
 
-    metrics = [m for m in vars(Metrics()).values() if isinstance(m, MetricWrapperBase)]
+    registry = Metrics().registry
     rows = []
-    for m in metrics:
-        kind = m._type  # type: ignore[attr-defined]
-        name = m._name + ("_total" if kind == "counter" else "")  # type: ignore[attr-defined]
-        labels = ", ".join(m._labelnames)  # type: ignore[attr-defined]
+    # Every collector on the registry, not only Metrics' attributes: a custom collector counts too.
+    for collector in list(registry._collector_to_names):  # type: ignore[attr-defined]
+        if not isinstance(collector, MetricWrapperBase):
+            for family in collector.collect():  # type: ignore[attr-defined]
+                labels = sorted({k for sample in family.samples for k in sample.labels})
+                name = family.name + ("_total" if family.type == "counter" else "")
+                rows.append([_code(name), family.type, _code(", ".join(labels)), _cell(family.documentation)])
+            continue
+        kind = collector._type  # type: ignore[attr-defined]
+        name = collector._name + ("_total" if kind == "counter" else "")  # type: ignore[attr-defined]
+        labels = ", ".join(collector._labelnames)  # type: ignore[attr-defined]
         extra = ""
         if kind == "histogram":
-            bounds = [b for b in m._upper_bounds if b != float("inf")]  # type: ignore[attr-defined]
+            bounds = [b for b in collector._upper_bounds if b != float("inf")]  # type: ignore[attr-defined]
             extra = " Buckets: " + ", ".join(f"{b:g}" for b in bounds) + "."
-        rows.append([_code(name), kind, _code(labels) if labels else "",
-                     _cell(m._documentation.rstrip(".") + "." + extra)])  # type: ignore[attr-defined]
+        doc = collector._documentation.rstrip(".") + "." + extra  # type: ignore[attr-defined]
+        rows.append([_code(name), kind, _code(labels), _cell(doc)])
     return (BANNER.format(source="`service/nexus_sidecar/server/metrics.py`")
             + "# Metrics\n\n"
             + "Every metric on the sidecar's `GET /metrics` (HTTP side port), as registered. Labels are "

@@ -17,7 +17,10 @@ def test_strict_build(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"mkdocs build --strict failed (run `make docs` to see it):\n{log[-4000:]}"
+    assert proc.returncode == 0, (
+        "mkdocs build --strict failed (`make docs` shows the same). A new page must be listed in mkdocs.yml's "
+        "nav (its comments say where); links must point at pages under docs/ (plots as "
+        f"../benchmarks/results/NAME.png).\n{log[-4000:]}")
     # The generated references, the API reference, the included deploy page and the plots are there.
     assert "max_concurrent_rpcs" in (site / "reference" / "settings.html").read_text()
     assert "NexusClient" in (site / "reference" / "api-client.html").read_text()
