@@ -204,7 +204,7 @@ def cli_page() -> str:
             + "# Command line\n\n"
             + "`nexus-sidecar` (also `python -m nexus_sidecar.cli`). A user error prints one line naming what, "
               "where and how to fix it and exits with code 2; `--debug` anywhere on the line shows the Python "
-              "traceback instead. `--help` on every command prints the same text as this page.\n\n"
+              "traceback instead. `--help` on every command prints the same flags and help texts.\n\n"
             + "".join(body)).rstrip("\n") + "\n"
 
 
