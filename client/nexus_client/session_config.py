@@ -1,7 +1,7 @@
 """``SessionConfig``: a session's policy knobs as a typed value a worker passes to ``open_session``.
 
 Every field mirrors ``nexus.v1.PolicyConfig``; ``None`` leaves the knob to the server's default
-(the engine's defaults, README "Choosing the knobs"). It is a read-only mapping of the fields that
+(the engine's defaults, docs/reference/policy-config.md). It is a read-only mapping of the fields that
 are set, so it goes wherever the clients take a plain ``{"policy": ..., "budget": ...}`` dict.
 """
 

@@ -1,4 +1,4 @@
-"""A short soak (the 60 s one is in the README): tenants' workers with session churn against a
+"""A short soak (the 60 s one is in docs/benchmarks.md): tenants' workers with session churn against a
 real serve process and a real redis-server: 0 errors, no traceback, RSS flat."""
 
 from __future__ import annotations

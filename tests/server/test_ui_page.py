@@ -2,7 +2,7 @@
 made, and rendered by a real headless Chromium (Debian ``chromium``) into a screenshot.
 
 Set NEXUS_WRITE_DOCS_SCREENSHOT=1 to also write the screenshot to docs/retention-page.png (the one
-the README shows).
+the docs' service page shows).
 """
 
 from __future__ import annotations

@@ -32,14 +32,14 @@ MAX_SLOTS = 1 << 21
 class PolicyConfig:
     """Every knob of a session's eviction policy.
 
-    The walk, EMA and reservoir defaults were chosen on the survival benchmark (README, "Choosing
-    the knobs"); the prior and call-kind defaults on the real-model evaluation's dev split.
+    The walk, EMA and reservoir defaults were chosen on the survival benchmark (docs/benchmarks.md,
+    "Survival"); the prior and call-kind defaults on the real-model evaluation's dev split.
     Fields split in two: *per-session* values (budget, slack, sinks, recent, seed, groups) may
     differ between sessions of one batched call; the rest are *structural* and define
     which sessions can share a batched engine call (see :meth:`batch_key`).
     """
 
-    policy: str = "nexus"
+    policy: str = "nexus"  # a name of the policy registry (ListPolicies); docs/contributing.md adds one
     budget: int = 256  # slots kept per group after an eviction
     slack: int = 0  # evict only once the slot count exceeds budget + slack
     sinks: int = 4  # first tokens, never evicted (attention sinks)
@@ -51,11 +51,11 @@ class PolicyConfig:
     gamma: float = 0.95  # EMA factor of the memory signal
     tau: float = 16.0  # reservoir sharpness: 0 = uniform, -> inf = top-K
     randomness: Randomness = "per_call"  # u redrawn per call, or fixed per token by hash(seed, position)
-    seed: int = 0
+    seed: int = 0  # seed of the counter-based uniforms of the reservoir keys (no RNG state)
     pool: int = 1  # span pooling window (odd), 1 = off
     pool_reduce: PoolReduce = "max"  # a slot weighs the max of its window, or its mean (SnapKV-like)
-    granularity: Granularity = "token"
-    block_size: int = 16
+    granularity: Granularity = "token"  # "block": whole blocks of block_size positions go together (paged caches)
+    block_size: int = 16  # positions per block in block mode; a block weighs the max of its slots
     # How Nexus reads a multi-token call's attention: "sum" over the call's queries, or "mean" per
     # slot over the queries that could see it (causal masking lets more queries see older slots,
     # so a sum favours old tokens the way H2O's accumulation does). Equal for one-token calls.
@@ -67,7 +67,7 @@ class PolicyConfig:
     # Defaults chosen on the evaluation's dev split (docs/evaluation.md, "Choosing Nexus's knobs"):
     # all direct mass from the prior, contrast 0.5, no reaction term on context calls.
     prior: Prior = "key_diversity"
-    prior_mix: float = 1.0
+    prior_mix: float = 1.0  # share of the direct mass d taken from the prior (formula above)
     # Contrast of the prior's weights: w = exp(prior_sharpness * z) with z the prior's keep weight
     # standardised over the evictable slots (0 = uniform: the prior carries no information).
     prior_sharpness: float = 0.5
