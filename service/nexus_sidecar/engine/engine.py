@@ -15,7 +15,7 @@ from nexus_sidecar.engine.hashing import uniforms
 from nexus_sidecar.engine.kernels import for_device as kernels_for
 from nexus_sidecar.engine.kernels import resolve as resolve_kernels
 from nexus_sidecar.engine.policies import Policy, make_policy
-from nexus_sidecar.engine.pool import SessionPool, slot_bytes
+from nexus_sidecar.engine.pool import PoolShape, SessionPool, slot_bytes
 from nexus_sidecar.engine.selection import gumbel
 from nexus_sidecar.engine.state import RowCapture, SessionState, capture_rows
 from nexus_sidecar.engine.step import ROW_ERRORS, RowInput, RowResult, hole_allowance, run_step, validate_rows
@@ -63,7 +63,21 @@ class _Session:
 
 
 class Engine:
-    """Batched Nexus Sampling engine over a device-resident session pool."""
+    """Batched Nexus Sampling engine over a device-resident session pool.
+
+    Threads: the engine is not thread-safe. Every method runs on one thread at a time (the server's
+    engine thread), except these, which any thread may call while that thread works:
+
+    - :meth:`pool_bytes`, :meth:`bytes_after_open`, :meth:`bytes_after_step` read only ``_layout``,
+      an immutable tuple of :class:`PoolShape` that the engine thread replaces (one reference store)
+      at the end of every call that can change a pool (open, restore, close, trim, step). They see
+      the pools as of the last such call, never a dict or a pool mid-change.
+    - the per-session reads :meth:`config`, :meth:`counts`, :meth:`calls`, :meth:`stats` and the
+      sessions' part of :meth:`bytes_after_step`, for sessions no call can change meanwhile (the
+      server holds their locks): a dict lookup and attributes the engine thread replaces whole.
+
+    Anything else (``_pools``, ``_sessions`` iteration, pool tensors) is the engine thread's alone.
+    """
 
     def __init__(self, device: str | torch.device | None = None, kernels: str | None = None) -> None:
         """``kernels``: ``"torch"``, ``"fused"`` or ``"auto"`` (default: ``$NEXUS_ENGINE_KERNELS``, else
@@ -76,6 +90,11 @@ class Engine:
         self._pools: dict[tuple[int, int], SessionPool] = {}
         self._sessions: dict[int, _Session] = {}
         self._handles = itertools.count(1)
+        self._layout: tuple[PoolShape, ...] = ()  # see the class docstring: read by any thread
+
+    def _publish(self) -> None:
+        """Replace the published pool sizes (engine thread, after a call that can change a pool)."""
+        self._layout = tuple(p.shape() for p in self._pools.values())
 
     @property
     def kernels(self) -> str:
@@ -86,14 +105,20 @@ class Engine:
     def open(self, cfg: PolicyConfig) -> int:
         """Open an empty session; returns its handle."""
         cfg.validate()
-        return self._add(cfg, calls=0)
+        try:
+            return self._add(cfg, calls=0)
+        finally:
+            self._publish()
 
     def restore(self, state: SessionState) -> int:
         """Open a session from a snapshot (e.g. a checkpoint another process wrote)."""
         cfg = state.config.validate()
         if len(state.groups) != cfg.groups:
             raise InputError("state.groups", f"{len(state.groups)} groups, config says {cfg.groups}")
-        h = self._add(cfg, calls=state.calls, need=max((g.pos.numel() for g in state.groups), default=0) + 1)
+        try:
+            h = self._add(cfg, calls=state.calls, need=max((g.pos.numel() for g in state.groups), default=0) + 1)
+        finally:
+            self._publish()
         s = self._sessions[h]
         pool, dev = s.pool, self.device
         for r, grp in zip(s.rows, state.groups, strict=True):
@@ -154,16 +179,21 @@ class Engine:
 
     # -- memory -------------------------------------------------------------------------------
     def pool_bytes(self) -> int:
-        """Bytes the session pools occupy now (every per-slot tensor)."""
-        return sum(p.nbytes() for p in self._pools.values())
+        """Bytes the session pools occupy (every per-slot tensor), as of the engine's last call
+        that changed them; safe from any thread (see the class docstring)."""
+        return sum(p.nbytes() for p in self._layout)
 
     def bytes_after_open(self, cfg: PolicyConfig) -> int:
-        """Pool bytes once a session of ``cfg`` is opened (nothing is allocated to find out)."""
-        return self.pool_bytes() + self._extra({(cfg.fanout, width_class(1)): cfg.groups})
+        """Pool bytes once a session of ``cfg`` is opened (nothing is allocated to find out); safe
+        from any thread."""
+        layout = self._layout
+        return sum(p.nbytes() for p in layout) + self._extra(layout, {(cfg.fanout, width_class(1)): cfg.groups})
 
     def bytes_after_step(self, ks: Mapping[int, int]) -> int:
         """Pool bytes once the sessions ``ks`` (handle -> new tokens) took one step each (the
-        sessions that outgrow their width class move to a wider one)."""
+        sessions that outgrow their width class move to a wider one). Safe from any thread while
+        no call can change the sessions of ``ks`` (see the class docstring)."""
+        layout = self._layout
         moving: dict[tuple[int, int], int] = {}
         for h, k in ks.items():
             s = self._session(h)
@@ -171,13 +201,15 @@ class Engine:
             if need > s.pool.width:
                 key = (s.pool.fanout, width_class(need))
                 moving[key] = moving.get(key, 0) + len(s.rows)
-        return self.pool_bytes() + self._extra(moving)
+        return sum(p.nbytes() for p in layout) + self._extra(layout, moving)
 
-    def _extra(self, rows_by_pool: Mapping[tuple[int, int], int]) -> int:
+    @staticmethod
+    def _extra(layout: tuple[PoolShape, ...], rows_by_pool: Mapping[tuple[int, int], int]) -> int:
         """Bytes added when ``rows`` more rows are reserved in each (fan-out, width class) pool."""
         extra = 0
+        shapes = {(p.fanout, p.width): p for p in layout}
         for (fanout, width), n in rows_by_pool.items():
-            pool = self._pools.get((fanout, width))
+            pool = shapes.get((fanout, width))
             if pool is not None:
                 extra += pool.nbytes(rows=pool.rows_after_alloc(n)) - pool.nbytes()
             else:
@@ -194,7 +226,14 @@ class Engine:
         the high-water mark of rows forever. Empty pools are dropped; a pool is repacked (its
         width class kept) only when that at least halves it, since repacking copies the live rows.
         """
-        before = self.pool_bytes()
+        before = sum(p.nbytes() for p in self._pools.values())
+        try:
+            self._trim()
+        finally:
+            self._publish()
+        return before - self.pool_bytes()
+
+    def _trim(self) -> None:
         for key, pool in list(self._pools.items()):
             sessions = [s for s in self._sessions.values() if s.pool is pool]
             if not sessions:
@@ -208,13 +247,13 @@ class Engine:
             pool.repack(live, rows, pool.width)
             for s in sessions:
                 s.rows = [remap[r] for r in s.rows]
-        return before - self.pool_bytes()
 
     def close(self, handle: int) -> None:
         """Forget a session and free its rows."""
         s = self._session(handle)
         s.pool.free(s.rows)
         del self._sessions[handle]
+        self._publish()
 
     def __contains__(self, handle: int) -> bool:
         return handle in self._sessions
@@ -282,6 +321,17 @@ class Engine:
         Invalid inputs raise :class:`InputError` (``raise_errors``) or are returned in place of
         that session's output; either way the session is left unchanged and the others proceed.
         """
+        try:
+            out = self._step(items)
+        finally:
+            self._publish()  # a step can add rows, widen a pool or move sessions to a new one
+        if raise_errors:
+            for res in out.values():
+                if isinstance(res, EngineError):
+                    raise res
+        return {h: out[h] for h in items}
+
+    def _step(self, items: Mapping[int, StepInput]) -> dict[int, StepOutput | EngineError]:
         out: dict[int, StepOutput | EngineError] = {}
         batches: dict[tuple[object, ...], list[tuple[int, StepInput]]] = {}
         for h, inp in items.items():
@@ -300,11 +350,7 @@ class Engine:
             batches.setdefault(key, []).append((h, inp))
         for group in batches.values():
             out.update(self._run_batch(group))
-        if raise_errors:
-            for res in out.values():
-                if isinstance(res, EngineError):
-                    raise res
-        return {h: out[h] for h in items}
+        return out
 
     def check(self, handle: int, inp: StepInput) -> None:
         """Check an input's shapes and dtypes against the session (host only); raises InputError."""

@@ -13,6 +13,7 @@ affinity: sessions that travel together end up side by side, whatever order they
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,10 +35,34 @@ _EDGE_FIELDS: dict[str, tuple[torch.dtype, float | int]] = {
 }
 
 
+@functools.cache
 def slot_bytes(fanout: int) -> int:
     """Bytes one arena column of one row occupies (every slot and edge field) at this fan-out."""
     per = sum(torch.empty(0, dtype=d).element_size() for d, _ in _SLOT_FIELDS.values())
     return per + fanout * sum(torch.empty(0, dtype=d).element_size() for d, _ in _EDGE_FIELDS.values())
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    """The size of a pool at one moment: an immutable copy any thread may read (see
+    ``Engine.pool_bytes``), while the pool itself belongs to the engine thread."""
+
+    fanout: int
+    width: int
+    rows: int
+    free: int  # rows not reserved by a session
+
+    def nbytes(self, rows: int | None = None) -> int:
+        """Bytes of the per-slot tensors at ``rows`` rows (default: as allocated)."""
+        return (self.rows if rows is None else rows) * self.width * slot_bytes(self.fanout)
+
+    def rows_after_alloc(self, n: int) -> int:
+        """Row capacity after reserving ``n`` more rows (the pool doubles when it runs out)."""
+        rows, free = self.rows, self.free
+        while free < n:
+            free += rows
+            rows *= 2
+        return rows
 
 
 @dataclass
@@ -65,7 +90,11 @@ class Rows:
 
 
 class SessionPool:
-    """Rows of sessions that share an edge fan-out (the F dimension of the edge tensors)."""
+    """Rows of sessions that share an edge fan-out (the F dimension of the edge tensors).
+
+    Not thread-safe: only the engine that owns it reads or changes it, on the engine's one thread;
+    other threads see its size through the engine's published :class:`PoolShape` copies.
+    """
 
     def __init__(self, fanout: int, device: torch.device, rows: int = 16, width: int = 64) -> None:
         self.fanout = fanout
@@ -88,13 +117,13 @@ class SessionPool:
         return (self.rows if rows is None else rows) * (self.width if width is None else width) * \
             slot_bytes(self.fanout)
 
+    def shape(self) -> PoolShape:
+        """An immutable copy of the pool's size (rows, width, free rows)."""
+        return PoolShape(self.fanout, self.width, self.rows, len(self._free))
+
     def rows_after_alloc(self, n: int) -> int:
         """Row capacity after reserving ``n`` more rows (the pool doubles when it runs out)."""
-        rows, free = self.rows, len(self._free)
-        while free < n:
-            free += rows
-            rows *= 2
-        return rows
+        return self.shape().rows_after_alloc(n)
 
     def width_after(self, width: int) -> int:
         """Arena width after :meth:`ensure_width` ``(width)``."""

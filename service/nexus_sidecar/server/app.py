@@ -119,8 +119,11 @@ class Sidecar:
         """Re-check readiness every second: gRPC health follows the store and the device both ways."""
         while not self._stopped.is_set():
             await asyncio.sleep(1.0)
-            with contextlib.suppress(Exception):
+            try:
                 await self.readiness()
+            except Exception:
+                self.metrics.maintenance_errors.labels("health").inc()
+                log.exception("readiness watch: unexpected error (counted in nexus_maintenance_errors_total)")
 
     async def _set_serving(self, on: bool) -> None:
         if on == self._serving:

@@ -10,6 +10,7 @@ _LAT = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _AGE = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 _BYTES = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
+MAINTENANCE_TASKS = ("reaper", "checkpoint", "health")
 _FRAC = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -82,6 +83,12 @@ class Metrics:
             "nexus_checkpoint_delta_fallbacks_total", "Resumes from the full checkpoint because the delta after "
             "it was missing, corrupt or not taken against it (the worker resyncs the steps in between)",
             ["tenant"], registry=r)
+        self.maintenance_errors = Counter(
+            "nexus_maintenance_errors_total", "Unexpected errors in a background task, which logged it and went on "
+            "(reaper: idle unloading and pool trim; checkpoint: cadence checkpoints; health: readiness watch)",
+            ["task"], registry=r)
+        for task in MAINTENANCE_TASKS:
+            self.maintenance_errors.labels(task)
         self.steps_rejected = Counter("nexus_steps_rejected_total", "Session steps answered with an error",
                                       ["tenant", "code"], registry=r)
 

@@ -1,8 +1,12 @@
 """The session layer: hot sessions on the engine's device, durable checkpoints in the store.
 
 All engine access runs on one dedicated thread (the engine is not thread-safe and must not
-block the event loop). Each session has a lock, so at most one of its steps is in flight:
-per-session order holds, and a batch never carries two steps of one session.
+block the event loop), through :meth:`SessionManager.on_engine`. The event loop reads the engine
+directly only where ``Engine``'s docstring allows it: the published pool sizes (admission,
+``make_room``, the reaper's gauge) and per-session reads of sessions whose lock it holds.
+``_hot``, ``_loading`` and the ``HotSession`` fields are the event loop's alone. Each session has
+a lock, so at most one of its steps is in flight: per-session order holds, and a batch never
+carries two steps of one session.
 
 Checkpoints (server/checkpoint_writer.py): the engine thread only copies the session's rows,
 under its lock; encoding (full, or a delta against the last full one) runs on a checkpoint thread
@@ -520,6 +524,10 @@ class SessionManager:
     async def _cadence_checkpoint(self, hs: HotSession) -> None:
         try:
             await self.checkpoint(hs)
+        except Exception:  # a background task: nobody awaits it, so it is logged and counted here
+            self.metrics.maintenance_errors.labels("checkpoint").inc()
+            log.exception("cadence checkpoint of %s/%s: unexpected error (counted in "
+                          "nexus_maintenance_errors_total)", hs.tenant, hs.session_id)
         finally:
             hs.checkpoint_queued = False
 
@@ -686,15 +694,23 @@ class SessionManager:
         period = min(self.settings.maintenance_period_s, self.settings.idle_session_s / 2)
         while True:
             await asyncio.sleep(period)
-            now = time.monotonic()
-            for hs in list(self._hot.values()):
-                idle = now - hs.last_used > self.settings.idle_session_s and not hs.lock.locked()
-                if idle and await self.unload_checkpointed(hs):
-                    self.metrics.sessions_expired.labels(hs.tenant).inc()
-            # Every period, not only after reaping: closes and class moves free rows too (trim only
-            # repacks a pool when that at least halves it).
-            await self.on_engine(self.engine.trim)
-            self.metrics.pool_bytes.set(self.engine.pool_bytes())
+            try:
+                await self._reap_once()
+            except Exception:  # a bug here must not stop reaping for the life of the process
+                self.metrics.maintenance_errors.labels("reaper").inc()
+                log.exception("idle reaper: unexpected error (counted in nexus_maintenance_errors_total); "
+                              "it runs again in %.1f s", period)
+
+    async def _reap_once(self) -> None:
+        now = time.monotonic()
+        for hs in list(self._hot.values()):
+            idle = now - hs.last_used > self.settings.idle_session_s and not hs.lock.locked()
+            if idle and await self.unload_checkpointed(hs):
+                self.metrics.sessions_expired.labels(hs.tenant).inc()
+        # Every period, not only after reaping: closes and class moves free rows too (trim only
+        # repacks a pool when that at least halves it).
+        await self.on_engine(self.engine.trim)
+        self.metrics.pool_bytes.set(self.engine.pool_bytes())
 
     # -- inspection ---------------------------------------------------------------------------
     async def describe(self, tenant: str, session_id: str, include_weights: bool = False) -> pb.GetSessionResponse:
