@@ -132,17 +132,18 @@ class SessionManager:
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
     async def _run_batch(self, items: dict[int, StepInput | LazyInput]) -> dict[int, HostOutput | EngineError]:
-        def run() -> tuple[dict[int, HostOutput | EngineError], float]:
+        def run() -> tuple[dict[int, HostOutput | EngineError], float, float]:
             # Inputs become tensors and outputs become numpy views here, on the engine thread: torch
             # calls on the event loop would queue for the GIL behind this thread's ops.
             inputs = {h: x.build() if isinstance(x, LazyInput) else x for h, x in items.items()}
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             outs = self.engine.step(inputs, raise_errors=False)
-            seconds = time.perf_counter() - t0
-            return {h: (HostOutput.of(o) if isinstance(o, StepOutput) else o) for h, o in outs.items()}, seconds
+            seconds, cpu = time.perf_counter() - t0, time.thread_time() - c0
+            return {h: (HostOutput.of(o) if isinstance(o, StepOutput) else o) for h, o in outs.items()}, seconds, cpu
 
-        outs, seconds = await self.on_engine(run)
+        outs, seconds, cpu = await self.on_engine(run)
         self.metrics.compute_seconds.labels(self.engine.device.type).observe(seconds)
+        self.metrics.compute_cpu_seconds.labels(self.engine.device.type).inc(cpu)
         return outs
 
     def start(self) -> None:
