@@ -54,7 +54,7 @@ from nexus_sidecar.server.ownership import Ownership
 from nexus_sidecar.server.resync import Reseeded, reseed, retained_positions
 from nexus_sidecar.server.retention_history import RetentionHistory
 from nexus_sidecar.server.settings import ServerSettings
-from nexus_sidecar.server.step_columns import LazyInput, StepColumns
+from nexus_sidecar.server.step_columns import LazyInput, StepColumns, StepDigest
 from nexus_sidecar.server.stores import StateStore, StoreUnavailable, validate_id
 
 log = logging.getLogger("nexus_sidecar.sessions")
@@ -85,7 +85,7 @@ class HotSession:
     step: int = 0
     checksum: int = 0  # positions_checksum of retained positions, summed over groups
     count: int = 0  # retained slots, summed over groups
-    digest: bytes = b""  # StepColumns.digest of the last applied step (idempotent retries)
+    digest: StepDigest = field(default_factory=StepDigest)  # of the last applied step (idempotent retries)
     last_result: Answer | None = None
     checkpointed_step: int = 0
     stored: bool = False  # a checkpoint of it is in the store (else unloading it would lose it)
@@ -240,7 +240,7 @@ class SessionManager:
         handle = await self.on_engine(self.engine.restore, cp.state)
         last = Answer.from_session_result(pb.SessionResult.FromString(cp.last_result)) if cp.last_result else None
         hs = HotSession(tenant, session_id, handle, cp.state.config, step=cp.step, checksum=cp.checksum,
-                        count=sum(g.pos.numel() for g in cp.state.groups), digest=cp.digest,
+                        count=sum(g.pos.numel() for g in cp.state.groups), digest=StepDigest(cp.digest),
                         last_result=last, checkpointed_step=cp.step, stored=True, epoch=epoch)
         self._hot[(tenant, session_id)] = hs
         self._series(hs).retained.inc(hs.count)  # _unload decrements it
@@ -326,7 +326,7 @@ class SessionManager:
         count = sum(p.numel() for p in positions)
         self._series(hs).retained.inc(count - hs.count)
         hs.step, hs.count, hs.checksum = step, count, codec.checksum_of(positions)
-        hs.digest, hs.last_result = b"", None  # nothing to answer a retry of an older step with
+        hs.digest, hs.last_result = StepDigest(), None  # nothing to answer a retry of an older step with
         hs.checkpointed_step, hs.stored = 0, False
         hs.delta_base = None  # a new history: the next checkpoint is a full one
         hs.last_used = time.monotonic()
@@ -423,7 +423,7 @@ class SessionManager:
         retry = (cols.steps == current) & (current > 0) & cached
         for b in np.flatnonzero(retry).tolist():
             hs = sessions[b]
-            if cols.digest(b, ints) != hs.digest:
+            if cols.digest(b, ints) != bytes(hs.digest):
                 raise StepOutOfOrder(hs.session_id, int(cols.steps[b]), hs.step + 1,
                                      note="it was already applied with a different payload")
             answers[b] = hs.last_result
@@ -460,7 +460,7 @@ class SessionManager:
                           np.array([max(self.engine.counts(hs.handle)) for hs in hot]),
                           [hs.cfg.policy for hs in hot])
         cols.check_positions(fresh, ints)
-        digests = [cols.digest(b, ints) for b in fresh]
+        digests = [cols.deferred_digest(b, ints) for b in fresh]
         inputs = cols.inputs(fresh, groups, ints)
         now = time.monotonic()
         for hs in hot:
@@ -489,7 +489,7 @@ class SessionManager:
         return first_error
 
     def _commit(self, hot: list[HotSession], steps: list[int], outs: list[HostOutput], ks: list[int],
-                new_pos: np.ndarray, digests: list[bytes]) -> None:
+                new_pos: np.ndarray, digests: list[StepDigest]) -> None:
         """Commit engine outputs: answers, checksums and metrics computed for the whole batch (numpy
         only: see LazyInputs for why no torch call runs here)."""
         answers = answer_batch(steps, outs, new_pos, np.concatenate([[0], np.cumsum(ks)]),
@@ -589,7 +589,7 @@ class SessionManager:
             base = None
         rows, seconds = await self.on_engine(writer.capture, self.engine, hs.handle, base)
         last = b"" if hs.last_result is None else hs.last_result.session_result(hs.session_id).SerializeToString()
-        return Captured(hs.step, hs.checksum, hs.digest, last, rows, base, seconds)
+        return Captured(hs.step, hs.checksum, bytes(hs.digest), last, rows, base, seconds)
 
     async def _store(self, hs: HotSession, cap: Captured) -> bool | object | None:
         """Encode on the checkpoint thread, then write. True written, False refused (CAS) or store
