@@ -36,6 +36,7 @@ from nexus_client.packing import WorkerSession
 from nexus_client.v1 import sidecar_pb2 as pb
 
 METHOD = "/nexus.v1.EvictionService/StepBatch"
+PREFILL_CHUNK = 1024
 _WIRE_INT = {pb.D_TYPE_INT32: "<i4", pb.D_TYPE_INT64: "<i8"}
 
 
@@ -105,14 +106,15 @@ class ReplayWorker:
         g = torch.Generator().manual_seed(seed)
         self._attn = torch.rand(1, prefill + 1, generator=g)
         self._w = torch.rand(1, max(prefill, 1), self.F, generator=g)
-        self.options = ClientOptions(target, timeout_s=120.0)
+        self.options = ClientOptions(target, timeout_s=120.0, retry_budget_s=600.0)
 
     def _batch(self, sessions: list[WorkerSession], new: torch.Tensor, width: int) -> pb.StepBatchRequest:
         k = new.numel()
         batch = BatchBuilder(torch.float16)
         edge_pos = (new.view(k, 1) - torch.arange(self.F).view(1, self.F)).clamp(min=0)[None]
+        w = self._w[:, :k] if k <= self._w.shape[1] else torch.rand(1, k, self.F)
         for ws in sessions:
-            batch.add(ws, new, self._attn[:, :width], self._attn[:, :width], edge_pos, self._w[:, :k])
+            batch.add(ws, new, self._attn[:, :width], self._attn[:, :width], edge_pos, w)
         return batch.request()
 
     async def run(self, window: Any = None) -> ReplayStats:
@@ -124,10 +126,14 @@ class ReplayWorker:
             sid = f"{self.name}-s{i}"
             await client.open_session(sid, self.config)
             sessions.append(WorkerSession(sid, groups=1))
-        req = self._batch(sessions, torch.arange(self.N), self.N)
-        answer = read_answer(await client.step_batch(req), req, [1] * self.B)
-        for i, ws in enumerate(sessions):
-            answer.settle(ws, i)
+        # The prefill in chunks (B = 256 sessions x 4,096 tokens in one request is ~55 MB): every token
+        # is retained (budget >= prefill), so the slots of a chunk are all the tokens so far.
+        for start in range(0, self.N, PREFILL_CHUNK):
+            end = min(self.N, start + PREFILL_CHUNK)
+            req = self._batch(sessions, torch.arange(start, end), end)
+            answer = read_answer(await client.step_batch(req), req, [1] * self.B)
+            for i, ws in enumerate(sessions):
+                answer.settle(ws, i)
         if any(ws.retained_count != self.N for ws in sessions):
             raise RuntimeError("replay: the prefill must retain every token (budget >= prefill)")
         template = Template(self._batch(sessions, torch.tensor([self.N]), self.N + 1), self.F)

@@ -46,6 +46,7 @@ class ServiceBenchSettings:
     workers: tuple[int, ...] = (2,)
     steps: int = 40
     echo_calls: int = 40
+    device: str = "auto"  # the server's engine device, and the engine-alone reference's (auto: CUDA if present)
 
     @classmethod
     def quick(cls) -> ServiceBenchSettings:
@@ -219,6 +220,7 @@ def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]
 
     gc.freeze()  # the load generator, like the sidecar, keeps its start-up heap out of the cyclic GC
     grid = list(itertools.product(settings.stores, settings.batch_sizes, settings.slots, settings.workers))
+    device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     records = []
     engine_ref: dict[tuple[int, int], dict[str, Any]] = {}
     bar = tqdm(total=len(grid), desc="service", disable=not progress)
@@ -233,9 +235,9 @@ def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]
                 # warnings) and blocks the sidecar mid-run.
                 log_path = os.path.join(tempfile.gettempdir(), f"nexus-bench-service-{os.getpid()}-{store}.log")
                 with sidecar_process(*args, "--max-batch", max_batch, "--max-delay-us", "500", "--torch-threads",
-                                     threads, log_path=log_path) as sc:
+                                     threads, "--device", device, log_path=log_path) as sc:
                     for _, B, N, W in (g for g in grid if g[0] == store):
-                        rec: dict[str, Any] = {"B": B, "N": N, "store": store, "workers": W}
+                        rec: dict[str, Any] = {"B": B, "N": N, "store": store, "workers": W, "device": device}
                         before = checkpoint_bench.scrape(sc.http_port) if store == "redis" else None
                         rec.update(asyncio.run(_run_workers(sc.target, B, N, W, settings.steps, sc.http_port,
                                                             sc.proc.pid)))
@@ -243,7 +245,7 @@ def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]
                             rec.update(checkpoint_bench.service_columns(before, checkpoint_bench.scrape(sc.http_port)))
                         rec.update(asyncio.run(_echo(echo_target, B, N, W, settings.echo_calls)))
                         if (B, N) not in engine_ref:
-                            engine_ref[(B, N)] = engine_bench.measure("nexus", "cpu", B, N, 8, 2, 9, 2, priors=False)
+                            engine_ref[(B, N)] = engine_bench.measure("nexus", device, B, N, 8, 2, 9, 2, priors=False)
                         eng = engine_ref[(B, N)]
                         rec["engine_ms_per_call"] = eng["ms_per_call"]
                         rec["engine_cpu_ms_per_call"] = eng["cpu_ms_per_call"]
@@ -269,7 +271,7 @@ class _null:
 def table(payload: dict[str, Any]) -> str:
     """Markdown table."""
     return markdown_table(payload["records"], [
-        "store", "B", "N", "workers", "service_session_steps_per_s", "engine_session_steps_per_s",
+        "store", "device", "B", "N", "workers", "service_session_steps_per_s", "engine_session_steps_per_s",
         "throughput_vs_engine", "server_cpu_us", "server_cpu_us_excl_engine", "loadgen_cpu_us",
         "server_overhead_us_per_session_step", "server_overhead_us_server_side",
         "service_vs_engine_time", "p50_ms", "p99_ms", "echo_p50_ms", "echo_p99_ms", "engine_ms_per_call",

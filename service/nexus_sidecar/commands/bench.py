@@ -50,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         if name == "soak":
             q.add_argument("--duration", type=positive_int, default=60, help="seconds (default 60)")
             q.add_argument("--redis", action="store_true", help="a real redis-server as the store")
+        if name == "service":
+            q.add_argument("--device", default="auto",
+                           help="the server's engine device and the engine-alone reference's: auto (CUDA if present), "
+                                "cpu, cuda")
         if name == "engine":
             q.add_argument("--device", action="append", help="cpu, cuda (repeatable; default: cpu + cuda if present)")
             q.add_argument("--contended", action="store_true",
@@ -118,7 +122,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         from nexus_sidecar.bench import service_bench as mod
 
-        payload = mod.run(mod.ServiceBenchSettings.quick() if args.quick else mod.ServiceBenchSettings(), progress)
+        if args.device != "auto":
+            check_cuda_device("--device", args.device)
+        settings = mod.ServiceBenchSettings.quick() if args.quick else mod.ServiceBenchSettings()
+        settings.device = args.device
+        payload = mod.run(settings, progress)
         table, plot = mod.table(payload), mod.plot
     print(table)
     if args.json:

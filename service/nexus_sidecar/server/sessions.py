@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -39,7 +39,7 @@ from nexus_sidecar.server.admission import Admission
 from nexus_sidecar.server.answers import Answer, HostOutput, answer_batch, encode_batch
 from nexus_sidecar.server.batcher import Job, MicroBatcher
 from nexus_sidecar.server.checkpoint import load
-from nexus_sidecar.server.checkpoint_writer import Captured, DeltaBase
+from nexus_sidecar.server.checkpoint_writer import Captured
 from nexus_sidecar.server.errors import (
     InvalidArgument,
     SessionConflict,
@@ -53,6 +53,7 @@ from nexus_sidecar.server.metrics import Metrics, observe_many
 from nexus_sidecar.server.ownership import Ownership
 from nexus_sidecar.server.resync import Reseeded, reseed, retained_positions
 from nexus_sidecar.server.retention_history import RetentionHistory
+from nexus_sidecar.server.session_table import HotSession, SessionTable
 from nexus_sidecar.server.settings import ServerSettings
 from nexus_sidecar.server.step_columns import LazyInput, StepColumns, StepDigest
 from nexus_sidecar.server.stores import StateStore, StoreUnavailable, validate_id
@@ -74,34 +75,6 @@ class _Series:
     age: Any
 
 
-@dataclass
-class HotSession:
-    """A session whose state is in the engine's pool."""
-
-    tenant: str
-    session_id: str
-    handle: int
-    cfg: PolicyConfig
-    step: int = 0
-    checksum: int = 0  # positions_checksum of retained positions, summed over groups
-    count: int = 0  # retained slots, summed over groups
-    digest: StepDigest = field(default_factory=StepDigest)  # of the last applied step (idempotent retries)
-    last_result: Answer | None = None
-    checkpointed_step: int = 0
-    stored: bool = False  # a checkpoint of it is in the store (else unloading it would lose it)
-    epoch: int = 0  # the owner epoch this replica claimed (server/ownership.py)
-    last_used: float = field(default_factory=time.monotonic)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    writing: asyncio.Lock = field(default_factory=asyncio.Lock)  # held from capture to store answer
-    delta_base: DeltaBase | None = None  # the full checkpoint this replica wrote last (deltas go against it)
-    checkpoint_queued: bool = False  # a cadence checkpoint is spawned and not finished
-
-    @property
-    def dirty(self) -> bool:
-        """True when steps were applied since the last successful checkpoint (or none was written)."""
-        return self.step > self.checkpointed_step or not self.stored
-
-
 class SessionManager:
     """Opens, steps, checkpoints, resumes and closes sessions for every tenant."""
 
@@ -115,6 +88,7 @@ class SessionManager:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-engine")
         # Encoding checkpoints: off the engine thread (numpy releases the GIL on the bulk copies).
         self._ckpt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-checkpoint")
+        self.table = SessionTable()  # the hot sessions' step state in columns (server/session_table.py)
         self._hot: dict[tuple[str, str], HotSession] = {}
         self._loading: dict[tuple[str, str], asyncio.Future[HotSession]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -190,7 +164,7 @@ class SessionManager:
         await self.make_room(lambda: self.admission.open_fits(cfg), f"opening a session of {cfg.groups} groups")
         epoch, _ = await self.ownership.claim(tenant, session_id)
         handle = await self.on_engine(self.engine.open, cfg)
-        hs = HotSession(tenant, session_id, handle, cfg, epoch=epoch)
+        hs = HotSession(self.table, tenant, session_id, handle, cfg, epoch=epoch)
         self._hot[(tenant, session_id)] = hs
         self.metrics.sessions_opened.labels(tenant).inc()
         self.metrics.sessions_open.labels(tenant).set(len(self.hot_sessions(tenant)))
@@ -239,8 +213,9 @@ class SessionManager:
         await self.make_room(lambda: self.admission.open_fits(cfg), f"resuming a session of {cfg.groups} groups")
         handle = await self.on_engine(self.engine.restore, cp.state)
         last = Answer.from_session_result(pb.SessionResult.FromString(cp.last_result)) if cp.last_result else None
-        hs = HotSession(tenant, session_id, handle, cp.state.config, step=cp.step, checksum=cp.checksum,
-                        count=sum(g.pos.numel() for g in cp.state.groups), digest=StepDigest(cp.digest),
+        hs = HotSession(self.table, tenant, session_id, handle, cp.state.config, step=cp.step, checksum=cp.checksum,
+                        count=sum(g.pos.numel() for g in cp.state.groups),
+                        widest=max((g.pos.numel() for g in cp.state.groups), default=0), digest=StepDigest(cp.digest),
                         last_result=last, checkpointed_step=cp.step, stored=True, epoch=epoch)
         self._hot[(tenant, session_id)] = hs
         self._series(hs).retained.inc(hs.count)  # _unload decrements it
@@ -309,7 +284,7 @@ class SessionManager:
             await self.make_room(lambda: self.admission.open_fits(given), "resyncing a session")
             epoch, _ = await self.ownership.claim(tenant, session_id)
             handle = await self.on_engine(self.engine.restore, seeded.state)
-            hs = HotSession(tenant, session_id, handle, given, epoch=epoch)
+            hs = HotSession(self.table, tenant, session_id, handle, given, epoch=epoch)
             self._hot[(tenant, session_id)] = hs
             self._reset_to(hs, step, positions)
             async with hs.lock:
@@ -326,6 +301,7 @@ class SessionManager:
         count = sum(p.numel() for p in positions)
         self._series(hs).retained.inc(count - hs.count)
         hs.step, hs.count, hs.checksum = step, count, codec.checksum_of(positions)
+        hs.widest = max(self.engine.counts(hs.handle), default=0)  # the restored rows (host mirror)
         hs.digest, hs.last_result = StepDigest(), None  # nothing to answer a retry of an older step with
         hs.checkpointed_step, hs.stored = 0, False
         hs.delta_base = None  # a new history: the next checkpoint is a full one
@@ -335,7 +311,10 @@ class SessionManager:
         key = (hs.tenant, hs.session_id)
         if self._hot.get(key) is hs:
             del self._hot[key]
-            await self.on_engine(self.engine.close, hs.handle)
+            try:
+                await self.on_engine(self.engine.close, hs.handle)
+            finally:
+                hs.detach()  # its table slot is free; the view keeps its last values
             self.metrics.sessions_open.labels(hs.tenant).set(len(self.hot_sessions(hs.tenant)))
             self._series(hs).retained.dec(hs.count)
 
@@ -375,9 +354,8 @@ class SessionManager:
     async def _apply(self, tenant: str, cols: StepColumns, deadline: float | None) -> list[Answer]:
         ids = cols.ids
         first_error: BaseException | None = None
-        by_id = await self._lock_all(tenant, ids)
+        sessions, slots = await self._lock_all(tenant, ids)
         try:
-            sessions = [by_id[sid] for sid in ids]
             stale = await self.ownership.stale(tenant, sessions)
             if stale:  # another replica took these over: never answer for them
                 for hs in stale:
@@ -385,19 +363,29 @@ class SessionManager:
                 raise SessionFenced(stale[0].session_id)
             answers: list[Answer | None] = [None] * len(ids)
             ints = cols.int_fields()
-            fresh = self._plan(sessions, cols, ints, answers)
-            if fresh:
-                first_error = await self._run_fresh(tenant, sessions, cols, ints, fresh, answers, deadline)
+            fresh = self._plan(sessions, slots, cols, ints, answers)
+            if fresh.size:
+                first_error = await self._run_fresh(tenant, sessions, slots, cols, ints, fresh, answers, deadline)
         finally:
-            for hs in by_id.values():
-                hs.lock.release()
+            self._unlock_all(sessions, slots)
         if first_error is not None:
             raise first_error
         return answers  # type: ignore[return-value]  # every entry is set once no error was raised
 
-    async def _lock_all(self, tenant: str, ids: list[str]) -> dict[str, HotSession]:
-        """Every session of ``ids`` hot with its lock held (what :meth:`locked` does for one), taken
-        in id order (no lock-order deadlock); the caller releases them. On an error none is held."""
+    async def _lock_all(self, tenant: str, ids: list[str]) -> tuple[list[HotSession], np.ndarray]:
+        """Every session of ``ids`` hot with its lock held, in request order, and their table slots.
+
+        The steady state (every session hot, none locked or awaited) takes all the locks with one
+        array operation. Otherwise they are taken one at a time in id order (no lock-order
+        deadlock), as :meth:`locked` does for one. On an error none is held."""
+        hot = self._hot
+        found = [hot.get((tenant, sid)) for sid in ids]
+        if None not in found:
+            sessions: list[HotSession] = found  # type: ignore[assignment]
+            slots = np.fromiter((hs.slot for hs in sessions), dtype=np.int64, count=len(sessions))
+            if self.table.try_lock(slots):
+                self.table.col["last_used"][slots] = time.monotonic()
+                return sessions, slots
         held: dict[str, HotSession] = {}
         try:
             for sid in sorted(ids):
@@ -412,14 +400,30 @@ class SessionManager:
             for hs in held.values():
                 hs.lock.release()
             raise
-        return held
+        sessions = [held[sid] for sid in ids]
+        return sessions, np.fromiter((hs.slot for hs in sessions), dtype=np.int64, count=len(sessions))
 
-    def _plan(self, sessions: list[HotSession], cols: StepColumns, ints: dict[str, np.ndarray],
-              answers: list[Answer | None]) -> list[int]:
-        """Check order and worker state for the whole batch; fill in the cached answers of retries
-        and return the indices of the steps that go to the engine (request order)."""
-        current = np.array([hs.step for hs in sessions], dtype=np.uint64)
-        cached = np.array([hs.last_result is not None for hs in sessions])
+    def _unlock_all(self, sessions: list[HotSession], slots: np.ndarray) -> None:
+        """Release what :meth:`_lock_all` took: one array operation while every session is still in the
+        table (one that left it, e.g. fenced, has its lock to itself now)."""
+        table = self.table
+        if all(hs.table is table for hs in sessions):
+            table.col["in_flight"][slots] = False
+            if table.waiting:
+                for hs in sessions:
+                    if hs.slot in table.waiting:
+                        hs.lock.wake()
+        else:
+            for hs in sessions:
+                hs.lock.release()
+
+    def _plan(self, sessions: list[HotSession], slots: np.ndarray, cols: StepColumns, ints: dict[str, np.ndarray],
+              answers: list[Answer | None]) -> np.ndarray:
+        """Check order and worker state for the whole batch (from the table's columns); fill in the
+        cached answers of retries and return the indices of the steps that go to the engine."""
+        col = self.table.col
+        current = col["step"][slots]
+        cached = np.not_equal(self.table.obj["last_result"][slots], None)
         retry = (cols.steps == current) & (current > 0) & cached
         for b in np.flatnonzero(retry).tolist():
             hs = sessions[b]
@@ -433,12 +437,11 @@ class SessionManager:
             raise StepOutOfOrder(sessions[b].session_id, int(cols.steps[b]), sessions[b].step + 1)
         fresh = np.flatnonzero(~retry)
         if not fresh.size:
-            return []
+            return fresh
         self.admission.check_new_tokens(cols.ids, cols.k, fresh)  # before the payload is decoded
-        counts = np.array([sessions[b].count for b in fresh.tolist()], dtype=np.int64)
-        checksums = np.array([sessions[b].checksum for b in fresh.tolist()], dtype=np.uint64)
-        diverged = np.flatnonzero((cols.retained_counts[fresh] != counts)
-                                  | (cols.retained_checksums[fresh] != checksums))
+        fs = slots[fresh]
+        diverged = np.flatnonzero((cols.retained_counts[fresh] != col["count"][fs])
+                                  | (cols.retained_checksums[fresh] != col["checksum"][fs]))
         if diverged.size:
             b = int(fresh[diverged[0]])
             hs = sessions[b]
@@ -448,79 +451,89 @@ class SessionManager:
                 f"holds {hs.count} (checksum {hs.checksum:#018x}) at step {hs.step}; the worker's cache and the "
                 "sidecar's state diverged (failover to an older checkpoint?). Reopen the session or rebuild the "
                 "worker's cache.")
-        return fresh.tolist()
+        return fresh
 
-    async def _run_fresh(self, tenant: str, sessions: list[HotSession], cols: StepColumns,
-                         ints: dict[str, np.ndarray], fresh: list[int], answers: list[Answer | None],
+    async def _run_fresh(self, tenant: str, sessions: list[HotSession], slots: np.ndarray, cols: StepColumns,
+                         ints: dict[str, np.ndarray], fresh: np.ndarray, answers: list[Answer | None],
                          deadline: float | None) -> BaseException | None:
         """Validate, run and commit the steps ``fresh``; returns the first engine refusal (request order)."""
-        hot = [sessions[b] for b in fresh]
-        groups = [hs.cfg.groups for hs in hot]
-        cols.check_layout(fresh, np.array(groups), np.array([hs.cfg.fanout for hs in hot]),
-                          np.array([max(self.engine.counts(hs.handle)) for hs in hot]),
-                          [hs.cfg.policy for hs in hot])
-        cols.check_positions(fresh, ints)
-        digests = [cols.deferred_digest(b, ints) for b in fresh]
-        inputs = cols.inputs(fresh, groups, ints)
-        now = time.monotonic()
-        for hs in hot:
-            hs.last_used = now
-        ks = {hs.handle: k for hs, k in zip(hot, cols.k[np.asarray(fresh)].tolist(), strict=True)}
+        col = self.table.col
+        fs = slots[fresh]
+        rows = fresh.tolist()
+        hot = [sessions[b] for b in rows]
+        groups = col["groups"][fs]
+        cols.check_layout(rows, groups, col["fanout"][fs], col["widest"][fs], [hs.cfg.policy for hs in hot])
+        cols.check_positions(rows, ints)
+        digests = [cols.deferred_digest(b, ints) for b in rows]
+        inputs = cols.inputs(rows, groups.tolist(), ints)
+        handles = col["handle"][fs].tolist()
+        k = cols.k[fresh]
+        ks = dict(zip(handles, k.tolist(), strict=True))
         # Widening the arena is the allocation a step can cause: admitted first.
-        await self.make_room(lambda: self.admission.step_fits(ks), f"a step of {max(ks.values())} new tokens")
-        job = Job({hs.handle: inp for hs, inp in zip(hot, inputs, strict=True)}, tenant, deadline)
+        await self.make_room(lambda: self.admission.step_fits(ks), f"a step of {int(k.max())} new tokens")
+        job = Job(dict(zip(handles, inputs, strict=True)), tenant, deadline)
         try:
             outs = await self.batcher.submit(job)
         except BaseException as exc:  # queue full, deadline, draining: nothing was applied
             return exc
-        good = [j for j, hs in enumerate(hot) if isinstance(outs[hs.handle], HostOutput)]
-        first_error = next((_named(outs[hot[j].handle], hot[j].session_id)  # type: ignore[arg-type]
+        good = [j for j, h in enumerate(handles) if isinstance(outs[h], HostOutput)]
+        first_error = next((_named(outs[handles[j]], hot[j].session_id)  # type: ignore[arg-type]
                             for j in range(len(hot)) if j not in set(good)), None)
         if good:
-            self._commit([hot[j] for j in good], [int(cols.steps[fresh[j]]) for j in good],
-                         [outs[hot[j].handle] for j in good],  # type: ignore[misc]
-                         [int(cols.k[fresh[j]]) for j in good],
-                         np.concatenate([ints["new_positions"][cols.columns["new_positions"].offsets[b]:
-                                                               cols.columns["new_positions"].offsets[b + 1]]
-                                         for b in (fresh[j] for j in good)]),
-                         [digests[j] for j in good])
-            for j in good:
-                answers[fresh[j]] = hot[j].last_result
+            tok = cols.columns["new_positions"].offsets
+            done = self._commit([hot[j] for j in good], fs[good], cols.steps[fresh[good]],
+                                [outs[handles[j]] for j in good],  # type: ignore[misc]
+                                k[good], np.concatenate([ints["new_positions"][tok[b]: tok[b + 1]]
+                                                         for b in fresh[good].tolist()]),
+                                [digests[j] for j in good])
+            for j, ans in zip(good, done, strict=True):
+                answers[rows[j]] = ans
         return first_error
 
-    def _commit(self, hot: list[HotSession], steps: list[int], outs: list[HostOutput], ks: list[int],
-                new_pos: np.ndarray, digests: list[StepDigest]) -> None:
-        """Commit engine outputs: answers, checksums and metrics computed for the whole batch (numpy
-        only: see LazyInputs for why no torch call runs here)."""
-        answers = answer_batch(steps, outs, new_pos, np.concatenate([[0], np.cumsum(ks)]),
-                               [hs.checksum for hs in hot])
-        by_series: dict[int, tuple[_Series, list[int]]] = {}
-        every = self.settings.checkpoint_cadence
-        before = [hs.count for hs in hot]
+    def _commit(self, hot: list[HotSession], slots: np.ndarray, steps: np.ndarray, outs: list[HostOutput],
+                ks: np.ndarray, new_pos: np.ndarray, digests: list[StepDigest]) -> list[Answer]:
+        """Commit engine outputs into the table: answers, checksums and metrics computed for the whole
+        batch (numpy only: see LazyInputs for why no torch call runs here). Returns the answers."""
+        col, obj = self.table.col, self.table.obj
+        answers = answer_batch(steps.tolist(), outs, new_pos, np.concatenate([[0], np.cumsum(ks)]),
+                               col["checksum"][slots].tolist())
+        before = col["count"][slots].copy()
+        now = np.array([a.count for a in answers], dtype=np.int64)
         self.history.record_many([(hs.tenant, hs.session_id, hs.handle, ans.step, k, out)
-                                  for hs, ans, k, out in zip(hot, answers, ks, outs, strict=True)])
-        for j, (hs, ans, digest) in enumerate(zip(hot, answers, digests, strict=True)):
-            hs.step, hs.checksum, hs.count = ans.step, ans.checksum, ans.count
-            hs.digest, hs.last_result = digest, ans
-            series = self._series(hs)
-            by_series.setdefault(id(series), (series, []))[1].append(j)
-            if every and hs.step - hs.checkpointed_step >= every and not hs.checkpoint_queued:
-                hs.checkpoint_queued = True
-                self._spawn(self._cadence_checkpoint(hs))
-        for m, js in by_series.values():
-            G = np.array([hot[j].cfg.groups for j in js], dtype=np.int64)
-            k = np.array([ks[j] for j in js], dtype=np.int64)
-            was = np.array([before[j] for j in js], dtype=np.int64)
-            now = np.array([answers[j].count for j in js], dtype=np.int64)
+                                  for hs, ans, k, out in zip(hot, answers, ks.tolist(), outs, strict=True)])
+        col["step"][slots] = steps
+        col["count"][slots] = now
+        col["checksum"][slots] = np.array([a.checksum for a in answers], dtype=np.uint64)
+        col["widest"][slots] = [max(o.retained) for o in outs]
+        obj["digest"][slots] = _objects(digests)
+        obj["last_result"][slots] = _objects(answers)
+        every = self.settings.checkpoint_cadence
+        if every:
+            due = np.flatnonzero((steps.astype(np.int64) - col["checkpointed_step"][slots].astype(np.int64) >= every)
+                                 & ~col["checkpoint_queued"][slots])
+            if due.size:
+                col["checkpoint_queued"][slots[due]] = True
+                for j in due.tolist():
+                    self._spawn(self._cadence_checkpoint(hot[j]))
+        # Metrics per (tenant, policy) series: one RPC is one tenant, and mostly one policy.
+        by_policy: dict[str, list[int]] = {}
+        for j, hs in enumerate(hot):
+            by_policy.setdefault(hs.cfg.policy, []).append(j)
+        G = col["groups"][slots]
+        for js_l in by_policy.values():
+            m = self._series(hot[js_l[0]])
+            js = np.asarray(js_l)
+            g, k, was, after = G[js], ks[js].astype(np.int64), before[js], now[js]
             m.seen.inc(int(k.sum()))
-            evicted = int((was + G * k - now).sum())
+            evicted = int((was + g * k - after).sum())
             m.evicted.inc(evicted)
-            m.retained.inc(int((now - was).sum()))
-            observe_many(m.ratio, now / np.maximum(1, was + G * k))
-            observe_many(m.mass, np.concatenate([outs[j].retained_mass for j in js]))
+            m.retained.inc(int((after - was).sum()))
+            observe_many(m.ratio, after / np.maximum(1, was + g * k))
+            observe_many(m.mass, np.concatenate([outs[j].retained_mass for j in js_l]))
             if evicted:
-                ages = np.concatenate([outs[j].evicted_age.reshape(-1) for j in js])
+                ages = np.concatenate([outs[j].evicted_age.reshape(-1) for j in js_l])
                 observe_many(m.age, ages[ages > 0])
+        return answers
 
     async def _cadence_checkpoint(self, hs: HotSession) -> None:
         try:
@@ -740,6 +753,13 @@ class SessionManager:
         """Hot and stored session ids of a tenant (sorted)."""
         stored = await self.store.list(tenant)
         return sorted(set(stored) | {hs.session_id for hs in self.hot_sessions(tenant)})
+
+
+def _objects(items: list[Any]) -> np.ndarray:
+    """A 1-D object array of ``items`` (for the table's object columns)."""
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
 
 
 def _named(exc: BaseException, session_id: str) -> BaseException:
