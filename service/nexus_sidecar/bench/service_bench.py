@@ -29,7 +29,7 @@ from nexus_client.columnar import BatchBuilder
 from nexus_client.packing import WorkerSession, pack_step
 from nexus_client.v1 import sidecar_pb2 as pb
 
-from nexus_sidecar.bench import checkpoint_bench, engine_bench, replay
+from nexus_sidecar.bench import checkpoint_bench, engine_bench, replay, server_profile
 from nexus_sidecar.bench.echo_server import METHOD
 from nexus_sidecar.bench.procs import echo_process, redis_process, sidecar_process
 from nexus_sidecar.bench.report import machine, markdown_table
@@ -47,6 +47,7 @@ class ServiceBenchSettings:
     steps: int = 40
     echo_calls: int = 40
     device: str = "auto"  # the server's engine device, and the engine-alone reference's (auto: CUDA if present)
+    profile_dir: str | None = None  # py-spy the server over the decode window at B = 64 (raw files go here)
 
     @classmethod
     def quick(cls) -> ServiceBenchSettings:
@@ -88,17 +89,21 @@ class _DecodeWindow:
     and this process's CPU clocks as the decode phase starts (and ``close`` as it ends): the
     server-side figures cover decode RPCs only."""
 
-    def __init__(self, workers: int, http_port: int | None, pid: int | None = None) -> None:
+    def __init__(self, workers: int, http_port: int | None, pid: int | None = None, profile: str | None = None
+                 ) -> None:
         self._barrier, self._end = asyncio.Barrier(workers), asyncio.Barrier(workers)
         self._port, self._pid = http_port, pid
         self.before = self.after = ""
         self.cpu = {"server": 0.0, "loadgen": 0.0}
+        self._profile, self._spy = profile, None  # py-spy of the server over the window (server_profile.py)
 
     async def wait(self) -> int:
         index = await self._barrier.wait()
         if index == 0:
             if self._port is not None:
                 self.before = await asyncio.to_thread(checkpoint_bench.scrape, self._port)
+            if self._profile is not None and self._pid is not None:
+                self._spy = server_profile.start(self._pid, self._profile)
             self._clocks(-1.0)
         return index
 
@@ -114,6 +119,8 @@ class _DecodeWindow:
 
     async def close(self) -> None:
         self._clocks(1.0)
+        if self._spy is not None:
+            await asyncio.to_thread(server_profile.stop, self._spy)
         if self._port is not None:
             self.after = await asyncio.to_thread(checkpoint_bench.scrape, self._port)
 
@@ -147,9 +154,9 @@ def server_side(before: str, after: str) -> dict[str, float]:
 
 
 async def _run_workers(target: str, B: int, N: int, workers: int, steps: int, http_port: int | None = None,
-                       pid: int | None = None) -> dict[str, float]:
+                       pid: int | None = None, profile: str | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    window = _DecodeWindow(workers, http_port, pid)
+    window = _DecodeWindow(workers, http_port, pid, profile)
     stats = await replay.run_workers(target, B, N, workers, steps, _config(N), window)
     wall = time.perf_counter() - t0
     lat = sorted(itertools.chain.from_iterable(s.rpc_seconds for s in stats))
@@ -165,6 +172,8 @@ async def _run_workers(target: str, B: int, N: int, workers: int, steps: int, ht
         "loadgen_cpu_us": 1e6 * window.cpu["loadgen"] / session_steps,
         **(server_side(window.before, window.after) if http_port is not None else {}),
     }
+    if profile is not None:
+        out["profile"] = server_profile.summarize(profile)
     if pid is not None:
         out["server_cpu_us"] = 1e6 * window.cpu["server"] / session_steps
         if http_port is not None:
@@ -239,8 +248,10 @@ def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]
                     for _, B, N, W in (g for g in grid if g[0] == store):
                         rec: dict[str, Any] = {"B": B, "N": N, "store": store, "workers": W, "device": device}
                         before = checkpoint_bench.scrape(sc.http_port) if store == "redis" else None
+                        spy = None if settings.profile_dir is None or B != 64 else \
+                            os.path.join(settings.profile_dir, f"profile-{store}-B{B}.txt")
                         rec.update(asyncio.run(_run_workers(sc.target, B, N, W, settings.steps, sc.http_port,
-                                                            sc.proc.pid)))
+                                                            sc.proc.pid, spy)))
                         if before is not None:
                             rec.update(checkpoint_bench.service_columns(before, checkpoint_bench.scrape(sc.http_port)))
                         rec.update(asyncio.run(_echo(echo_target, B, N, W, settings.echo_calls)))
@@ -269,14 +280,16 @@ class _null:
 
 
 def table(payload: dict[str, Any]) -> str:
-    """Markdown table."""
+    """Markdown table (and the server profiles, when taken)."""
+    profiles = "".join(f"\n\nServer profile, {r['store']} store, B = {r['B']} (py-spy over the decode window):\n\n"
+                       + server_profile.table(r["profile"]) for r in payload["records"] if "profile" in r)
     return markdown_table(payload["records"], [
         "store", "device", "B", "N", "workers", "service_session_steps_per_s", "engine_session_steps_per_s",
         "throughput_vs_engine", "server_cpu_us", "server_cpu_us_excl_engine", "loadgen_cpu_us",
         "server_overhead_us_per_session_step", "server_overhead_us_server_side",
         "service_vs_engine_time", "p50_ms", "p99_ms", "echo_p50_ms", "echo_p99_ms", "engine_ms_per_call",
         "server_engine_ms_per_call", "engine_cpu_ms_per_call", "server_engine_cpu_ms_per_call", "p99_target_ms",
-        *checkpoint_bench.SERVICE_COLUMNS])
+        *checkpoint_bench.SERVICE_COLUMNS]) + profiles
 
 
 def plot(payload: dict[str, Any], path: str) -> None:

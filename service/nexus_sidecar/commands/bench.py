@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             q.add_argument("--duration", type=positive_int, default=60, help="seconds (default 60)")
             q.add_argument("--redis", action="store_true", help="a real redis-server as the store")
         if name == "service":
+            q.add_argument("--profile", metavar="DIR",
+                           help="also py-spy the server over the B = 64 decode windows: raw samples in DIR, a summary "
+                                "(CPU, GIL wait, idle per thread; where the CPU goes) after the table")
             q.add_argument("--device", default="auto",
                            help="the server's engine device and the engine-alone reference's: auto (CUDA if present), "
                                 "cpu, cuda")
@@ -126,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
             check_cuda_device("--device", args.device)
         settings = mod.ServiceBenchSettings.quick() if args.quick else mod.ServiceBenchSettings()
         settings.device = args.device
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            settings.profile_dir = args.profile
         payload = mod.run(settings, progress)
         table, plot = mod.table(payload), mod.plot
     print(table)
