@@ -84,6 +84,23 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name of a process (``/proc/<pid>/task``; threads of one name summed,
+    trailing digits dropped: the gRPC core's and the executors' threads group together)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, _, rest = f.read().rpartition(")")
+            fields = rest.split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = head.split("(", 1)[1].rstrip("0123456789_-") or "?"
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 class _DecodeWindow:
     """The workers' prefill barrier, which also scrapes the sidecar's /metrics and reads the server's
     and this process's CPU clocks as the decode phase starts (and ``close`` as it ends): the
@@ -95,6 +112,7 @@ class _DecodeWindow:
         self._port, self._pid = http_port, pid
         self.before = self.after = ""
         self.cpu = {"server": 0.0, "loadgen": 0.0}
+        self.threads: dict[str, float] = {}  # server CPU seconds by thread name over the window
         self._profile, self._spy = profile, None  # py-spy of the server over the window (server_profile.py)
 
     async def wait(self) -> int:
@@ -110,6 +128,8 @@ class _DecodeWindow:
     def _clocks(self, sign: float) -> None:
         if self._pid is not None:
             self.cpu["server"] += sign * process_cpu_seconds(self._pid)
+            for name, seconds in thread_cpu_seconds(self._pid).items():
+                self.threads[name] = self.threads.get(name, 0.0) + sign * seconds
         self.cpu["loadgen"] += sign * time.process_time()
 
     async def end(self) -> None:
@@ -176,6 +196,9 @@ async def _run_workers(target: str, B: int, N: int, workers: int, steps: int, ht
         out["profile"] = server_profile.summarize(profile)
     if pid is not None:
         out["server_cpu_us"] = 1e6 * window.cpu["server"] / session_steps
+        # By thread (threads that started or ended inside the window count what they ran in it, or less).
+        out["server_cpu_us_by_thread"] = {name: 1e6 * max(0.0, sec) / session_steps
+                                          for name, sec in sorted(window.threads.items()) if sec > 0}
         if http_port is not None:
             engine_cpu = (checkpoint_bench._total(window.after, "nexus_engine_compute_cpu_seconds_total")
                           - checkpoint_bench._total(window.before, "nexus_engine_compute_cpu_seconds_total"))
@@ -186,9 +209,10 @@ async def _run_workers(target: str, B: int, N: int, workers: int, steps: int, ht
     return out
 
 
-async def _echo(target: str, B: int, N: int, workers: int, calls: int) -> dict[str, float]:
+async def _echo(target: str, B: int, N: int, workers: int, calls: int, pid: int | None = None) -> dict[str, float]:
     """The same request bytes (B sessions at N slots, the form the workers send) through a bare echo,
-    same concurrency."""
+    same concurrency. ``echo_cpu_us``: the echo process's CPU per session carried (``pid``), the
+    transport's floor for ``server_cpu_us_excl_engine``."""
     ws = WorkerSession("echo", groups=1, step=1, retained_count=N)
     new = torch.tensor([N])
     attn = torch.rand(1, N + 1)
@@ -215,10 +239,12 @@ async def _echo(target: str, B: int, N: int, workers: int, calls: int) -> dict[s
                 await call(payload, timeout=60)
                 lat.append(time.perf_counter() - t0)
 
+    cpu0 = process_cpu_seconds(pid) if pid is not None else 0.0
     await asyncio.gather(*(worker() for _ in range(workers)))
+    cpu = process_cpu_seconds(pid) - cpu0 if pid is not None else float("nan")
     lat.sort()
-    return {"echo_p50_ms": statistics.median(lat) * 1e3, "echo_p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-            * 1e3, "echo_bytes_per_rpc": len(payload)}
+    return {"echo_cpu_us": 1e6 * cpu / (B * workers * (calls + 1)), "echo_p50_ms": statistics.median(lat) * 1e3,
+            "echo_p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3, "echo_bytes_per_rpc": len(payload)}
 
 
 def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]:
@@ -233,7 +259,7 @@ def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]
     records = []
     engine_ref: dict[tuple[int, int], dict[str, Any]] = {}
     bar = tqdm(total=len(grid), desc="service", disable=not progress)
-    with echo_process() as echo_target:
+    with echo_process() as echo:
         for store in settings.stores:
             with (redis_process() if store == "redis" else _null()) as redis_url:
                 args = ["--store", redis_url, "--checkpoint-every", "16"] if store == "redis" else []
@@ -254,7 +280,7 @@ def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]
                                                             sc.proc.pid, spy)))
                         if before is not None:
                             rec.update(checkpoint_bench.service_columns(before, checkpoint_bench.scrape(sc.http_port)))
-                        rec.update(asyncio.run(_echo(echo_target, B, N, W, settings.echo_calls)))
+                        rec.update(asyncio.run(_echo(echo.target, B, N, W, settings.echo_calls, echo.pid)))
                         if (B, N) not in engine_ref:
                             engine_ref[(B, N)] = engine_bench.measure("nexus", device, B, N, 8, 2, 9, 2, priors=False)
                         eng = engine_ref[(B, N)]
@@ -285,7 +311,7 @@ def table(payload: dict[str, Any]) -> str:
                        + server_profile.table(r["profile"]) for r in payload["records"] if "profile" in r)
     return markdown_table(payload["records"], [
         "store", "device", "B", "N", "workers", "service_session_steps_per_s", "engine_session_steps_per_s",
-        "throughput_vs_engine", "server_cpu_us", "server_cpu_us_excl_engine", "loadgen_cpu_us",
+        "throughput_vs_engine", "server_cpu_us", "server_cpu_us_excl_engine", "echo_cpu_us", "loadgen_cpu_us",
         "server_overhead_us_per_session_step", "server_overhead_us_server_side",
         "service_vs_engine_time", "p50_ms", "p99_ms", "echo_p50_ms", "echo_p99_ms", "engine_ms_per_call",
         "server_engine_ms_per_call", "engine_cpu_ms_per_call", "server_engine_cpu_ms_per_call", "p99_target_ms",
