@@ -28,14 +28,22 @@ class Checkpointing:
     (engine, table, hot sessions, store, settings, metrics) and other rooms its methods use."""
 
     async def _cadence_checkpoint(self, hs: HotSession) -> None:
+        written = False
         try:
-            await self.checkpoint(hs)
+            written = await self.checkpoint(hs)
         except Exception:  # a background task: nobody awaits it, so it is logged and counted here
             self.metrics.maintenance_errors.labels("checkpoint").inc()
             log.exception("cadence checkpoint of %s/%s: unexpected error (counted in "
                           "nexus_maintenance_errors_total)", hs.tenant, hs.session_id)
         finally:
             hs.checkpoint_queued = False
+        # Steps committed while this one was in flight spawned none (it was queued): if they are due
+        # now, the next one starts here rather than at the session's next step (which may never
+        # come). Only after a success: a failing store is retried by the next step, not in a loop.
+        every = self.settings.checkpoint_cadence
+        if written and every and hs.table is not None and hs.step - hs.checkpointed_step >= every:
+            hs.checkpoint_queued = True
+            self._spawn(self._cadence_checkpoint(hs))
 
     async def checkpoint(self, hs: HotSession) -> bool:
         """Write the session's state to the store (CAS on its step). False if refused or failed.
