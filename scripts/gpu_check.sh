@@ -2,7 +2,8 @@
 # The checks that need a CUDA device, in one go (well under 10 minutes on one GPU):
 #   1. the CUDA tests (`pytest -m cuda`: CPU/CUDA engine parity for every policy),
 #   2. `nexus-sidecar bench engine --quick --device cuda` (B = 1, 64; N = 4096; F = 8; R = 2),
-#   3. `nexus-sidecar bench service --quick` (a real serve process on the GPU, B = 64).
+#   3. `nexus-sidecar bench service --quick --device cuda` (a real serve process on the GPU, B = 8 and
+#      64, both stores, next to the engine alone on the GPU; server CPU per session-step).
 # Results (JSON + markdown, the pytest log, nvidia-smi and torch's view of the device) go to
 # $OUT when set (the device machine's return folder), else benchmarks/results/gpu/.
 #   scripts/gpu_check.sh             PY (default python3) can be overridden
@@ -36,6 +37,6 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $DEST/NAME.l
 step cuda-tests 180 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/
 step bench-engine 180 "$PY" -m nexus_sidecar.cli bench engine --quick --device cuda --no-progress \
   --json "$DEST/engine-quick.json"
-step bench-service 200 "$PY" -m nexus_sidecar.cli bench service --quick --no-progress \
+step bench-service 240 "$PY" -m nexus_sidecar.cli bench service --quick --device cuda --no-progress \
   --json "$DEST/service-quick.json"
 exit "$rc"

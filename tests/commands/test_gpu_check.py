@@ -26,3 +26,14 @@ def test_without_a_device_it_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr
     assert not any(out.iterdir())
+
+
+def test_the_service_benchmark_runs_on_the_device_it_is_given() -> None:
+    # gpu_check.sh runs the service benchmark on CUDA; asked for a device torch cannot see, the
+    # benchmark refuses at once (a usage error naming the flag), before starting any process.
+    assert "bench service --quick --device cuda" in SCRIPT.read_text()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{ROOT}/service:{ROOT}/client"}
+    proc = subprocess.run([sys.executable, "-m", "nexus_sidecar.cli", "bench", "service", "--quick", "--device",
+                           "cuda", "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--device cuda: torch sees no CUDA device" in proc.stderr, proc.stderr[-2000:]

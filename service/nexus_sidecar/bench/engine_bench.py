@@ -13,8 +13,11 @@ that thread. ``x_tova`` is the wall-time ratio to TOVA, ``cpu_x_tova`` the CPU-t
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import statistics
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -52,14 +55,14 @@ def _priors(width: int, g: torch.Generator) -> dict[str, torch.Tensor]:
             "key_norm": torch.rand(1, width, generator=g) * 20, "value_norm": torch.rand(1, width, generator=g)}
 
 
-def measure(policy: str, device: str, B: int, N: int, F: int, R: int, calls: int, warmup: int,
-            priors: bool = True) -> dict[str, Any]:
-    """Median time of one batched call at the given shape (``priors``: the calls carry them)."""
+def _steady(policy: str, device: str, B: int, N: int, F: int, R: int, calls: int, priors: bool = True,
+            kernels: str | None = None) -> tuple[Engine, list[int], list[dict[int, StepInput]]]:
+    """An engine with B sessions prefilled to N slots (budget N) and ``calls`` inputs of one new token each."""
     if POLICIES[policy].requires and not priors:
         raise ValueError(f"policy {policy!r} needs the priors")
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
-    eng = Engine(dev)
+    eng = Engine(dev, kernels=kernels)
     cfg = PolicyConfig(policy=policy, budget=N, sinks=4, recent=32, fanout=F, iterations=R)
     handles = [eng.open(cfg.with_(seed=i)) for i in range(B)]
     # Prefill N tokens per session: random attention, edges to random earlier positions.
@@ -69,7 +72,7 @@ def measure(policy: str, device: str, B: int, N: int, F: int, R: int, calls: int
                         torch.rand(1, N, F, generator=g), **(_priors(N, g) if priors else {}))
     eng.step({h: prefill.to(dev) for h in handles})
     inputs = []
-    for c in range(calls + warmup):
+    for c in range(calls):
         p = N + c
         # Edges of the new token: itself and recent (protected) tokens, which are always cached.
         e = torch.arange(p, p - F, -1).clamp(min=0)[None, None]
@@ -77,6 +80,14 @@ def measure(policy: str, device: str, B: int, N: int, F: int, R: int, calls: int
                                     torch.rand(1, N + 1, generator=g), e, torch.rand(1, 1, F, generator=g),
                                     **(_priors(N + 1, g) if priors else {})).to(dev)
                        for h in handles})
+    return eng, handles, inputs
+
+
+def measure(policy: str, device: str, B: int, N: int, F: int, R: int, calls: int, warmup: int,
+            priors: bool = True) -> dict[str, Any]:
+    """Median time of one batched call at the given shape (``priors``: the calls carry them)."""
+    dev = torch.device(device)
+    eng, handles, inputs = _steady(policy, device, B, N, F, R, calls + warmup, priors)
     times, cpu = [], []
     for c, items in enumerate(inputs):
         _sync(dev)
@@ -91,6 +102,92 @@ def measure(policy: str, device: str, B: int, N: int, F: int, R: int, calls: int
     return {"policy": policy, "device": device, "priors": priors, "B": B, "N": N, "F": F, "R": R, "ms_per_call": ms,
             "session_steps_per_s": B / (ms / 1e3), "cpu_ms_per_call": statistics.median(cpu) * 1e3,
             "calls_timed": len(times), "kernels": eng.kernels}
+
+
+@dataclass
+class ContendedSettings:
+    """The convoy benchmark: one batched call alone and beside a thread running plain Python."""
+
+    policy: str = "nexus"
+    B: int = 64
+    N: int = 4096
+    F: int = 8
+    R: int = 2
+    rounds: int = 9
+    warmup: int = 2
+    kernels: tuple[str, ...] = ("fused", "torch")
+
+
+def _busy_python(stop: threading.Event) -> None:
+    # Pure bytecode, as the event loop runs when it decodes and answers requests under load: holds
+    # the GIL except when the interpreter hands it over.
+    while not stop.is_set():
+        x = 0
+        for i in range(1000):
+            x += i
+
+
+def _busy_native(stop: threading.Event) -> None:
+    # The control: as much CPU, with the GIL released (hashlib drops it for inputs over 2 KiB), so
+    # the difference to the Python spinner is what the GIL costs, not the shared cores.
+    data = bytes(1 << 16)
+    while not stop.is_set():
+        hashlib.sha256(data).digest()
+
+
+def contended(settings: ContendedSettings, progress: bool = True) -> dict[str, Any]:
+    """Time of one engine call alone, beside a thread of the same process running Python, and beside
+    one burning as much CPU without the GIL (the control), interleaved per round; medians and ratios.
+
+    Every time the call gives the GIL up (a torch op, a kernel entry) it may have to wait out the
+    busy thread's switch interval (``sys.getswitchinterval()``, 5 ms by default) to get it back;
+    the control separates that from the cores the spinner takes (on a machine with fewer idle
+    cores than runnable threads, any spinner slows the call). Also the calling thread's CPU time."""
+    from tqdm import tqdm
+
+    s = settings
+    records = []
+    conditions = (("alone", None), ("python", _busy_python), ("native", _busy_native))
+    for mode in tqdm(s.kernels, desc="contended", disable=not progress):
+        rounds = s.rounds + s.warmup
+        eng, _, inputs = _steady(s.policy, "cpu", s.B, s.N, s.F, s.R, len(conditions) * rounds, kernels=mode)
+        wall: dict[str, list[float]] = {c: [] for c, _ in conditions}
+        cpu: dict[str, list[float]] = {c: [] for c, _ in conditions}
+        feed = iter(inputs)
+        for r in range(rounds):
+            for label, target in conditions:
+                stop = threading.Event()
+                spinner = threading.Thread(target=target, args=(stop,), daemon=True) if target else None
+                if spinner is not None:
+                    spinner.start()
+                    time.sleep(0.01)  # the spinner runs (and holds the GIL, if it takes it) when the call starts
+                t0, c0 = time.perf_counter(), time.thread_time()
+                eng.step(next(feed))
+                dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+                stop.set()
+                if spinner is not None:
+                    spinner.join()
+                if r >= s.warmup:
+                    wall[label].append(dt * 1e3)
+                    cpu[label].append(dc * 1e3)
+        med = {c: statistics.median(v) for c, v in wall.items()}
+        records.append({"policy": s.policy, "kernels": eng.kernels, "B": s.B, "N": s.N, "F": s.F, "R": s.R,
+                        "ms_alone": med["alone"], "ms_beside_python": med["python"],
+                        "ms_beside_native": med["native"], "ratio": med["python"] / med["alone"],
+                        "ratio_control": med["native"] / med["alone"],
+                        "gil_ms": med["python"] - med["native"],
+                        "cpu_ms_alone": statistics.median(cpu["alone"]),
+                        "cpu_ms_beside_python": statistics.median(cpu["python"]), "rounds": s.rounds,
+                        "switch_interval_ms": sys.getswitchinterval() * 1e3})
+    return {"benchmark": "engine_contended", "machine": machine(), "records": records}
+
+
+def contended_table(payload: dict[str, Any]) -> str:
+    """Markdown table of the convoy benchmark."""
+    return markdown_table(payload["records"], ["policy", "kernels", "B", "N", "F", "R", "ms_alone", "ms_beside_python",
+                                               "ratio", "ms_beside_native", "ratio_control", "gil_ms",
+                                               "cpu_ms_alone", "cpu_ms_beside_python", "rounds",
+                                               "switch_interval_ms"])
 
 
 def run(settings: EngineBenchSettings, progress: bool = True) -> dict[str, Any]:

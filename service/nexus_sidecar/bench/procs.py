@@ -90,15 +90,23 @@ def sidecar_process(*args: str, env: dict[str, str] | None = None, timeout: floa
             out.close()
 
 
+@dataclass
+class EchoProc:
+    """A running bare gRPC echo server."""
+
+    target: str
+    pid: int
+
+
 @contextlib.contextmanager
-def echo_process(timeout: float = 30.0) -> Iterator[str]:
-    """Start the bare gRPC echo server; yields its target."""
+def echo_process(timeout: float = 30.0) -> Iterator[EchoProc]:
+    """Start the bare gRPC echo server; yields its target and pid."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "nexus_sidecar.bench.echo_server", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_serving(f"127.0.0.1:{port}", timeout, proc)
-        yield f"127.0.0.1:{port}"
+        yield EchoProc(f"127.0.0.1:{port}", proc.pid)
     finally:
         stop_process(proc)
 

@@ -1,8 +1,15 @@
 """Service benchmark: end-to-end session-steps/s and step latency over real gRPC, next to a bare
 ``grpc.aio`` echo of the same payload bytes and the engine alone at the same shapes, in one run.
 
-The sidecar and the echo server run as separate processes (as in production); the simulated
-workers run as asyncio tasks of this process, each with its own channel.
+The sidecar and the echo server run as separate processes (as in production). The load generator
+(asyncio tasks of this process, one channel each) replays pre-built request bytes with a few
+fixed-width fields patched per step (:mod:`nexus_sidecar.bench.replay`), so it takes little of the
+machine it shares with the server; its CPU per session-step is reported (``loadgen_cpu_us``).
+
+Server CPU is read from the server process's own clock (``/proc/<pid>/stat``) over the decode
+window: ``server_cpu_us`` per session-step in all, and ``server_cpu_us_excl_engine`` without the
+engine thread's CPU time inside ``Engine.step`` (``nexus_engine_compute_cpu_seconds``): decoding,
+validation, batching, answers, metrics, gRPC, the event loop.
 """
 
 from __future__ import annotations
@@ -22,11 +29,11 @@ from nexus_client.columnar import BatchBuilder
 from nexus_client.packing import WorkerSession, pack_step
 from nexus_client.v1 import sidecar_pb2 as pb
 
-from nexus_sidecar.bench import checkpoint_bench, engine_bench
+from nexus_sidecar.bench import checkpoint_bench, engine_bench, replay, server_profile
 from nexus_sidecar.bench.echo_server import METHOD
 from nexus_sidecar.bench.procs import echo_process, redis_process, sidecar_process
 from nexus_sidecar.bench.report import machine, markdown_table
-from nexus_sidecar.bench.workers import SimulatedWorker, Workload
+from nexus_sidecar.bench.workers import Workload
 
 
 @dataclass
@@ -39,6 +46,8 @@ class ServiceBenchSettings:
     workers: tuple[int, ...] = (2,)
     steps: int = 40
     echo_calls: int = 40
+    device: str = "auto"  # the server's engine device, and the engine-alone reference's (auto: CUDA if present)
+    profile_dir: str | None = None  # py-spy the server over the decode window at B = 64 (raw files go here)
 
     @classmethod
     def quick(cls) -> ServiceBenchSettings:
@@ -68,22 +77,70 @@ def _config(n: int) -> dict[str, Any]:
     return {"policy": "nexus", "budget": n, "recent": 32, "fanout": 8, "iterations": 2}
 
 
-class _DecodeWindow:
-    """The workers' prefill barrier, which also scrapes the sidecar's /metrics as the decode phase
-    starts (and ``close`` as it ends): the server-side figures cover decode RPCs only."""
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (its own clock, from ``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, workers: int, http_port: int | None) -> None:
-        self._barrier = asyncio.Barrier(workers)
-        self._port = http_port
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name of a process (``/proc/<pid>/task``; threads of one name summed,
+    trailing digits dropped: the gRPC core's and the executors' threads group together)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, _, rest = f.read().rpartition(")")
+            fields = rest.split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = head.split("(", 1)[1].rstrip("0123456789_-") or "?"
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+class _DecodeWindow:
+    """The workers' prefill barrier, which also scrapes the sidecar's /metrics and reads the server's
+    and this process's CPU clocks as the decode phase starts (and ``close`` as it ends): the
+    server-side figures cover decode RPCs only."""
+
+    def __init__(self, workers: int, http_port: int | None, pid: int | None = None, profile: str | None = None
+                 ) -> None:
+        self._barrier, self._end = asyncio.Barrier(workers), asyncio.Barrier(workers)
+        self._port, self._pid = http_port, pid
         self.before = self.after = ""
+        self.cpu = {"server": 0.0, "loadgen": 0.0}
+        self.threads: dict[str, float] = {}  # server CPU seconds by thread name over the window
+        self._profile, self._spy = profile, None  # py-spy of the server over the window (server_profile.py)
 
     async def wait(self) -> int:
         index = await self._barrier.wait()
-        if index == 0 and self._port is not None:
-            self.before = await asyncio.to_thread(checkpoint_bench.scrape, self._port)
+        if index == 0:
+            if self._port is not None:
+                self.before = await asyncio.to_thread(checkpoint_bench.scrape, self._port)
+            if self._profile is not None and self._pid is not None:
+                self._spy = server_profile.start(self._pid, self._profile)
+            self._clocks(-1.0)
         return index
 
+    def _clocks(self, sign: float) -> None:
+        if self._pid is not None:
+            self.cpu["server"] += sign * process_cpu_seconds(self._pid)
+            for name, seconds in thread_cpu_seconds(self._pid).items():
+                self.threads[name] = self.threads.get(name, 0.0) + sign * seconds
+        self.cpu["loadgen"] += sign * time.process_time()
+
+    async def end(self) -> None:
+        """Every worker's last decode call is answered (before any session closes)."""
+        if await self._end.wait() == 0:
+            await self.close()
+
     async def close(self) -> None:
+        self._clocks(1.0)
+        if self._spy is not None:
+            await asyncio.to_thread(server_profile.stop, self._spy)
         if self._port is not None:
             self.after = await asyncio.to_thread(checkpoint_bench.scrape, self._port)
 
@@ -116,31 +173,46 @@ def server_side(before: str, after: str) -> dict[str, float]:
             "server_overhead_us_server_side": 1e6 * (req_s - queue_s - engine_attributed) / steps}
 
 
-async def _run_workers(target: str, B: int, N: int, workers: int, steps: int, http_port: int | None = None
-                       ) -> dict[str, float]:
-    work = Workload(sessions=B, prefill=N, steps=steps, k=1, config=_config(N), realistic=False)
-    ws = [SimulatedWorker(f"w{i}", target, "default", None, work, seed=i) for i in range(workers)]
+async def _run_workers(target: str, B: int, N: int, workers: int, steps: int, http_port: int | None = None,
+                       pid: int | None = None, profile: str | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    window = _DecodeWindow(workers, http_port)
-    stats = await asyncio.gather(*(w.run(window) for w in ws))  # type: ignore[arg-type]
-    await window.close()  # after every decode call (the closes are not Step RPCs)
+    window = _DecodeWindow(workers, http_port, pid, profile)
+    stats = await replay.run_workers(target, B, N, workers, steps, _config(N), window)
     wall = time.perf_counter() - t0
     lat = sorted(itertools.chain.from_iterable(s.rpc_seconds for s in stats))
     # Throughput over the decode phase: the slowest worker's decode window bounds it.
     decode_s = max(s.seconds for s in stats)
-    return {
-        "service_session_steps_per_s": sum(s.session_steps for s in stats) / decode_s,
+    session_steps = sum(s.session_steps for s in stats)
+    out = {
+        "service_session_steps_per_s": session_steps / decode_s,
         "p50_ms": statistics.median(lat) * 1e3,
         "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3,
         "bytes_per_rpc": sum(s.bytes_sent for s in stats) / max(1, len(lat)),
         "wall_s": wall,
+        "loadgen_cpu_us": 1e6 * window.cpu["loadgen"] / session_steps,
         **(server_side(window.before, window.after) if http_port is not None else {}),
     }
+    if profile is not None:
+        out["profile"] = server_profile.summarize(profile)
+    if pid is not None:
+        out["server_cpu_us"] = 1e6 * window.cpu["server"] / session_steps
+        # By thread (threads that started or ended inside the window count what they ran in it, or less).
+        out["server_cpu_us_by_thread"] = {name: 1e6 * max(0.0, sec) / session_steps
+                                          for name, sec in sorted(window.threads.items()) if sec > 0}
+        if http_port is not None:
+            engine_cpu = (checkpoint_bench._total(window.after, "nexus_engine_compute_cpu_seconds_total")
+                          - checkpoint_bench._total(window.before, "nexus_engine_compute_cpu_seconds_total"))
+            out["server_cpu_us_excl_engine"] = 1e6 * (window.cpu["server"] - engine_cpu) / session_steps
+            calls = (checkpoint_bench._total(window.after, "nexus_engine_compute_seconds_count")
+                     - checkpoint_bench._total(window.before, "nexus_engine_compute_seconds_count"))
+            out["server_engine_cpu_ms_per_call"] = 1e3 * engine_cpu / max(1.0, calls)
+    return out
 
 
-async def _echo(target: str, B: int, N: int, workers: int, calls: int) -> dict[str, float]:
+async def _echo(target: str, B: int, N: int, workers: int, calls: int, pid: int | None = None) -> dict[str, float]:
     """The same request bytes (B sessions at N slots, the form the workers send) through a bare echo,
-    same concurrency."""
+    same concurrency. ``echo_cpu_us``: the echo process's CPU per session carried (``pid``), the
+    transport's floor for ``server_cpu_us_excl_engine``."""
     ws = WorkerSession("echo", groups=1, step=1, retained_count=N)
     new = torch.tensor([N])
     attn = torch.rand(1, N + 1)
@@ -167,10 +239,12 @@ async def _echo(target: str, B: int, N: int, workers: int, calls: int) -> dict[s
                 await call(payload, timeout=60)
                 lat.append(time.perf_counter() - t0)
 
+    cpu0 = process_cpu_seconds(pid) if pid is not None else 0.0
     await asyncio.gather(*(worker() for _ in range(workers)))
+    cpu = process_cpu_seconds(pid) - cpu0 if pid is not None else float("nan")
     lat.sort()
-    return {"echo_p50_ms": statistics.median(lat) * 1e3, "echo_p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-            * 1e3, "echo_bytes_per_rpc": len(payload)}
+    return {"echo_cpu_us": 1e6 * cpu / (B * workers * (calls + 1)), "echo_p50_ms": statistics.median(lat) * 1e3,
+            "echo_p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3, "echo_bytes_per_rpc": len(payload)}
 
 
 def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]:
@@ -181,10 +255,11 @@ def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]
 
     gc.freeze()  # the load generator, like the sidecar, keeps its start-up heap out of the cyclic GC
     grid = list(itertools.product(settings.stores, settings.batch_sizes, settings.slots, settings.workers))
+    device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     records = []
     engine_ref: dict[tuple[int, int], dict[str, Any]] = {}
     bar = tqdm(total=len(grid), desc="service", disable=not progress)
-    with echo_process() as echo_target:
+    with echo_process() as echo:
         for store in settings.stores:
             with (redis_process() if store == "redis" else _null()) as redis_url:
                 args = ["--store", redis_url, "--checkpoint-every", "16"] if store == "redis" else []
@@ -195,18 +270,22 @@ def run(settings: ServiceBenchSettings, progress: bool = True) -> dict[str, Any]
                 # warnings) and blocks the sidecar mid-run.
                 log_path = os.path.join(tempfile.gettempdir(), f"nexus-bench-service-{os.getpid()}-{store}.log")
                 with sidecar_process(*args, "--max-batch", max_batch, "--max-delay-us", "500", "--torch-threads",
-                                     threads, log_path=log_path) as sc:
+                                     threads, "--device", device, log_path=log_path) as sc:
                     for _, B, N, W in (g for g in grid if g[0] == store):
-                        rec: dict[str, Any] = {"B": B, "N": N, "store": store, "workers": W}
+                        rec: dict[str, Any] = {"B": B, "N": N, "store": store, "workers": W, "device": device}
                         before = checkpoint_bench.scrape(sc.http_port) if store == "redis" else None
-                        rec.update(asyncio.run(_run_workers(sc.target, B, N, W, settings.steps, sc.http_port)))
+                        spy = None if settings.profile_dir is None or B != 64 else \
+                            os.path.join(settings.profile_dir, f"profile-{store}-B{B}.txt")
+                        rec.update(asyncio.run(_run_workers(sc.target, B, N, W, settings.steps, sc.http_port,
+                                                            sc.proc.pid, spy)))
                         if before is not None:
                             rec.update(checkpoint_bench.service_columns(before, checkpoint_bench.scrape(sc.http_port)))
-                        rec.update(asyncio.run(_echo(echo_target, B, N, W, settings.echo_calls)))
+                        rec.update(asyncio.run(_echo(echo.target, B, N, W, settings.echo_calls, echo.pid)))
                         if (B, N) not in engine_ref:
-                            engine_ref[(B, N)] = engine_bench.measure("nexus", "cpu", B, N, 8, 2, 9, 2, priors=False)
+                            engine_ref[(B, N)] = engine_bench.measure("nexus", device, B, N, 8, 2, 9, 2, priors=False)
                         eng = engine_ref[(B, N)]
                         rec["engine_ms_per_call"] = eng["ms_per_call"]
+                        rec["engine_cpu_ms_per_call"] = eng["cpu_ms_per_call"]
                         rec["engine_session_steps_per_s"] = eng["session_steps_per_s"]
                         rec["throughput_vs_engine"] = rec["service_session_steps_per_s"] / eng["session_steps_per_s"]
                         rec["p99_target_ms"] = 2 * (rec["echo_p99_ms"] + eng["ms_per_call"])
@@ -227,12 +306,16 @@ class _null:
 
 
 def table(payload: dict[str, Any]) -> str:
-    """Markdown table."""
+    """Markdown table (and the server profiles, when taken)."""
+    profiles = "".join(f"\n\nServer profile, {r['store']} store, B = {r['B']} (py-spy over the decode window):\n\n"
+                       + server_profile.table(r["profile"]) for r in payload["records"] if "profile" in r)
     return markdown_table(payload["records"], [
-        "store", "B", "N", "workers", "service_session_steps_per_s", "engine_session_steps_per_s",
-        "throughput_vs_engine", "server_overhead_us_per_session_step", "server_overhead_us_server_side",
+        "store", "device", "B", "N", "workers", "service_session_steps_per_s", "engine_session_steps_per_s",
+        "throughput_vs_engine", "server_cpu_us", "server_cpu_us_excl_engine", "echo_cpu_us", "loadgen_cpu_us",
+        "server_overhead_us_per_session_step", "server_overhead_us_server_side",
         "service_vs_engine_time", "p50_ms", "p99_ms", "echo_p50_ms", "echo_p99_ms", "engine_ms_per_call",
-        "server_engine_ms_per_call", "p99_target_ms", *checkpoint_bench.SERVICE_COLUMNS])
+        "server_engine_ms_per_call", "engine_cpu_ms_per_call", "server_engine_cpu_ms_per_call", "p99_target_ms",
+        *checkpoint_bench.SERVICE_COLUMNS]) + profiles
 
 
 def plot(payload: dict[str, Any], path: str) -> None:

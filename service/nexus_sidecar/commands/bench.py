@@ -50,8 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         if name == "soak":
             q.add_argument("--duration", type=positive_int, default=60, help="seconds (default 60)")
             q.add_argument("--redis", action="store_true", help="a real redis-server as the store")
+        if name == "service":
+            q.add_argument("--profile", metavar="DIR",
+                           help="also py-spy the server over the B = 64 decode windows: raw samples in DIR, a summary "
+                                "(CPU, GIL wait, idle per thread; where the CPU goes) after the table")
+            q.add_argument("--device", default="auto",
+                           help="the server's engine device and the engine-alone reference's: auto (CUDA if present), "
+                                "cpu, cuda")
         if name == "engine":
             q.add_argument("--device", action="append", help="cpu, cuda (repeatable; default: cpu + cuda if present)")
+            q.add_argument("--contended", action="store_true",
+                           help="the convoy benchmark instead: one Nexus call (B=64, N=4096) alone and beside a "
+                                "thread running Python, fused and torch kernels (goal: <= 1.5x alone)")
         q.set_defaults(func=run)
 
 
@@ -86,13 +96,18 @@ def run(args: argparse.Namespace) -> int:
         devices = tuple(args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]))
         for device in devices:
             check_cuda_device("--device", device)
-        if args.quick:
+        if args.contended:
+            c = mod.ContendedSettings(rounds=5, kernels=("fused",)) if args.quick else mod.ContendedSettings()
+            payload = mod.contended(c, progress)
+            table, plot = mod.contended_table(payload), None
+        elif args.quick:
             settings = mod.EngineBenchSettings(batch_sizes=(1, 64), slots=(4096,), fanouts=(8,), iterations=(2,),
                                                calls=9, warmup=2, devices=devices)
         else:
             settings = mod.EngineBenchSettings(devices=devices)
-        payload = mod.run(settings, progress)
-        table, plot = mod.table(payload), mod.plot
+        if not args.contended:
+            payload = mod.run(settings, progress)
+            table, plot = mod.table(payload), mod.plot
     elif args.bench == "soak":
         from nexus_sidecar.bench import soak as mod
 
@@ -110,7 +125,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         from nexus_sidecar.bench import service_bench as mod
 
-        payload = mod.run(mod.ServiceBenchSettings.quick() if args.quick else mod.ServiceBenchSettings(), progress)
+        if args.device != "auto":
+            check_cuda_device("--device", args.device)
+        settings = mod.ServiceBenchSettings.quick() if args.quick else mod.ServiceBenchSettings()
+        settings.device = args.device
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            settings.profile_dir = args.profile
+        payload = mod.run(settings, progress)
         table, plot = mod.table(payload), mod.plot
     print(table)
     if args.json:

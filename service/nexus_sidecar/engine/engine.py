@@ -19,6 +19,7 @@ from nexus_sidecar.engine.pool import PoolShape, SessionPool, slot_bytes
 from nexus_sidecar.engine.selection import gumbel
 from nexus_sidecar.engine.state import RowCapture, SessionState, capture_rows
 from nexus_sidecar.engine.step import ROW_ERRORS, RowInput, RowResult, hole_allowance, run_step, validate_rows
+from nexus_sidecar.engine.step_fused import nexus_call, one_entry
 from nexus_sidecar.engine.step_io import StepInput, StepOutput
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -388,11 +389,48 @@ class Engine:
     def _run_batch(self, items: list[tuple[int, StepInput]]) -> dict[int, StepOutput | EngineError]:
         sessions = [self._sessions[h] for h, _ in items]
         pool, policy = sessions[0].pool, sessions[0].policy
-        dev = self.device
         G = [s.cfg.groups for s in sessions]
         ks = [inp.new_positions.shape[0] for _, inp in items]
         widths = [max(s.counts) + k for s, k in zip(sessions, ks, strict=True)]
-        Wx, K, F = max(widths), max(ks), pool.fanout
+        row_ids = [r for s in sessions for r in s.rows]
+        moved = pool.make_contiguous(row_ids)
+        if moved:  # rows by batch affinity: the batch becomes a view, not a gather (see pool.py)
+            for other in self._sessions.values():
+                if other.pool is pool:
+                    other.rows = [moved.get(r, r) for r in other.rows]
+            row_ids = [r for s in sessions for r in s.rows]
+        rows = pool.rows_of(row_ids)
+        used_max = max(max(s.used) for s in sessions)
+        width = max(max(u) + k for u, k in zip((s.used for s in sessions), ks, strict=True))
+        if self._ops is not None and one_entry(policy):
+            # The whole call in one native entry, the GIL released throughout (see step_fused.py).
+            res = nexus_call(self._ops, policy, pool, rows, [inp for _, inp in items], G, widths, ks, used_max, width,
+                             max(s.calls for s in sessions))
+            if isinstance(res, list):
+                return self._split_bad(items, res, G)
+            result = RowResult(keep=res[0], slot_pos=res[1], evicted_age=res[2], retained_mass=res[3], count=res[4])
+        else:
+            inp_rows = self._row_input(items, G, widths, ks, pool.fanout)
+            codes, target_col = validate_rows(pool, rows, inp_rows, used_max, self._ops)
+            if bool(codes.any()):
+                return self._split_bad(items, codes.cpu().tolist(), G)
+            result = run_step(policy, pool, rows, inp_rows, target_col, width, self._ops)
+        out = self._outputs(items, sessions, G, widths, ks, result)
+        # Compact rows whose holes exceed the allowance (host mirrors are exact after the sync).
+        todo = [r for s in sessions for r, u, c in zip(s.rows, s.used, s.counts, strict=True)
+                if u - c > hole_allowance(s.cfg.budget)]
+        if todo:
+            pool.compact(torch.tensor(todo, device=self.device))
+            done = set(todo)
+            for s in sessions:
+                s.used = [c if r in done else u for r, u, c in zip(s.rows, s.used, s.counts, strict=True)]
+        return out
+
+    def _row_input(self, items: list[tuple[int, StepInput]], G: list[int], widths: list[int], ks: list[int],
+                   F: int) -> RowInput:
+        """The batch's inputs as [R, ...] tensors (the Python-driven path)."""
+        dev = self.device
+        Wx, K = max(widths), max(ks)
         if min(widths) == Wx and min(ks) == K:
             # Uniform batch (the steady state of a decode loop): one concatenation per field.
             inps = [inp for _, inp in items]
@@ -407,31 +445,7 @@ class Engine:
         else:
             attn, last, new_pos, edge_pos, edge_w, priors = self._pad_inputs(items, G, widths, ks, Wx, K, F)
         n_new = torch.tensor([k for g, k in zip(G, ks, strict=True) for _ in range(g)], device=dev)
-        row_ids = [r for s in sessions for r in s.rows]
-        moved = pool.make_contiguous(row_ids)
-        if moved:  # rows by batch affinity: the batch becomes a view, not a gather (see pool.py)
-            for other in self._sessions.values():
-                if other.pool is pool:
-                    other.rows = [moved.get(r, r) for r in other.rows]
-            row_ids = [r for s in sessions for r in s.rows]
-        rows = pool.rows_of(row_ids)
-        used_max = max(max(s.used) for s in sessions)
-        inp_rows = RowInput(new_pos, n_new, attn, last, edge_pos, edge_w, priors, call=items[0][1].call)
-        codes, target_col = validate_rows(pool, rows, inp_rows, used_max, self._ops)
-        if bool(codes.any()):
-            return self._split_bad(items, codes.cpu().tolist(), G)
-        width = max(max(u) + k for u, k in zip((s.used for s in sessions), ks, strict=True))
-        res = run_step(policy, pool, rows, inp_rows, target_col, width, self._ops)
-        out = self._outputs(items, sessions, G, widths, ks, res)
-        # Compact rows whose holes exceed the allowance (host mirrors are exact after the sync).
-        todo = [r for s in sessions for r, u, c in zip(s.rows, s.used, s.counts, strict=True)
-                if u - c > hole_allowance(s.cfg.budget)]
-        if todo:
-            pool.compact(torch.tensor(todo, device=dev))
-            done = set(todo)
-            for s in sessions:
-                s.used = [c if r in done else u for r, u, c in zip(s.rows, s.used, s.counts, strict=True)]
-        return out
+        return RowInput(new_pos, n_new, attn, last, edge_pos, edge_w, priors, call=items[0][1].call)
 
     def _pad_inputs(self, items: list[tuple[int, StepInput]], G: list[int], widths: list[int], ks: list[int],
                     Wx: int, K: int, F: int

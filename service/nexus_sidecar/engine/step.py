@@ -63,12 +63,12 @@ ROW_ERRORS = {
 }
 # One code per prior: one fused range test rejects NaN (every comparison is False), +-Inf and
 # out-of-range values together, 3x cheaper than separate finiteness and range passes.
-_PRIOR_CODE = {name: 8 + i for i, name in enumerate(PRIOR_RANGES)}
+PRIOR_CODE = {name: 8 + i for i, name in enumerate(PRIOR_RANGES)}
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _prior_errors() -> dict[int, tuple[str, str]]:
-    return {_PRIOR_CODE[name]: (name, f"contains NaN, Inf or values outside [{lo}, {hi}]" if hi < math.inf
+    return {PRIOR_CODE[name]: (name, f"contains NaN, Inf or values outside [{lo}, {hi}]" if hi < math.inf
                                 else "contains NaN, Inf or negative values (a norm is finite and >= 0)")
             for name, (lo, hi) in PRIOR_RANGES.items()}
 
@@ -94,7 +94,7 @@ def validate_rows(pool: SessionPool, rows: Rows, inp: RowInput, used_max: int, o
     if ops is not None:
         names = list(inp.priors)
         code.copy_(ops.value_codes(inp.attn, inp.last, [inp.priors[n] for n in names],
-                                   [_PRIOR_CODE[n] for n in names], [PRIOR_RANGES[n][0] for n in names],
+                                   [PRIOR_CODE[n] for n in names], [PRIOR_RANGES[n][0] for n in names],
                                    [PRIOR_RANGES[n][1] for n in names]))
     else:
         flag(~torch.isfinite(inp.attn).all(1), 1)
@@ -103,7 +103,7 @@ def validate_rows(pool: SessionPool, rows: Rows, inp: RowInput, used_max: int, o
         flag((inp.last < 0).any(1), 4)
         for name, x in inp.priors.items():
             lo, hi = PRIOR_RANGES[name]
-            flag(~((x >= lo) & (x <= min(hi, _FLOAT32_MAX))).all(1), _PRIOR_CODE[name])
+            flag(~((x >= lo) & (x <= min(hi, _FLOAT32_MAX))).all(1), PRIOR_CODE[name])
     ew = inp.edge_w.reshape(R, -1)
     flag((~torch.isfinite(ew) | (ew < 0)).any(1), 5)
     live = torch.arange(K, device=dev) < inp.n_new.unsqueeze(1)

@@ -22,7 +22,7 @@ from nexus_sidecar.engine.policies.ema import _FULL_TABLE, _saturation, denomina
 from nexus_sidecar.engine.policies.nexus import NexusSampling, NexusTopK, prior_share, reacts
 from nexus_sidecar.engine.pool import Rows, SessionPool
 from nexus_sidecar.engine.selection import select, span_pool
-from nexus_sidecar.engine.step_io import PRIOR_RANGES
+from nexus_sidecar.engine.step_io import PRIOR_RANGES, StepInput
 
 if TYPE_CHECKING:
     from nexus_sidecar.engine.step import RowInput
@@ -35,11 +35,11 @@ def _nexus_weight(ops: ModuleType, policy: Policy, ctx: ScoreContext, memory: to
                   edges: tuple[torch.Tensor, torch.Tensor] | None, call: torch.Tensor) -> torch.Tensor:
     """policies/nexus.py's nexus_scores on the kernel; writes the new memory into ``memory``."""
     cfg = policy.cfg
-    mix = prior_share(policy, ctx)
+    mix = prior_share(policy, ctx.call)
     prior = ctx.priors.get(cfg.prior) if mix > 0 else None
     max_age = int(call.max()) + 1 if _saturation(cfg.gamma) > _FULL_TABLE and call.numel() else None
     # Every row of a batch shares the call kind today; the kernel takes the reaction flag per row.
-    react = torch.full((ctx.attn.shape[0],), reacts(policy, ctx), dtype=torch.bool)
+    react = torch.full((ctx.attn.shape[0],), reacts(policy, ctx.call), dtype=torch.bool)
     return ops.nexus_score(
         ctx.attn, ctx.last, memory, ctx.age, ctx.valid, ctx.cand, ctx.slot_order.ext, ctx.count, ctx.n_new,
         prior, react, edges[0] if edges else None, edges[1] if edges else None,
@@ -99,3 +99,55 @@ def run_step_fused(ops: ModuleType, policy: Policy, pool: SessionPool, rows: Row
     pool.count[rows.index] = new_count
     pool.params["call"][rows.index] += 1
     return out_keep, out_pos, out_age, retained, new_count
+
+
+def one_entry(policy: Policy) -> bool:
+    """Whether a batch of ``policy`` runs as one native call (:func:`nexus_call`): Nexus scores with
+    token-granularity selection and no span pooling, the service's default. The other policies and
+    forms run :func:`run_step_fused`, driven from Python (their scores or selections are torch code)."""
+    cfg = policy.cfg
+    return isinstance(policy, _NEXUS) and cfg.granularity == "token" and cfg.pool <= 1
+
+
+_POOL_FIELDS = ("pos", "alive", "birth", "memory", "gumbel")
+
+
+def nexus_call(ops: ModuleType, policy: Policy, pool: SessionPool, rows: Rows, inputs: list[StepInput],
+               groups: list[int], widths: list[int], ks: list[int], used_max: int, width: int, max_call: int
+               ) -> list[int] | tuple[torch.Tensor, ...]:
+    """One engine call of a Nexus batch in one native entry that releases the GIL for its whole
+    duration (``kernels/fused_cpu.cpp: nexus_call``): the inputs' concatenation, ``validate_rows``,
+    ``_insert`` and :func:`run_step_fused`, with the same ops in the same order.
+
+    ``widths``/``ks``: each session's call slots and new tokens; ``used_max``, ``width``: as
+    ``Engine._run_batch`` computes them; ``max_call``: the largest call index of the rows (host
+    mirror). Returns the per-row error codes (a list; nothing changed) when some row fails
+    validation, else the fields of a :class:`step.RowResult`.
+    """
+    from nexus_sidecar.engine.step import PRIOR_CODE
+
+    cfg = policy.cfg
+    call_kind = inputs[0].call
+    names = list(inputs[0].priors())
+    reads = [name for name in policy.reads() if name in names]
+    mix = prior_share(policy, call_kind)
+    max_age = max_call + 1 if _saturation(cfg.gamma) > _FULL_TABLE else None
+    tau = policy.tau() if policy.sampled else None
+    reservoir = tau is not None and tau != float("inf")
+    pool.ensure_width(width)
+    out = ops.nexus_call(
+        [*(pool.slot[n] for n in _POOL_FIELDS), pool.edge["edge_idx"], pool.edge["edge_w"], pool.used, pool.count,
+         *(pool.params[n] for n in ("budget", "slack", "sinks", "recent", "seed", "group", "call"))],
+        rows.index, -1 if rows.first is None else rows.first,
+        [i.new_positions for i in inputs], [i.attn for i in inputs], [i.last for i in inputs],
+        [i.edge_pos for i in inputs], [i.edge_w for i in inputs], [[getattr(i, n) for i in inputs] for n in names],
+        [PRIOR_CODE[n] for n in names], [PRIOR_RANGES[n][0] for n in names], [PRIOR_RANGES[n][1] for n in names],
+        groups, widths, ks, used_max, width, names.index(reads[0]) if reads else -1,
+        denominators(cfg.gamma, max_age, pool.device), _PRIOR_KIND[cfg.prior], mix, cfg.prior_sharpness, cfg.gamma,
+        cfg.beta, cfg.iterations, cfg.attn_reduce == "mean", reacts(policy, call_kind),
+        policy.uses_edges and cfg.iterations > 0 and cfg.beta > 0,
+        cfg.randomness == "fixed" and policy.sampled, 1 if reservoir else 0, tau if reservoir else 0.0,
+        cfg.randomness == "per_call")
+    if len(out) == 1:
+        return out[0].tolist()
+    return tuple(out[1:])

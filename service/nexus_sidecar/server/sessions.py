@@ -1,65 +1,71 @@
 """The session layer: hot sessions on the engine's device, durable checkpoints in the store.
 
+Its rooms: the hot sessions' step state in columns (server/session_table.py), the stepping path
+(server/stepping.py), checkpoint scheduling (server/checkpointing.py), unloading, fencing and
+reaping (server/unloading.py); this module holds the session lifecycle (open, resume, close,
+resync), the engine thread, and inspection, and puts the rooms together in :class:`SessionManager`.
+
 All engine access runs on one dedicated thread (the engine is not thread-safe and must not
 block the event loop), through :meth:`SessionManager.on_engine`. The event loop reads the engine
 directly only where ``Engine``'s docstring allows it: the published pool sizes (admission,
 ``make_room``, the reaper's gauge) and per-session reads of sessions whose lock it holds.
-``_hot``, ``_loading`` and the ``HotSession`` fields are the event loop's alone. Each session has
-a lock, so at most one of its steps is in flight: per-session order holds, and a batch never
-carries two steps of one session.
-
-Checkpoints (server/checkpoint_writer.py): the engine thread only copies the session's rows,
-under its lock; encoding (full, or a delta against the last full one) runs on a checkpoint thread
-and the write on the event loop, while the session steps on. At most one checkpoint of a session
-is in flight (``HotSession.writing``), so its writes reach the store in step order.
+``_hot``, ``_loading``, the session table and the ``HotSession`` fields are the event loop's
+alone. Each session has a lock (its in-flight flag in the table), so at most one of its steps is
+in flight: per-session order holds, and a batch never carries two steps of one session.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import ctypes
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from nexus_client.v1 import sidecar_pb2 as pb
 from nexus_client.wire import tensor_to_proto
 
-from nexus_sidecar.engine import Engine, EngineError, PolicyConfig, StepInput, StepOutput
-from nexus_sidecar.engine.errors import FieldError
-from nexus_sidecar.server import checkpoint_writer as writer
-from nexus_sidecar.server import codec, step_columns
+from nexus_sidecar.engine import Engine, PolicyConfig
+from nexus_sidecar.server import codec
 from nexus_sidecar.server.admission import Admission
-from nexus_sidecar.server.answers import Answer, HostOutput, answer_batch, encode_batch
-from nexus_sidecar.server.batcher import Job, MicroBatcher
+from nexus_sidecar.server.answers import Answer
+from nexus_sidecar.server.batcher import MicroBatcher
 from nexus_sidecar.server.checkpoint import load
-from nexus_sidecar.server.checkpoint_writer import Captured, DeltaBase
+from nexus_sidecar.server.checkpointing import Checkpointing
 from nexus_sidecar.server.errors import (
     InvalidArgument,
     SessionConflict,
     SessionFenced,
     SessionNotFound,
-    StateMismatch,
-    StepOutOfOrder,
-    step_field,
 )
-from nexus_sidecar.server.metrics import Metrics, observe_many
+from nexus_sidecar.server.metrics import Metrics
 from nexus_sidecar.server.ownership import Ownership
 from nexus_sidecar.server.resync import Reseeded, reseed, retained_positions
 from nexus_sidecar.server.retention_history import RetentionHistory
+from nexus_sidecar.server.session_table import HotSession, SessionTable
 from nexus_sidecar.server.settings import ServerSettings
-from nexus_sidecar.server.step_columns import LazyInput, StepColumns
-from nexus_sidecar.server.stores import StateStore, StoreUnavailable, validate_id
+from nexus_sidecar.server.step_columns import StepDigest
+from nexus_sidecar.server.stepping import StepPath
+from nexus_sidecar.server.stores import StateStore, validate_id
+from nexus_sidecar.server.unloading import Unloading
 
 log = logging.getLogger("nexus_sidecar.sessions")
 T = TypeVar("T")
-_REDO = object()  # _store: the delta did not fit, write a full checkpoint instead
+
+
+def _os_thread_name(name: str) -> None:
+    """Name the calling thread for the OS too (``top -H``, ``/proc/<pid>/task/*/comm``, the service
+    benchmark's CPU by thread); Python < 3.12 leaves every thread named after the process."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):  # not Linux: the name is only cosmetic
+        pass
 
 
 @dataclass
@@ -74,36 +80,9 @@ class _Series:
     age: Any
 
 
-@dataclass
-class HotSession:
-    """A session whose state is in the engine's pool."""
-
-    tenant: str
-    session_id: str
-    handle: int
-    cfg: PolicyConfig
-    step: int = 0
-    checksum: int = 0  # positions_checksum of retained positions, summed over groups
-    count: int = 0  # retained slots, summed over groups
-    digest: bytes = b""  # StepColumns.digest of the last applied step (idempotent retries)
-    last_result: Answer | None = None
-    checkpointed_step: int = 0
-    stored: bool = False  # a checkpoint of it is in the store (else unloading it would lose it)
-    epoch: int = 0  # the owner epoch this replica claimed (server/ownership.py)
-    last_used: float = field(default_factory=time.monotonic)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    writing: asyncio.Lock = field(default_factory=asyncio.Lock)  # held from capture to store answer
-    delta_base: DeltaBase | None = None  # the full checkpoint this replica wrote last (deltas go against it)
-    checkpoint_queued: bool = False  # a cadence checkpoint is spawned and not finished
-
-    @property
-    def dirty(self) -> bool:
-        """True when steps were applied since the last successful checkpoint (or none was written)."""
-        return self.step > self.checkpointed_step or not self.stored
-
-
-class SessionManager:
-    """Opens, steps, checkpoints, resumes and closes sessions for every tenant."""
+class SessionManager(StepPath, Checkpointing, Unloading):
+    """Opens, steps, checkpoints, resumes and closes sessions for every tenant: the lifecycle here,
+    the rooms' methods from :class:`StepPath`, :class:`Checkpointing` and :class:`Unloading`."""
 
     def __init__(self, engine: Engine, store: StateStore, settings: ServerSettings, metrics: Metrics) -> None:
         self.engine = engine
@@ -112,9 +91,12 @@ class SessionManager:
         self.metrics = metrics
         self.admission = Admission(settings, engine)
         self.ownership = Ownership(store, metrics, fence_timeout_s=settings.fence_timeout_s)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-engine")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-engine",
+                                            initializer=_os_thread_name, initargs=("nexus-engine",))
         # Encoding checkpoints: off the engine thread (numpy releases the GIL on the bulk copies).
-        self._ckpt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-checkpoint")
+        self._ckpt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-checkpoint",
+                                                 initializer=_os_thread_name, initargs=("nexus-ckpt",))
+        self.table = SessionTable()  # the hot sessions' step state in columns (server/session_table.py)
         self._hot: dict[tuple[str, str], HotSession] = {}
         self._loading: dict[tuple[str, str], asyncio.Future[HotSession]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -130,20 +112,6 @@ class SessionManager:
         """Run ``fn`` on the engine thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
-
-    async def _run_batch(self, items: dict[int, StepInput | LazyInput]) -> dict[int, HostOutput | EngineError]:
-        def run() -> tuple[dict[int, HostOutput | EngineError], float]:
-            # Inputs become tensors and outputs become numpy views here, on the engine thread: torch
-            # calls on the event loop would queue for the GIL behind this thread's ops.
-            inputs = {h: x.build() if isinstance(x, LazyInput) else x for h, x in items.items()}
-            t0 = time.perf_counter()
-            outs = self.engine.step(inputs, raise_errors=False)
-            seconds = time.perf_counter() - t0
-            return {h: (HostOutput.of(o) if isinstance(o, StepOutput) else o) for h, o in outs.items()}, seconds
-
-        outs, seconds = await self.on_engine(run)
-        self.metrics.compute_seconds.labels(self.engine.device.type).observe(seconds)
-        return outs
 
     def start(self) -> None:
         """Start the batcher and the idle-session reaper."""
@@ -189,7 +157,7 @@ class SessionManager:
         await self.make_room(lambda: self.admission.open_fits(cfg), f"opening a session of {cfg.groups} groups")
         epoch, _ = await self.ownership.claim(tenant, session_id)
         handle = await self.on_engine(self.engine.open, cfg)
-        hs = HotSession(tenant, session_id, handle, cfg, epoch=epoch)
+        hs = HotSession(self.table, tenant, session_id, handle, cfg, epoch=epoch)
         self._hot[(tenant, session_id)] = hs
         self.metrics.sessions_opened.labels(tenant).inc()
         self.metrics.sessions_open.labels(tenant).set(len(self.hot_sessions(tenant)))
@@ -238,8 +206,9 @@ class SessionManager:
         await self.make_room(lambda: self.admission.open_fits(cfg), f"resuming a session of {cfg.groups} groups")
         handle = await self.on_engine(self.engine.restore, cp.state)
         last = Answer.from_session_result(pb.SessionResult.FromString(cp.last_result)) if cp.last_result else None
-        hs = HotSession(tenant, session_id, handle, cp.state.config, step=cp.step, checksum=cp.checksum,
-                        count=sum(g.pos.numel() for g in cp.state.groups), digest=cp.digest,
+        hs = HotSession(self.table, tenant, session_id, handle, cp.state.config, step=cp.step, checksum=cp.checksum,
+                        count=sum(g.pos.numel() for g in cp.state.groups),
+                        widest=max((g.pos.numel() for g in cp.state.groups), default=0), digest=StepDigest(cp.digest),
                         last_result=last, checkpointed_step=cp.step, stored=True, epoch=epoch)
         self._hot[(tenant, session_id)] = hs
         self._series(hs).retained.inc(hs.count)  # _unload decrements it
@@ -308,7 +277,7 @@ class SessionManager:
             await self.make_room(lambda: self.admission.open_fits(given), "resyncing a session")
             epoch, _ = await self.ownership.claim(tenant, session_id)
             handle = await self.on_engine(self.engine.restore, seeded.state)
-            hs = HotSession(tenant, session_id, handle, given, epoch=epoch)
+            hs = HotSession(self.table, tenant, session_id, handle, given, epoch=epoch)
             self._hot[(tenant, session_id)] = hs
             self._reset_to(hs, step, positions)
             async with hs.lock:
@@ -325,212 +294,13 @@ class SessionManager:
         count = sum(p.numel() for p in positions)
         self._series(hs).retained.inc(count - hs.count)
         hs.step, hs.count, hs.checksum = step, count, codec.checksum_of(positions)
-        hs.digest, hs.last_result = b"", None  # nothing to answer a retry of an older step with
+        hs.widest = max(self.engine.counts(hs.handle), default=0)  # the restored rows (host mirror)
+        hs.digest, hs.last_result = StepDigest(), None  # nothing to answer a retry of an older step with
         hs.checkpointed_step, hs.stored = 0, False
         hs.delta_base = None  # a new history: the next checkpoint is a full one
         hs.last_used = time.monotonic()
 
-    async def _unload(self, hs: HotSession) -> None:
-        key = (hs.tenant, hs.session_id)
-        if self._hot.get(key) is hs:
-            del self._hot[key]
-            await self.on_engine(self.engine.close, hs.handle)
-            self.metrics.sessions_open.labels(hs.tenant).set(len(self.hot_sessions(hs.tenant)))
-            self._series(hs).retained.dec(hs.count)
-
-    # -- stepping -----------------------------------------------------------------------------
-    async def step_many(self, tenant: str, steps: list[pb.SessionStep], deadline: float | None
-                        ) -> list[pb.SessionResult]:
-        """The per-session form (``Step``): converted to columns, then the one path of :meth:`step_columns`."""
-        self.admission.check_rpc(len(steps))  # before any per-message work
-        cols = step_columns.from_steps(steps)
-        answers = await self.step_columns(tenant, cols, deadline)
-        return [a.session_result(sid) for a, sid in zip(answers, cols.ids, strict=True)]
-
-    async def step_batch(self, tenant: str, request: pb.StepBatchRequest, deadline: float | None
-                         ) -> pb.StepBatchResponse:
-        """The columnar form (``StepBatch``): read with a few array calls, answered columnar."""
-        self.admission.check_rpc(len(request.session_ids))
-        cols = step_columns.from_batch(request)
-        return encode_batch(await self.step_columns(tenant, cols, deadline))
-
-    async def step_columns(self, tenant: str, cols: StepColumns, deadline: float | None) -> list[Answer]:
-        """Apply one step to each session of ``cols``. Every step is validated before any is applied.
-
-        Retries of a session's last step are answered from its cached answer; the others go to the
-        engine as one job of the micro-batcher.
-        """
-        ids = cols.ids
-        if len(set(ids)) != len(ids):
-            dupes = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
-            raise InvalidArgument("steps", f"session {dupes[0]!r} appears more than once in one request")
-        # Shielded: once a step may reach the engine it is committed even if the caller goes away
-        # (RPC deadline or cancel). Otherwise the engine state advances without the session's
-        # step/count/checksum, and every retry of that step is rejected.
-        work = asyncio.ensure_future(self._apply(tenant, cols, deadline))
-        work.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return await asyncio.shield(work)
-
-    async def _apply(self, tenant: str, cols: StepColumns, deadline: float | None) -> list[Answer]:
-        ids = cols.ids
-        first_error: BaseException | None = None
-        by_id = await self._lock_all(tenant, ids)
-        try:
-            sessions = [by_id[sid] for sid in ids]
-            stale = await self.ownership.stale(tenant, sessions)
-            if stale:  # another replica took these over: never answer for them
-                for hs in stale:
-                    await self._drop_fenced(hs)  # type: ignore[arg-type]
-                raise SessionFenced(stale[0].session_id)
-            answers: list[Answer | None] = [None] * len(ids)
-            ints = cols.int_fields()
-            fresh = self._plan(sessions, cols, ints, answers)
-            if fresh:
-                first_error = await self._run_fresh(tenant, sessions, cols, ints, fresh, answers, deadline)
-        finally:
-            for hs in by_id.values():
-                hs.lock.release()
-        if first_error is not None:
-            raise first_error
-        return answers  # type: ignore[return-value]  # every entry is set once no error was raised
-
-    async def _lock_all(self, tenant: str, ids: list[str]) -> dict[str, HotSession]:
-        """Every session of ``ids`` hot with its lock held (what :meth:`locked` does for one), taken
-        in id order (no lock-order deadlock); the caller releases them. On an error none is held."""
-        held: dict[str, HotSession] = {}
-        try:
-            for sid in sorted(ids):
-                while True:
-                    hs = await self.get(tenant, sid)
-                    await hs.lock.acquire()
-                    if self._hot.get((tenant, sid)) is hs:
-                        break
-                    hs.lock.release()  # unloaded while we waited: resume it again
-                held[sid] = hs
-        except BaseException:
-            for hs in held.values():
-                hs.lock.release()
-            raise
-        return held
-
-    def _plan(self, sessions: list[HotSession], cols: StepColumns, ints: dict[str, np.ndarray],
-              answers: list[Answer | None]) -> list[int]:
-        """Check order and worker state for the whole batch; fill in the cached answers of retries
-        and return the indices of the steps that go to the engine (request order)."""
-        current = np.array([hs.step for hs in sessions], dtype=np.uint64)
-        cached = np.array([hs.last_result is not None for hs in sessions])
-        retry = (cols.steps == current) & (current > 0) & cached
-        for b in np.flatnonzero(retry).tolist():
-            hs = sessions[b]
-            if cols.digest(b, ints) != hs.digest:
-                raise StepOutOfOrder(hs.session_id, int(cols.steps[b]), hs.step + 1,
-                                     note="it was already applied with a different payload")
-            answers[b] = hs.last_result
-        out_of_order = np.flatnonzero(~retry & (cols.steps != current + np.uint64(1)))
-        if out_of_order.size:
-            b = int(out_of_order[0])
-            raise StepOutOfOrder(sessions[b].session_id, int(cols.steps[b]), sessions[b].step + 1)
-        fresh = np.flatnonzero(~retry)
-        if not fresh.size:
-            return []
-        self.admission.check_new_tokens(cols.ids, cols.k, fresh)  # before the payload is decoded
-        counts = np.array([sessions[b].count for b in fresh.tolist()], dtype=np.int64)
-        checksums = np.array([sessions[b].checksum for b in fresh.tolist()], dtype=np.uint64)
-        diverged = np.flatnonzero((cols.retained_counts[fresh] != counts)
-                                  | (cols.retained_checksums[fresh] != checksums))
-        if diverged.size:
-            b = int(fresh[diverged[0]])
-            hs = sessions[b]
-            raise StateMismatch(
-                f"session {hs.session_id!r} before step {int(cols.steps[b])}: worker holds "
-                f"{int(cols.retained_counts[b])} tokens (checksum {int(cols.retained_checksums[b]):#018x}), sidecar "
-                f"holds {hs.count} (checksum {hs.checksum:#018x}) at step {hs.step}; the worker's cache and the "
-                "sidecar's state diverged (failover to an older checkpoint?). Reopen the session or rebuild the "
-                "worker's cache.")
-        return fresh.tolist()
-
-    async def _run_fresh(self, tenant: str, sessions: list[HotSession], cols: StepColumns,
-                         ints: dict[str, np.ndarray], fresh: list[int], answers: list[Answer | None],
-                         deadline: float | None) -> BaseException | None:
-        """Validate, run and commit the steps ``fresh``; returns the first engine refusal (request order)."""
-        hot = [sessions[b] for b in fresh]
-        groups = [hs.cfg.groups for hs in hot]
-        cols.check_layout(fresh, np.array(groups), np.array([hs.cfg.fanout for hs in hot]),
-                          np.array([max(self.engine.counts(hs.handle)) for hs in hot]),
-                          [hs.cfg.policy for hs in hot])
-        cols.check_positions(fresh, ints)
-        digests = [cols.digest(b, ints) for b in fresh]
-        inputs = cols.inputs(fresh, groups, ints)
-        now = time.monotonic()
-        for hs in hot:
-            hs.last_used = now
-        ks = {hs.handle: k for hs, k in zip(hot, cols.k[np.asarray(fresh)].tolist(), strict=True)}
-        # Widening the arena is the allocation a step can cause: admitted first.
-        await self.make_room(lambda: self.admission.step_fits(ks), f"a step of {max(ks.values())} new tokens")
-        job = Job({hs.handle: inp for hs, inp in zip(hot, inputs, strict=True)}, tenant, deadline)
-        try:
-            outs = await self.batcher.submit(job)
-        except BaseException as exc:  # queue full, deadline, draining: nothing was applied
-            return exc
-        good = [j for j, hs in enumerate(hot) if isinstance(outs[hs.handle], HostOutput)]
-        first_error = next((_named(outs[hot[j].handle], hot[j].session_id)  # type: ignore[arg-type]
-                            for j in range(len(hot)) if j not in set(good)), None)
-        if good:
-            self._commit([hot[j] for j in good], [int(cols.steps[fresh[j]]) for j in good],
-                         [outs[hot[j].handle] for j in good],  # type: ignore[misc]
-                         [int(cols.k[fresh[j]]) for j in good],
-                         np.concatenate([ints["new_positions"][cols.columns["new_positions"].offsets[b]:
-                                                               cols.columns["new_positions"].offsets[b + 1]]
-                                         for b in (fresh[j] for j in good)]),
-                         [digests[j] for j in good])
-            for j in good:
-                answers[fresh[j]] = hot[j].last_result
-        return first_error
-
-    def _commit(self, hot: list[HotSession], steps: list[int], outs: list[HostOutput], ks: list[int],
-                new_pos: np.ndarray, digests: list[bytes]) -> None:
-        """Commit engine outputs: answers, checksums and metrics computed for the whole batch (numpy
-        only: see LazyInputs for why no torch call runs here)."""
-        answers = answer_batch(steps, outs, new_pos, np.concatenate([[0], np.cumsum(ks)]),
-                               [hs.checksum for hs in hot])
-        by_series: dict[int, tuple[_Series, list[int]]] = {}
-        every = self.settings.checkpoint_cadence
-        before = [hs.count for hs in hot]
-        self.history.record_many([(hs.tenant, hs.session_id, hs.handle, ans.step, k, out)
-                                  for hs, ans, k, out in zip(hot, answers, ks, outs, strict=True)])
-        for j, (hs, ans, digest) in enumerate(zip(hot, answers, digests, strict=True)):
-            hs.step, hs.checksum, hs.count = ans.step, ans.checksum, ans.count
-            hs.digest, hs.last_result = digest, ans
-            series = self._series(hs)
-            by_series.setdefault(id(series), (series, []))[1].append(j)
-            if every and hs.step - hs.checkpointed_step >= every and not hs.checkpoint_queued:
-                hs.checkpoint_queued = True
-                self._spawn(self._cadence_checkpoint(hs))
-        for m, js in by_series.values():
-            G = np.array([hot[j].cfg.groups for j in js], dtype=np.int64)
-            k = np.array([ks[j] for j in js], dtype=np.int64)
-            was = np.array([before[j] for j in js], dtype=np.int64)
-            now = np.array([answers[j].count for j in js], dtype=np.int64)
-            m.seen.inc(int(k.sum()))
-            evicted = int((was + G * k - now).sum())
-            m.evicted.inc(evicted)
-            m.retained.inc(int((now - was).sum()))
-            observe_many(m.ratio, now / np.maximum(1, was + G * k))
-            observe_many(m.mass, np.concatenate([outs[j].retained_mass for j in js]))
-            if evicted:
-                ages = np.concatenate([outs[j].evicted_age.reshape(-1) for j in js])
-                observe_many(m.age, ages[ages > 0])
-
-    async def _cadence_checkpoint(self, hs: HotSession) -> None:
-        try:
-            await self.checkpoint(hs)
-        except Exception:  # a background task: nobody awaits it, so it is logged and counted here
-            self.metrics.maintenance_errors.labels("checkpoint").inc()
-            log.exception("cadence checkpoint of %s/%s: unexpected error (counted in "
-                          "nexus_maintenance_errors_total)", hs.tenant, hs.session_id)
-        finally:
-            hs.checkpoint_queued = False
-
+    # -- metrics ------------------------------------------------------------------------------
     def _series(self, hs: HotSession) -> _Series:
         """The session's labelled metric children (looked up once per tenant and policy)."""
         key = (hs.tenant, hs.cfg.policy)
@@ -542,175 +312,6 @@ class SessionManager:
                 retained=m.tokens_retained.labels(*key), ratio=m.retention_ratio.labels(*key),
                 mass=m.retained_mass.labels(*key), age=m.eviction_age.labels(*key))
         return series
-
-    # -- durability ---------------------------------------------------------------------------
-    async def checkpoint(self, hs: HotSession) -> bool:
-        """Write the session's state to the store (CAS on its step). False if refused or failed.
-
-        The rows are copied under the session's lock; encoding and the store write happen after it
-        is released, so a background checkpoint never delays the session's next step.
-        """
-        async with hs.lock:
-            if not hs.dirty or (hs.tenant, hs.session_id) not in self._hot:
-                return True
-            await hs.writing.acquire()  # lock order: hs.lock, then hs.writing (as in _write)
-            try:
-                cap = await self._capture(hs)
-            except BaseException:
-                hs.writing.release()
-                raise
-        try:
-            written = await self._store(hs, cap)
-        finally:
-            hs.writing.release()
-        if written is _REDO:  # the delta did not fit: a full one now (delta_base was cleared)
-            return await self.checkpoint(hs)
-        if written is None:  # fenced: drop the copy once no step of it is running
-            async with hs.lock:
-                await self._drop_fenced(hs)
-        return bool(written)
-
-    async def _write(self, hs: HotSession) -> bool:
-        """Checkpoint with the caller holding ``hs.lock`` (unload and resync paths)."""
-        async with hs.writing:
-            written = await self._store(hs, await self._capture(hs))
-            if written is _REDO:
-                written = await self._store(hs, await self._capture(hs))
-        if written is None:
-            await self._drop_fenced(hs)
-        return bool(written)
-
-    async def _capture(self, hs: HotSession) -> Captured:
-        """The consistent cut (caller holds ``hs.lock`` and ``hs.writing``): the rows copied on the
-        engine thread, ordered with its calls; full or against the session's delta base."""
-        base = hs.delta_base
-        if base is not None and base.deltas + 1 >= self.settings.checkpoint_full_every:
-            base = None
-        rows, seconds = await self.on_engine(writer.capture, self.engine, hs.handle, base)
-        last = b"" if hs.last_result is None else hs.last_result.session_result(hs.session_id).SerializeToString()
-        return Captured(hs.step, hs.checksum, hs.digest, last, rows, base, seconds)
-
-    async def _store(self, hs: HotSession, cap: Captured) -> bool | object | None:
-        """Encode on the checkpoint thread, then write. True written, False refused (CAS) or store
-        unreachable, None fenced, ``_REDO`` when a delta could not be encoded or the store's full
-        checkpoint was not its base (``delta_base`` is cleared: retry with a full one)."""
-        loop = asyncio.get_running_loop()
-        enc = await loop.run_in_executor(self._ckpt_executor, writer.encode, cap)
-        m, kind = self.metrics, cap.kind
-        m.checkpoint_seconds.labels(kind, "capture").observe(cap.seconds)
-        if enc is None:
-            hs.delta_base = None
-            return _REDO
-        m.checkpoint_seconds.labels(kind, "encode").observe(enc.seconds)
-        prior = hs.checkpointed_step if hs.stored else 0
-        t0 = time.perf_counter()
-        try:
-            written = await self._put(hs, cap.step, enc.blob, base=None if cap.base is None else cap.base.step)
-        except StoreUnavailable as exc:
-            log.warning("checkpoint of %s/%s failed: %s (serving from hot state)", hs.tenant, hs.session_id, exc)
-            return False
-        m.checkpoint_seconds.labels(kind, "write").observe(time.perf_counter() - t0)
-        if not written:
-            if written is False and cap.base is not None:
-                hs.delta_base = None
-                return _REDO
-            return written
-        m.checkpoint_bytes.labels(hs.tenant, kind).inc(len(enc.blob))
-        m.checkpoint_bytes_per_step.labels(hs.tenant).observe(len(enc.blob) / max(1, cap.step - prior))
-        if cap.base is None:
-            hs.delta_base = enc.base
-        elif hs.delta_base is cap.base:
-            cap.base.deltas += 1
-            if len(enc.blob) * 2 > cap.base.nbytes:  # deltas grow with the appends: a full one is cheaper now
-                hs.delta_base = None
-        return True
-
-    async def _drop_fenced(self, hs: HotSession) -> None:
-        """Release a hot copy another replica owns now (no checkpoint: it would be refused)."""
-        if self._hot.get((hs.tenant, hs.session_id)) is hs:
-            await self._unload(hs)
-            self.metrics.sessions_fenced.labels(hs.tenant).inc()
-            log.warning("dropped session %s/%s at step %d: another replica owns it now (newer epoch)", hs.tenant,
-                        hs.session_id, hs.step)
-
-    async def _put(self, hs: HotSession, step: int, blob: bytes, base: int | None = None) -> bool | None:
-        """True written, False refused (CAS), None fenced; raises StoreUnavailable."""
-        written = await self.ownership.put(hs, step, blob, base=base)
-        if written is None:
-            return None
-        if written:
-            hs.checkpointed_step = max(hs.checkpointed_step, step)
-            hs.stored = True
-        elif base is None:  # a refused delta is retried as a full checkpoint at once (see _store)
-            log.warning("checkpoint of %s/%s at step %d refused: the store holds a newer step (another replica "
-                        "owns this session)", hs.tenant, hs.session_id, step)
-        return written
-
-    async def make_room(self, over: Callable[[], int], what: str) -> None:
-        """Unload idle sessions (checkpointed, least recently used first) until ``over()`` is 0.
-
-        ``over()`` says how many bytes the pending allocation would take the pool over its budget.
-        Sessions whose lock is held (stepping now, or part of the caller's RPC) are never picked.
-        Raises the pool budget's RESOURCE_EXHAUSTED when nothing idle is left to unload.
-        """
-        need = over()
-        if not need:
-            return
-        while True:
-            idle = sorted((hs for hs in self._hot.values() if not hs.lock.locked()), key=lambda h: h.last_used)
-            if not idle:
-                break
-            # A quarter of the idle sessions per round (at least one): trimming copies the live rows,
-            # so unloading one session at a time would repack the pool once per session.
-            batch = idle[: max(1, len(idle) // 4)]
-            unloaded = sum(await asyncio.gather(*(self.unload_checkpointed(hs) for hs in batch)))
-            await self.on_engine(self.engine.trim)
-            self.metrics.pool_bytes.set(self.engine.pool_bytes())
-            need = over()
-            if not need:
-                log.info("made room in the hot pool for %s: unloaded %d idle sessions", what, unloaded)
-                return
-            if not unloaded:
-                break  # the store refuses checkpoints: nothing can be unloaded safely
-        raise self.admission.pool_full(need, what)
-
-    async def unload_checkpointed(self, hs: HotSession) -> bool:
-        """Checkpoint then unload ``hs``, holding its lock throughout (no step slips in between)."""
-        async with hs.lock:
-            if (hs.tenant, hs.session_id) not in self._hot:
-                return False
-            if hs.dirty and not await self._write(hs):
-                return False
-            await self._unload(hs)
-        self.metrics.sessions_unloaded.labels(hs.tenant).inc()
-        return True
-
-    async def checkpoint_all(self) -> int:
-        """Checkpoint every dirty hot session; returns how many were written."""
-        results = await asyncio.gather(*(self.checkpoint(hs) for hs in list(self._hot.values()) if hs.dirty))
-        return sum(bool(r) for r in results)
-
-    async def _reap_idle(self) -> None:
-        period = min(self.settings.maintenance_period_s, self.settings.idle_session_s / 2)
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self._reap_once()
-            except Exception:  # a bug here must not stop reaping for the life of the process
-                self.metrics.maintenance_errors.labels("reaper").inc()
-                log.exception("idle reaper: unexpected error (counted in nexus_maintenance_errors_total); "
-                              "it runs again in %.1f s", period)
-
-    async def _reap_once(self) -> None:
-        now = time.monotonic()
-        for hs in list(self._hot.values()):
-            idle = now - hs.last_used > self.settings.idle_session_s and not hs.lock.locked()
-            if idle and await self.unload_checkpointed(hs):
-                self.metrics.sessions_expired.labels(hs.tenant).inc()
-        # Every period, not only after reaping: closes and class moves free rows too (trim only
-        # repacks a pool when that at least halves it).
-        await self.on_engine(self.engine.trim)
-        self.metrics.pool_bytes.set(self.engine.pool_bytes())
 
     # -- inspection ---------------------------------------------------------------------------
     async def describe(self, tenant: str, session_id: str, include_weights: bool = False) -> pb.GetSessionResponse:
@@ -739,10 +340,3 @@ class SessionManager:
         """Hot and stored session ids of a tenant (sorted)."""
         stored = await self.store.list(tenant)
         return sorted(set(stored) | {hs.session_id for hs in self.hot_sessions(tenant)})
-
-
-def _named(exc: BaseException, session_id: str) -> BaseException:
-    """An engine field error (found on the device) as INVALID_ARGUMENT on ``steps[<id>].<proto field>``."""
-    if isinstance(exc, FieldError) and not exc.field.startswith("steps["):
-        return InvalidArgument(step_field(session_id, exc.field), exc.reason)
-    return exc

@@ -120,16 +120,18 @@ class LazyInputs:
         self._shapes = {"slots": [(g, -1) for g in groups],
                         "edges": [(g, kk, e // max(1, g * kk)) for g, kk, e in zip(groups, k, edges, strict=True)],
                         "tokens": [(kk,) for kk in k]}
-        f32 = np.dtype(np.float32)
-        self._values: dict[str, tuple[np.ndarray | list[np.ndarray | None], list[int], str]] = {}
+        self._rows = list(rows)
+        # The float columns are converted to float32 in get() (the engine thread; numpy releases the
+        # GIL for the bulk conversion), not here on the event loop.
+        self._values: dict[str, tuple[np.ndarray | list[np.ndarray | None] | Column, list[int], str]] = {}
         for name, col in cols.columns.items():
             kind = "tokens" if name == "new_positions" else "edges" if name in _EDGE_FIELDS else "slots"
             if name in _INTS:
                 off = col.offsets
-                vals: np.ndarray | list[np.ndarray | None] = ints[name] if every else \
+                vals: np.ndarray | list[np.ndarray | None] | Column = ints[name] if every else \
                     [ints[name][off[b]: off[b + 1]] for b in rows]
             else:
-                vals = col.canonical(f32, rows)
+                vals = col
             self._values[name] = (vals, col.counts[idx].tolist(), kind)
         self._calls = [_CALL_NAMES[c] for c in cols.calls[idx].tolist()]
         self._built: list[StepInput] | None = None
@@ -138,7 +140,9 @@ class LazyInputs:
     def get(self, j: int) -> StepInput:
         """Session ``rows[j]``'s input (engine thread)."""
         if self._built is None:
-            t = {name: _tensors(vals, counts, self._shapes[kind])
+            f32 = np.dtype(np.float32)
+            t = {name: _tensors(vals.canonical(f32, self._rows) if isinstance(vals, Column) else vals, counts,
+                                self._shapes[kind])
                  for name, (vals, counts, kind) in self._values.items()}
             priors = [name for name in PRIORS if name in t]
             self._built = [StepInput(t["new_positions"][i], t["attn"][i], t["last"][i],  # type: ignore[arg-type]
@@ -148,6 +152,28 @@ class LazyInputs:
                            for i in range(self.size)]
             self._values.clear()
         return self._built[j]
+
+
+class StepDigest:
+    """:meth:`StepColumns.digest` of one applied step, computed when first needed: when a retry of
+    the step must be compared with it, or a checkpoint stores it. Most steps are neither retried nor
+    checkpointed, so the step path does not hash every payload (it was ~30 % of the event loop's
+    CPU at B = 64); until then the request's arrays stay referenced (about one step payload per
+    hot session, well under its pool rows). Thread-safe: the arrays are never written."""
+
+    __slots__ = ("_b", "_cols", "_ints", "_value")
+
+    def __init__(self, value: bytes = b"", cols: StepColumns | None = None, ints: dict[str, np.ndarray] | None = None,
+                 b: int = 0) -> None:
+        self._value: bytes | None = value if cols is None else None
+        self._cols, self._ints, self._b = cols, ints, b
+
+    def __bytes__(self) -> bytes:
+        if self._value is None:
+            assert self._cols is not None and self._ints is not None
+            self._value = self._cols.digest(self._b, self._ints)
+            self._cols = self._ints = None
+        return self._value
 
 
 @dataclass(frozen=True)
@@ -216,6 +242,10 @@ class StepColumns:
                 h.update(_FIELD.pack(_FIELD_CODES[name], col.part_dtypes[b], part.shape[0]))  # type: ignore[index]
                 h.update(part.data)
         return h.digest()
+
+    def deferred_digest(self, b: int, ints: dict[str, np.ndarray]) -> StepDigest:
+        """:meth:`digest` of session ``b``, computed when first asked for."""
+        return StepDigest(cols=self, ints=ints, b=b)
 
     # -- the one validation path ------------------------------------------------------------------
     def check_layout(self, rows: Sequence[int], groups: np.ndarray, fanouts: np.ndarray, retained: np.ndarray,

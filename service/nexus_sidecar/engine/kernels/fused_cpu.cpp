@@ -711,13 +711,214 @@ at::Tensor prior_mass(const at::Tensor& z_t, double top, double sharpness) {
   return out_t;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// nexus_call: one whole engine call of a Nexus batch (token granularity, no span pooling) in one native
+// entry, bound with the GIL released for its whole duration: the batch's inputs concatenated (or
+// right-padded), step.py's validate_rows, its _insert, and step_fused.py's run_step_fused, as ATen
+// ops and the kernels above. A Python driver of the same steps re-takes the GIL after every torch
+// op; beside a busy Python thread (the server's event loop) each re-take can wait out the other
+// thread's switch interval. The ops are the Python code's, in its order, so results are the same.
+//
+// ``pool``: the pool's pos, alive, birth, memory, gumbel, edge_idx, edge_w, used, count and the
+// params budget, slack, sinks, recent, seed, group, call. ``first`` >= 0 when the batch's rows are
+// contiguous (pool views, written in place), else -1 (``index`` gathers and scatters them). Per
+// session: new positions [k], attn/last [g, w], edge_pos/edge_w [g, k, F], priors[p] [g, w].
+// Returns {codes} when some row fails validation (nothing changed), else {codes, keep, slot_pos,
+// evicted_age, retained_mass, count} in call-slot order.
+static at::Tensor rows_get(const at::Tensor& x, const at::Tensor& index, int64_t first, int64_t width) {
+  if (first >= 0) return x.narrow(0, first, index.size(0)).narrow(1, 0, width);
+  return x.narrow(1, 0, width).index_select(0, index);
+}
+
+static void rows_put(const at::Tensor& x, const at::Tensor& index, int64_t first, const at::Tensor& value) {
+  const int64_t w = value.size(1);
+  if (first >= 0) {
+    at::Tensor dst = x.narrow(0, first, index.size(0)).narrow(1, 0, w);
+    if (dst.data_ptr() != value.data_ptr()) dst.copy_(value);
+  } else {
+    x.narrow(1, 0, w).index_copy_(0, index, value);
+  }
+}
+
+std::vector<at::Tensor> nexus_call(
+    const std::vector<at::Tensor>& pool, const at::Tensor& index, int64_t first,
+    const std::vector<at::Tensor>& new_pos_in, const std::vector<at::Tensor>& attn_in,
+    const std::vector<at::Tensor>& last_in, const std::vector<at::Tensor>& edge_pos_in,
+    const std::vector<at::Tensor>& edge_w_in, const std::vector<std::vector<at::Tensor>>& priors_in,
+    const std::vector<int64_t>& prior_codes, const std::vector<double>& prior_lo, const std::vector<double>& prior_hi,
+    const std::vector<int64_t>& groups, const std::vector<int64_t>& widths, const std::vector<int64_t>& ks,
+    int64_t used_max, int64_t width, int64_t read_prior, const at::Tensor& denom, int64_t prior_kind, double mix,
+    double sharpness, double gamma, double beta, int64_t iterations, bool attn_mean, bool react, bool use_walk,
+    bool token_fixed, int64_t mode, double tau, bool per_call) {
+  TORCH_CHECK(pool.size() == 16, "nexus_call: 16 pool tensors expected");
+  const at::Tensor &P_pos = pool[0], &P_alive = pool[1], &P_birth = pool[2], &P_memory = pool[3],
+                   &P_gumbel = pool[4], &P_eidx = pool[5], &P_ew = pool[6], &P_used = pool[7], &P_count = pool[8];
+  const at::Tensor &P_budget = pool[9], &P_slack = pool[10], &P_sinks = pool[11], &P_recent = pool[12],
+                   &P_seed = pool[13], &P_group = pool[14], &P_call = pool[15];
+  const size_t B = groups.size();
+  TORCH_CHECK(B >= 1 && new_pos_in.size() == B && attn_in.size() == B && last_in.size() == B &&
+              edge_pos_in.size() == B && edge_w_in.size() == B && widths.size() == B && ks.size() == B,
+              "nexus_call: one entry per session in every input list");
+  for (const auto& p : priors_in) TORCH_CHECK(p.size() == B, "nexus_call: one prior tensor per session");
+  auto opts = P_pos.options();
+  const auto f32 = opts.dtype(at::kFloat), i64 = opts.dtype(at::kLong);
+  int64_t R = 0, Wx = 0, K = 0;
+  bool same = true;
+  for (size_t b = 0; b < B; ++b) {
+    R += groups[b];
+    Wx = std::max(Wx, widths[b]);
+    K = std::max(K, ks[b]);
+  }
+  for (size_t b = 0; b < B; ++b) same &= widths[b] == Wx && ks[b] == K;
+  const int64_t F = P_eidx.size(2);
+  TORCH_CHECK(index.numel() == R, "nexus_call: index must hold one row per group");
+
+  // Engine._run_batch: the batch's [R, ...] inputs.
+  at::Tensor new_pos, attn, last, edge_pos, edge_w;
+  std::vector<at::Tensor> priors;
+  if (same) {  // the steady state of a decode loop: one concatenation per field
+    std::vector<at::Tensor> np;
+    for (size_t b = 0; b < B; ++b) np.push_back(new_pos_in[b].to(at::kLong).expand({groups[b], K}));
+    new_pos = at::cat(np);
+    attn = at::cat(attn_in).to(at::kFloat);
+    last = at::cat(last_in).to(at::kFloat);
+    edge_pos = at::cat(edge_pos_in).to(at::kLong);
+    edge_w = at::cat(edge_w_in).to(at::kFloat);
+    for (const auto& p : priors_in) priors.push_back(at::cat(p).to(at::kFloat));
+  } else {
+    attn = at::zeros({R, Wx}, f32);
+    last = at::zeros({R, Wx}, f32);
+    for (size_t i = 0; i < priors_in.size(); ++i) priors.push_back(at::zeros({R, Wx}, f32));
+    new_pos = at::full({R, K}, -1, i64);
+    edge_pos = at::full({R, K, F}, -1, i64);
+    edge_w = at::zeros({R, K, F}, f32);
+    int64_t r0 = 0;
+    for (size_t b = 0; b < B; ++b) {
+      const int64_t g = groups[b], w = widths[b], k = ks[b];
+      attn.narrow(0, r0, g).narrow(1, 0, w).copy_(attn_in[b]);
+      last.narrow(0, r0, g).narrow(1, 0, w).copy_(last_in[b]);
+      new_pos.narrow(0, r0, g).narrow(1, 0, k).copy_(new_pos_in[b]);
+      edge_pos.narrow(0, r0, g).narrow(1, 0, k).copy_(edge_pos_in[b]);
+      edge_w.narrow(0, r0, g).narrow(1, 0, k).copy_(edge_w_in[b]);
+      for (size_t i = 0; i < priors.size(); ++i) priors[i].narrow(0, r0, g).narrow(1, 0, w).copy_(priors_in[i][b]);
+      r0 += g;
+    }
+  }
+  std::vector<int64_t> nn;
+  for (size_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < groups[b]; ++g) nn.push_back(ks[b]);
+  at::Tensor n_new = at::tensor(nn, i64);
+
+  // step.py validate_rows.
+  at::Tensor code = value_codes(attn, last, priors, prior_codes, prior_lo, prior_hi);
+  auto flag = [&code](const at::Tensor& cond, int64_t value) {
+    code.copy_(at::where(code.eq(0).logical_and(cond), at::full_like(code, value), code));
+  };
+  at::Tensor ew = edge_w.reshape({R, -1});
+  flag(ew.isfinite().logical_not().logical_or(ew.lt(0)).any(1), 5);
+  at::Tensor live = at::arange(K, i64).lt(n_new.unsqueeze(1));
+  at::Tensor used = P_used.index_select(0, index);
+  const int64_t vwidth = std::max<int64_t>(used_max, 1);
+  at::Tensor vpos = rows_get(P_pos, index, first, vwidth).contiguous();
+  at::Tensor valive = rows_get(P_alive, index, first, vwidth);
+  at::Tensor prev_max = at::where(used.gt(0), vpos.gather(1, (used - 1).clamp_min(0).unsqueeze(1)).squeeze(1), -1);
+  at::Tensor first_ok = live.select(1, 0).logical_not().logical_or(new_pos.select(1, 0).gt(prev_max));
+  at::Tensor steps_ok = live.narrow(1, 1, K - 1).logical_not()
+                            .logical_or(new_pos.narrow(1, 1, K - 1).gt(new_pos.narrow(1, 0, K - 1))).all(1);
+  flag(first_ok.logical_and(steps_ok).logical_not(), 7);
+  at::Tensor tgt = edge_pos.reshape({R, -1}).contiguous();
+  at::Tensor sidx = at::searchsorted(vpos, tgt).clamp_max(vwidth - 1);
+  at::Tensor old_ok = vpos.gather(1, sidx).eq(tgt).logical_and(valive.gather(1, sidx));
+  at::Tensor new_sorted = at::where(live, new_pos, kInt64Max).contiguous();
+  at::Tensor new_idx = at::searchsorted(new_sorted, tgt).clamp_max(K - 1);
+  at::Tensor new_ok = new_pos.gather(1, new_idx).eq(tgt);
+  at::Tensor src = new_pos.unsqueeze(-1).expand_as(edge_pos).reshape({R, -1});
+  at::Tensor ok = tgt.eq(-1).logical_or(old_ok.logical_or(new_ok).logical_and(tgt.ge(0)).logical_and(tgt.le(src)));
+  ok = ok.logical_or(live.unsqueeze(-1).expand_as(edge_pos).reshape({R, -1}).logical_not());
+  flag(ok.all(1).logical_not(), 6);
+  if (code.any().item<bool>()) return {code};
+  at::Tensor target_col = at::where(old_ok, sidx, used.unsqueeze(1) + new_idx).reshape(edge_pos.sizes());
+
+  // step.py _insert.
+  {
+    at::Tensor col = used.unsqueeze(1) + at::arange(K, i64);
+    at::Tensor r_idx = index.unsqueeze(1).expand({R, K}).index({live});
+    at::Tensor c_idx = col.index({live});
+    P_pos.index_put_({r_idx, c_idx}, new_pos.index({live}));
+    P_alive.index_put_({r_idx, c_idx}, at::scalar_tensor(true, opts.dtype(at::kBool)));
+    P_birth.index_put_({r_idx, c_idx}, P_call.index({r_idx}));
+    P_memory.index_put_({r_idx, c_idx}, at::scalar_tensor(0.0, f32));
+    if (token_fixed) {
+      // hashing.uniforms at call 0 for every new position (bit-exact integer hash), then gumbel().
+      at::Tensor seed = P_seed.index_select(0, index), group = P_group.index_select(0, index);
+      at::Tensor unit = new_pos.clamp_min(0).contiguous();
+      at::Tensor u = at::empty({R, K}, opts.dtype(at::kDouble));
+      const int64_t* sd = seed.data_ptr<int64_t>();
+      const int64_t* gr = group.data_ptr<int64_t>();
+      const int64_t* un = unit.data_ptr<int64_t>();
+      double* uu = u.data_ptr<double>();
+      for (int64_t r = 0; r < R; ++r) {
+        const uint64_t key = row_key(sd[r], gr[r], 0);
+        for (int64_t j = 0; j < K; ++j) uu[r * K + j] = uniform(key, un[r * K + j]);
+      }
+      P_gumbel.index_put_({r_idx, c_idx}, at::log(at::log(u.index({live})).neg()).neg());
+    }
+    at::Tensor has = edge_pos.ge(0).logical_and(edge_w.gt(0));
+    at::Tensor own = col.unsqueeze(-1).expand_as(target_col);
+    P_eidx.index_put_({r_idx, c_idx}, at::where(has, target_col, own).index({live}));
+    P_ew.index_put_({r_idx, c_idx}, at::where(has, edge_w, 0.0).index({live}));
+    P_used.index_put_({index}, used + n_new);
+    P_count.index_put_({index}, P_count.index({index}) + n_new);
+  }
+
+  // step_fused.py run_step_fused (Nexus scores, token selection).
+  at::Tensor budget = P_budget.index_select(0, index), slack = P_slack.index_select(0, index);
+  at::Tensor sinks = P_sinks.index_select(0, index), recent = P_recent.index_select(0, index);
+  at::Tensor seed = P_seed.index_select(0, index), group = P_group.index_select(0, index);
+  at::Tensor call = P_call.index_select(0, index);
+  at::Tensor pos = rows_get(P_pos, index, first, width);
+  at::Tensor alive = rows_get(P_alive, index, first, width);
+  at::Tensor n = P_count.index({index});
+  std::vector<at::Tensor> ins = {attn, last};
+  if (read_prior >= 0) ins.push_back(priors.at(read_prior));
+  std::vector<at::Tensor> lay = layout(alive, rows_get(P_birth, index, first, width), call, sinks, recent, n, ins, width);
+  at::Tensor ext = lay[0], cand = lay[2], age = lay[3], attn_l = lay[4], last_l = lay[5];
+  at::Tensor memory = rows_get(P_memory, index, first, width);
+  c10::optional<at::Tensor> eidx, eww, prior;
+  if (use_walk) {
+    eidx = rows_get(P_eidx, index, first, width);
+    eww = rows_get(P_ew, index, first, width);
+  }
+  if (read_prior >= 0 && mix > 0) prior = lay[6];
+  at::Tensor react_t = at::full({R}, react, opts.dtype(at::kBool));
+  at::Tensor weight = nexus_score(attn_l, last_l, memory, age, alive, cand, ext, n, n_new, prior, react_t, eidx, eww,
+                                  denom, prior_kind, mix, sharpness, gamma, beta, iterations, attn_mean);
+  rows_put(P_memory, index, first, memory);
+  at::Tensor need = at::where(n.gt(budget + slack), n - budget, at::zeros_like(n));
+  at::Tensor sel_call = per_call ? call : at::zeros_like(call);
+  c10::optional<at::Tensor> noise;
+  if (token_fixed && mode == 1) noise = rows_get(P_gumbel, index, first, width);
+  at::Tensor evict = select_token(weight, cand, need, mode, mode == 1 ? tau : 0.0, noise, pos, seed, group, sel_call);
+  std::vector<at::Tensor> fin = finish(alive, evict, ext, pos, age, attn_l, Wx);
+  rows_put(P_alive, index, first, alive);
+  P_count.index_put_({index}, fin[4]);
+  P_call.index_put_({index}, call + 1);
+  return {code, fin[0], fin[1], fin[2], fin[3], fin[4]};
+}
+
+using NoGil = py::call_guard<py::gil_scoped_release>;
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU kernels of the Nexus sidecar engine (see engine/step_fused.py)";
-  m.def("value_codes", &value_codes, "validate_rows's value checks of attn, last and the priors, per row");
-  m.def("layout", &layout, "arena layout of a call: ext, protected, cand, age and the laid-out inputs");
-  m.def("walk", &walk, "the Nexus walk (walk.py) in one pass per iteration and row");
-  m.def("nexus_score", &nexus_score, "Nexus scores (policies/nexus.py), walk included; writes memory in place");
-  m.def("select_token", &select_token, "token-granularity eviction selection (selection.py)");
-  m.def("prior_mass", &prior_mass, "float32(exp(min(z - top, 0) * sharpness)) per slot, as policies/nexus.py");
-  m.def("finish", &finish, "keep mask in place, outputs in call-slot order, retained mass, counts");
+  // Every kernel runs with the GIL released (arguments are converted before, results after): a
+  // call never holds up the event loop, and nexus_call re-takes the GIL once per engine call.
+  m.def("nexus_call", &nexus_call, "one whole Nexus engine call (inputs, validation, insert, scores, selection)",
+        NoGil());
+  m.def("value_codes", &value_codes, "validate_rows's value checks of attn, last and the priors, per row", NoGil());
+  m.def("layout", &layout, "arena layout of a call: ext, protected, cand, age and the laid-out inputs", NoGil());
+  m.def("walk", &walk, "the Nexus walk (walk.py) in one pass per iteration and row", NoGil());
+  m.def("nexus_score", &nexus_score, "Nexus scores (policies/nexus.py), walk included; writes memory in place", NoGil());
+  m.def("select_token", &select_token, "token-granularity eviction selection (selection.py)", NoGil());
+  m.def("prior_mass", &prior_mass, "float32(exp(min(z - top, 0) * sharpness)) per slot, as policies/nexus.py", NoGil());
+  m.def("finish", &finish, "keep mask in place, outputs in call-slot order, retained mass, counts", NoGil());
 }

@@ -37,18 +37,18 @@ def prior_mass(policy: Policy, ctx: ScoreContext, prior: torch.Tensor) -> torch.
     return torch.exp((z - top).clamp_(max=0.0).mul_(policy.cfg.prior_sharpness).double()).float()
 
 
-def prior_share(policy: Policy, ctx: ScoreContext) -> float:
+def prior_share(policy: Policy, call: str) -> float:
     """The prior's share of the direct mass for this call: ``question_prior_mix`` on the calls whose
     queries carry what is asked (question, decode) when it is set, else ``prior_mix``."""
     cfg = policy.cfg
-    if cfg.question_prior_mix is not None and ctx.call in ("question", "decode"):
+    if cfg.question_prior_mix is not None and call in ("question", "decode"):
         return cfg.question_prior_mix
     return cfg.prior_mix
 
 
-def reacts(policy: Policy, ctx: ScoreContext) -> bool:
+def reacts(policy: Policy, call: str) -> bool:
     """Whether this call's newest query may save a token on its own (see ``PolicyConfig.react_calls``)."""
-    return policy.cfg.react_calls == "all" or ctx.call != "context"
+    return policy.cfg.react_calls == "all" or call != "context"
 
 
 def personalisation(policy: Policy, ctx: ScoreContext, attn: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def personalisation(policy: Policy, ctx: ScoreContext, attn: torch.Tensor) -> to
     slot). Without the prior (an old client) or with a share of 0, ``d`` is the attention
     normalised over every valid slot, exactly as before priors existed.
     """
-    mix = prior_share(policy, ctx)
+    mix = prior_share(policy, ctx.call)
     prior = ctx.priors.get(policy.cfg.prior)
     if prior is None or mix == 0.0:
         return normalize(attn, ctx.valid)
@@ -95,7 +95,7 @@ def nexus_scores(policy: Policy, ctx: ScoreContext) -> Scores:
     memory = gamma * ctx.memory + (1.0 - gamma) * s
     corrected = bias_corrected(memory, ctx.age, gamma)
     remember = normalize(corrected, ctx.cand)
-    weight = torch.maximum(remember, normalize(ctx.last, ctx.cand)) if reacts(policy, ctx) else remember
+    weight = torch.maximum(remember, normalize(ctx.last, ctx.cand)) if reacts(policy, ctx.call) else remember
     return Scores(weight=weight, memory=torch.where(ctx.valid, memory, 0.0))
 
 
