@@ -209,6 +209,7 @@ class CheckedWorker:
         self.move_to: int | None = None  # asked by the stale_replica fault; done at a call boundary
         self.just_idled = False
         self.calls = 0
+        self.stagger = seed % max(1, s.idle_every)  # workers do not all pause at once
 
     async def close(self) -> None:
         for c in self.clients:
@@ -253,7 +254,8 @@ class CheckedWorker:
                     await self._probe(wss, nxt)
                 self.calls += 1
                 self.just_idled = False
-                if self.s.idle_every and self.calls % self.s.idle_every == 0:
+                pending = self.move_to is not None or self.probe is not None  # no pause in a move
+                if self.s.idle_every and (self.calls + self.stagger) % self.s.idle_every == 0 and not pending:
                     await asyncio.sleep(self.s.idle_session_s + 2.5)  # the reaper unloads them; the next step resumes
                     self.just_idled = True
             for sid in ids:
@@ -512,13 +514,18 @@ async def _faults(cluster: Cluster, workers: list[CheckedWorker], s: FaultSoakSe
             await asyncio.to_thread(cluster.start_replica, 0)
         else:  # stale_replica: replica 1's workers move to 0 and probe 1; then back, probing 0
             moved = [w for w in workers if w.route == 1]
-            for w in moved:
-                w.move_to = 0
-            await asyncio.sleep(8.0)
-            for w in moved:
-                w.move_to = 1
-            await asyncio.sleep(8.0)
+            for there in (0, 1):
+                for w in moved:
+                    w.move_to = there
+                await _settled(moved, end + 10)
+                await asyncio.sleep(2.0)
         log.append({"fault": name, "start_s": start, "end_s": time.monotonic() - t0})
+
+
+async def _settled(workers: list[CheckedWorker], until: float) -> None:
+    """Wait until every worker made its move and sent its probe (or time ran out)."""
+    while any(w.move_to is not None or w.probe is not None for w in workers) and time.monotonic() < until:
+        await asyncio.sleep(0.2)
 
 
 def _window_view(metrics: list[tuple[float, int, dict[str, float]]], lo: float, hi: float) -> dict[str, float]:
@@ -593,6 +600,7 @@ async def _drive(cluster: Cluster, keys: dict[str, str], s: FaultSoakSettings, p
         "sessions_lost": ledger.lost, "stale_refused": ledger.stale_refused, "stale_answered": ledger.stale_answered,
         "stale_other": dict(ledger.stale_other), "bad_expected": ledger.bad_expected,
         "bad_unexpected": dict(ledger.bad_unexpected), "unexpected": dict(ledger.unexpected),
+        "dashboard_run": _window_view(metrics, 0.0, float("inf")),  # the /metrics increases over the whole run
         "steady_p50_ms": statistics.median(steady) * 1e3 if steady else float("nan"),
         "steady_p99_ms": _p99(steady), "rss": rss_by,
     }
