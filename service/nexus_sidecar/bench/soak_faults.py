@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import secrets
 import statistics
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -470,24 +472,24 @@ def _watch(text: str) -> dict[str, float]:
     return out
 
 
-async def _sampler(cluster: Cluster, t0: float, end: float, rss: list[tuple[float, int, float]],
-                   metrics: list[tuple[float, int, dict[str, float]]], progress: bool, ledger: Ledger) -> None:
-    async with httpx.AsyncClient(timeout=2.0) as http:
-        while time.monotonic() < end:
+def _sampler(cluster: Cluster, t0: float, stop: threading.Event, rss: list[tuple[float, int, float]],
+             metrics: list[tuple[float, int, dict[str, float]]], progress: bool, ledger: Ledger) -> None:
+    """Every second: each live replica's RSS and /metrics. A thread of its own, so that the workers'
+    engine work on the event loop cannot delay the samples (the fault table reads them)."""
+    with httpx.Client(timeout=2.0) as http:
+        last_print = 0.0
+        while not stop.wait(1.0):
             now = time.monotonic() - t0
-            for i, rp in enumerate(cluster.replicas):
+            for i, rp in enumerate(list(cluster.replicas)):
                 if rp is None:
                     continue
                 rss.append((now, i, _rss_mb(rp.proc.pid)))
-                try:
-                    r = await http.get(f"http://127.0.0.1:{rp.http_port}/metrics")
-                    metrics.append((now, i, _watch(r.text)))
-                except httpx.HTTPError:
-                    pass  # a replica being killed or hung on a stopped Redis
-            if progress and int(now) % 15 == 0:
+                with contextlib.suppress(httpx.HTTPError):  # a replica being killed, or slow
+                    metrics.append((now, i, _watch(http.get(f"http://127.0.0.1:{rp.http_port}/metrics").text)))
+            if progress and now - last_print >= 15:
+                last_print = now
                 print(f"  fault soak {now:5.0f}s  calls {len(ledger.calls)}  compared {ledger.compared}  "
                       f"wrong {ledger.wrong}  resyncs {ledger.resyncs}", flush=True)
-            await asyncio.sleep(1.0)
 
 
 async def _faults(cluster: Cluster, workers: list[CheckedWorker], s: FaultSoakSettings, t0: float, end: float,
@@ -562,13 +564,17 @@ async def _drive(cluster: Cluster, keys: dict[str, str], s: FaultSoakSettings, p
     rss: list[tuple[float, int, float]] = []
     metrics: list[tuple[float, int, dict[str, float]]] = []
     log: list[dict[str, Any]] = []
-    tasks = [_sampler(cluster, t0, end, rss, metrics, progress, ledger), _faults(cluster, workers, s, t0, end, log),
-             *(w.run(end) for w in workers)]
+    tasks = [_faults(cluster, workers, s, t0, end, log), *(w.run(end) for w in workers)]
     if s.bad_every_s:
         tasks.append(_bad_requests(cluster, keys, s, ledger, end))
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sampler, args=(cluster, t0, stop, rss, metrics, progress, ledger), daemon=True)
+    sampler.start()
     try:
         await asyncio.gather(*tasks)
     finally:
+        stop.set()
+        sampler.join(timeout=10)
         for w in workers:
             await w.close()
     ok = [c for c in ledger.calls if c.code == "OK" and c.rpc in ("Step", "StepBatch")]
