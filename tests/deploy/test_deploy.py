@@ -203,17 +203,20 @@ def promql_metric_names(expr: str) -> set[str]:
     names = set()
     for m in re.finditer(r"(?<![\w.])([A-Za-z_:][\w:]*)\s*(\()?", s):
         word, call = m.group(1), m.group(2)
+        if word.lower() in _KEYWORDS:  # "a and (b > 0)": an operator before a parenthesis, not a call
+            continue
         if call:
             assert word in _FUNCS, f"unknown PromQL function {word!r} in {expr!r}"
-        elif word.lower() not in _KEYWORDS:
+        else:
             names.add(word)
     return names
 
 
 def test_promql_parser_finds_metrics() -> None:
     got = promql_metric_names('histogram_quantile(0.99, sum by (le, rpc) (rate(x_bucket{rpc="Step",a=~"$t"}[5m])))'
-                              " / on (rpc) group_left y_total + max without (le) (up) or vector(0)")
-    assert got == {"x_bucket", "y_total", "up"}
+                              " / on (rpc) group_left y_total + max without (le) (up) or vector(0)"
+                              " and on (rpc) (sum by (rpc) (rate(z_count[5m])) > 0)")
+    assert got == {"x_bucket", "y_total", "up", "z_count"}
 
 
 def _dashboard_exprs(node: Any) -> list[str]:
@@ -598,3 +601,16 @@ def test_helm_chart_templates_parse_and_mirror_the_kustomize_twin() -> None:
         assert needle in dep
     assert "NEXUS_KEYS_FILE" in (CHART / "templates" / "configmap.yaml").read_text()
     assert "monitoring.coreos.com/v1" in (CHART / "templates" / "servicemonitor.yaml").read_text()
+
+
+def test_latency_panels_rules_and_alerts_cover_step_and_step_batch() -> None:
+    """Issue 23, defect 4: StepBatch (what nexus_client sends) was in no latency panel, rule or alert."""
+    dash = json.loads(DASHBOARD.read_text())
+    rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+    exprs = _dashboard_exprs(dash) + [r["expr"] for r in rules]
+    latency = [e for e in exprs if "nexus_request_duration_seconds_bucket" in e]
+    assert latency, "no latency query"
+    for e in latency:
+        assert 'rpc=~"Step|StepBatch"' in e and "by (le, rpc)" in e, e
+    alert = next(r for r in rules if r.get("alert") == "NexusStepLatencyP99High")
+    assert "{{ $labels.rpc }}" in alert["annotations"]["summary"]

@@ -282,7 +282,8 @@ class PrometheusProc:
 @pytest.fixture
 def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[int], PrometheusProc]]:
     """``start(port)`` runs a real prometheus scraping 127.0.0.1:port/metrics every second (job
-    ``nexus``); every started server is stopped at teardown. A missing binary FAILS the test."""
+    ``nexus``; ``job=`` another name, ``rules=`` a rule file evaluated every second); every started
+    server is stopped at teardown. A missing binary FAILS the test."""
     import shutil
     import subprocess
 
@@ -293,12 +294,13 @@ def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[int], PrometheusPro
         pytest.fail(PROMETHEUS_HINT, pytrace=False)
     started: list[PrometheusProc] = []
 
-    def start(scrape_port: int) -> PrometheusProc:
+    def start(scrape_port: int, *, job: str = "nexus", rules: Path | None = None) -> PrometheusProc:
         d = tmp_path / f"prom-{len(started)}"
         d.mkdir()
         (d / "prom.yml").write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: nexus\n    scrape_interval: 1s\n    scrape_timeout: 900ms\n"
+            + (f"rule_files:\n  - {rules}\n" if rules is not None else "")
+            + f"scrape_configs:\n  - job_name: {job}\n    scrape_interval: 1s\n    scrape_timeout: 900ms\n"
             f"    static_configs:\n      - targets: ['127.0.0.1:{scrape_port}']\n"
         )
         port = free_port()

@@ -24,7 +24,7 @@ from tests.server.conftest import (
 pytestmark = pytest.mark.timeout(90)
 
 # Every label the sidecar may put on a metric: bounded sets, never a session id.
-ALLOWED_LABELS = {"tenant", "policy", "rpc", "code", "op", "outcome", "device", "le"}
+ALLOWED_LABELS = {"tenant", "policy", "rpc", "code", "op", "outcome", "device", "le", "kind", "phase", "writer", "task"}
 
 
 def test_health_ready_metrics_admin_openapi() -> None:

@@ -45,7 +45,7 @@ def test_prometheus_scrapes_tenant_token_counts(keys_file, prometheus_factory) -
                 while time.monotonic() < deadline:
                     assert prom.proc.poll() is None, f"prometheus exited:\n{prom.log_tail()}"
                     got = {s["metric"].get("tenant", ""): float(s["value"][1])
-                           for s in await _query(api, "nexus_tokens_seen_total")}
+                           for s in await _query(api, "sum by (tenant) (nexus_tokens_seen_total)")}
                     up = await _query(api, 'up{job="nexus"}')
                     if got == sent and up and up[0]["value"][1] == "1":
                         break
@@ -53,8 +53,8 @@ def test_prometheus_scrapes_tenant_token_counts(keys_file, prometheus_factory) -
                 else:
                     raise AssertionError(f"prometheus never reported {sent} with up == 1 within 30 s: "
                                          f"got {got}, up {up}\n{prom.log_tail()}")
-                series = await _query(api, 'nexus_tokens_seen_total{tenant="acme"}')
-                assert series[0]["metric"]["job"] == "nexus" and series[0]["metric"]["policy"] == "nexus"
+                series = await _query(api, 'nexus_tokens_seen_total{tenant="acme", policy="nexus"}')
+                assert series[0]["metric"]["job"] == "nexus" and float(series[0]["value"][1]) == sent["acme"]
                 assert "session_id" not in series[0]["metric"]
             await acme.close()
             await globex.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +68,23 @@ class SidecarProc:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+
+def start_sidecar(*args: str, ports: tuple[int, int], log_path: str | os.PathLike[str],
+                  env: dict[str, str] | None = None, timeout: float = 60.0) -> SidecarProc:
+    """Start ``nexus-sidecar serve`` on ``ports`` (gRPC, HTTP) with extra ``args``, its output
+    appended to ``log_path``, and wait until it is SERVING; the caller stops it (:func:`stop_process`)."""
+    gport, hport = ports
+    cmd = [sys.executable, "-m", "nexus_sidecar.cli", "serve", "--grpc-host", "127.0.0.1", "--grpc-port", str(gport),
+           "--http-host", "127.0.0.1", "--http-port", str(hport), "--log-level", "WARNING", *args]
+    with open(log_path, "ab") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    try:
+        wait_serving(f"127.0.0.1:{gport}", timeout, proc)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return SidecarProc(proc, gport, hport)
 
 
 @contextlib.contextmanager
@@ -131,3 +149,56 @@ def redis_process() -> Iterator[str]:
             yield f"redis://127.0.0.1:{port}/0"
         finally:
             stop_process(proc)
+
+
+class RedisServer:
+    """A redis-server on a free loopback port with its data in ``dir``, which faults can pause
+    (SIGSTOP/SIGCONT), kill (SIGKILL) and restart on the same port and AOF. Stop it with :meth:`stop`."""
+
+    def __init__(self, dir: str | os.PathLike[str], *, aof: bool = True) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found: run scripts/install_system_deps.sh")
+        self.binary, self.dir, self.port = binary, str(dir), free_port()
+        # appendfsync always: every acknowledged write is on disk, so a SIGKILL loses nothing.
+        self.args = ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start (or restart after :meth:`kill`) on the same port and directory; waits until it accepts."""
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"),
+                                      *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def pause(self) -> None:
+        """SIGSTOP: Redis holds every connection and answers nothing until :meth:`resume`."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL (no shutdown, no final save: what the AOF holds is what survives)."""
+        assert self.proc is not None
+        self.resume()
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.resume()
+            stop_process(self.proc, timeout=5)

@@ -18,7 +18,10 @@ Benchmarks. Each prints a table, and with --json PATH writes PATH, PATH.md (tabl
   checkpoint  checkpoint bytes per step and engine-thread time, before (full snapshots on the
             engine thread) and after (row copies, deltas, encoding on the checkpoint thread)
   soak      several tenants' workers against one serve process for --duration seconds: errors by
-            code, p50/p99 and RSS over time, RSS growth after warm-up
+            code, p50/p99 and RSS over time, RSS growth after warm-up. With --faults (10 minutes by
+            default): Redis paused, killed and restarted on its AOF, a replica killed and replaced, a
+            stale replica probed; every answer checked against an in-process engine, the /metrics
+            view of each fault recorded (docs/operations-soak.md)
 """
 
 
@@ -48,8 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                 "needles nothing attends to until their question, a topic shift, and the "
                                 "query-agnostic priors)")
         if name == "soak":
-            q.add_argument("--duration", type=positive_int, default=60, help="seconds (default 60)")
+            q.add_argument("--duration", type=positive_int, help="seconds (default 60; 600 with --faults)")
             q.add_argument("--redis", action="store_true", help="a real redis-server as the store")
+            q.add_argument("--faults", action="store_true",
+                           help="the fault soak: Redis (with an AOF) and two replicas, faults injected in a cycle, "
+                                "every answer compared with an in-process engine")
         if name == "service":
             q.add_argument("--profile", metavar="DIR",
                            help="also py-spy the server over the B = 64 decode windows: raw samples in DIR, a summary "
@@ -109,13 +115,22 @@ def run(args: argparse.Namespace) -> int:
             payload = mod.run(settings, progress)
             table, plot = mod.table(payload), mod.plot
     elif args.bench == "soak":
-        from nexus_sidecar.bench import soak as mod
+        if args.faults:
+            from nexus_sidecar.bench import soak_faults as faults
 
-        settings = mod.SoakSettings(duration_s=float(args.duration), redis=args.redis)
-        if args.quick:
-            settings.tenants, settings.workers_per_tenant, settings.window_s = 2, 1, 2.0
-        payload = mod.run(settings, progress)
-        table, plot = mod.table(payload), mod.plot
+            fs = faults.FaultSoakSettings(duration_s=float(args.duration or 600))
+            if args.quick:
+                fs.tenants, fs.workers_per_tenant, fs.sessions, fs.cycle_s = 2, 2, 2, fs.duration_s
+            payload = faults.run(fs, progress)
+            table, plot = faults.table(payload), None
+        else:
+            from nexus_sidecar.bench import soak as mod
+
+            settings = mod.SoakSettings(duration_s=float(args.duration or 60), redis=args.redis)
+            if args.quick:
+                settings.tenants, settings.workers_per_tenant, settings.window_s = 2, 1, 2.0
+            payload = mod.run(settings, progress)
+            table, plot = mod.table(payload), mod.plot
     elif args.bench == "checkpoint":
         from nexus_sidecar.bench import checkpoint_bench as mod
 

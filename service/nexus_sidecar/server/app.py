@@ -15,15 +15,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nexus_client.v1 import sidecar_pb2 as pb
 
-from nexus_sidecar.engine import Engine, default_device
+from nexus_sidecar.engine import POLICIES, Engine, default_device
 from nexus_sidecar.server.allocator import tune_malloc
-from nexus_sidecar.server.auth import KeyRing
+from nexus_sidecar.server.auth import DEFAULT_TENANT, KeyRing
 from nexus_sidecar.server.http_app import build_app
 from nexus_sidecar.server.metrics import Metrics
-from nexus_sidecar.server.service import EvictionServicer, add_to_server
+from nexus_sidecar.server.service import SERVICE_DESCRIPTOR, EvictionServicer, add_to_server
 from nexus_sidecar.server.sessions import SessionManager
 from nexus_sidecar.server.settings import ServerSettings
-from nexus_sidecar.server.stores import MemoryStore, RedisStore, StateStore
+from nexus_sidecar.server.stores import MemoryStore, RedisStore, StateStore, bounded
 
 log = logging.getLogger("nexus_sidecar")
 SERVICE = pb.DESCRIPTOR.services_by_name["EvictionService"].full_name
@@ -59,6 +59,8 @@ class Sidecar:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.engine = Engine(device)
+        self.metrics.prime(self.keys.tenants or [DEFAULT_TENANT], sorted(POLICIES),
+                           [m.name for m in SERVICE_DESCRIPTOR.methods], self.engine.device.type)
         self._owns_store = store is None  # a store handed in is the caller's to close
         self.store = store or make_store(settings, self.metrics)
         self.sessions = SessionManager(self.engine, self.store, settings, self.metrics)
@@ -141,7 +143,8 @@ class Sidecar:
         limit = self.settings.readiness_timeout_s
         report: dict[str, Any] = {"draining": self.servicer.draining, "device": str(self.engine.device)}
         try:
-            await asyncio.wait_for(self.store.ping(), limit)
+            async with bounded(limit):  # a ping cut short reports outcome "unavailable"
+                await self.store.ping()
             report["store"] = "ok"
         except TimeoutError:
             report["store"] = f"unavailable: no answer within {limit} s"

@@ -6,6 +6,7 @@ sessions. The OpenAPI spec is served at ``/openapi.json`` (and ``/docs``).
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -115,7 +116,9 @@ def build_app(sidecar: Sidecar) -> FastAPI:
             if sidecar.keys.single_tenant:  # no keys to check against: refuse rather than expose
                 raise Unauthenticated("metrics_require_key is set but the server has no keys file")
             sidecar.keys.authenticate(authorization)
-        return Response(generate_latest(sidecar.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # Rendered off the event loop: a few thousand series take tens of ms (prometheus_client is thread-safe).
+        body = await asyncio.to_thread(generate_latest, sidecar.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/sessions", response_model=SessionList, summary="The caller's sessions")
     async def list_sessions(caller: Caller) -> SessionList:

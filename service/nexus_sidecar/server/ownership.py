@@ -16,13 +16,12 @@ close that did not happen is reported as such.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Protocol
 
 from nexus_sidecar.server.metrics import Metrics
-from nexus_sidecar.server.stores import Fenced, StateStore, StoredState, StoreUnavailable
+from nexus_sidecar.server.stores import Fenced, StateStore, StoredState, StoreUnavailable, bounded
 
 log = logging.getLogger("nexus_sidecar.ownership")
 
@@ -62,8 +61,8 @@ class Ownership:
         try:
             # Bounded well below the store timeout, and skipped for a while after a failure: a hung
             # store must not stall every step by its socket timeout.
-            current = await asyncio.wait_for(self.store.epochs(tenant, [s.session_id for s in sessions]),
-                                             self.fence_timeout_s)
+            async with bounded(self.fence_timeout_s):  # cut short: outcome "unavailable", not "error"
+                current = await self.store.epochs(tenant, [s.session_id for s in sessions])
         except (StoreUnavailable, TimeoutError) as exc:
             if isinstance(exc, TimeoutError):
                 self.metrics.degraded.set(1)

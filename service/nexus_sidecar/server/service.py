@@ -27,7 +27,7 @@ from nexus_sidecar.engine import POLICIES, PolicyConfig
 from nexus_sidecar.server import codec
 from nexus_sidecar.server.auth import KeyRing, Principal
 from nexus_sidecar.server.errors import Draining, InvalidArgument, forget_frames, to_status
-from nexus_sidecar.server.metrics import Metrics
+from nexus_sidecar.server.metrics import UNAUTHENTICATED, Metrics
 from nexus_sidecar.server.sessions import SessionManager
 
 T = TypeVar("T")
@@ -78,7 +78,7 @@ class EvictionServicer(pb_grpc.EvictionServiceServicer):
                     body: Callable[[Principal], Awaitable[T]]) -> T:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
-        tenant = "unauthenticated"
+        tenant = UNAUTHENTICATED
         try:
             metadata = dict(context.invocation_metadata() or ())
             principal = self.keys.authenticate(metadata.get("authorization"))
@@ -110,6 +110,7 @@ class EvictionServicer(pb_grpc.EvictionServiceServicer):
             return None  # type: ignore[return-value]  # grpc sends the status, not a message
         finally:
             self.metrics.request_seconds.labels(rpc, code.name).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(rpc, code.name).inc()
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
         remaining = context.time_remaining()

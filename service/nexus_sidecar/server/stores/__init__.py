@@ -1,6 +1,8 @@
 """Durable session-state stores: in-process memory (default) and Redis (standalone/Cluster)."""
 
 from nexus_sidecar.server.stores.base import (
+    ANSWERED,
+    OUTCOMES,
     Fenced,
     InvalidId,
     OnOp,
@@ -8,12 +10,15 @@ from nexus_sidecar.server.stores.base import (
     StoredState,
     StoreError,
     StoreUnavailable,
+    bounded,
     validate_id,
 )
 from nexus_sidecar.server.stores.memory import MemoryStore
 from nexus_sidecar.server.stores.redis_store import RedisStore
 
 __all__ = [
+    "ANSWERED",
+    "OUTCOMES",
     "Fenced",
     "InvalidId",
     "MemoryStore",
@@ -23,5 +28,6 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "StoredState",
+    "bounded",
     "validate_id",
 ]

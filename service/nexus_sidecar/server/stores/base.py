@@ -12,16 +12,20 @@ delta; a full put drops it. A delta is refused unless the stored full blob is th
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 __all__ = [
+    "ANSWERED",
     "MAX_ID_LENGTH",
     "MAX_STEP",
+    "OUTCOMES",
     "Fenced",
     "InvalidId",
     "OnOp",
@@ -29,6 +33,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "StoredState",
+    "bounded",
     "observe",
     "validate_id",
     "validate_step",
@@ -38,10 +43,33 @@ MAX_ID_LENGTH = 128
 # Steps travel as uint64 on the wire but are stored and compared as signed 64-bit values.
 MAX_STEP = (1 << 63) - 1
 
-# Observer of store operations: ``on_op(op, seconds, outcome)`` with op one of get/put/delete/
-# list/ping and outcome one of "ok", "miss" (get found nothing), "conflict" (CAS refused),
-# "unavailable" or "error". The server maps it to Prometheus; the store never imports it.
+# Observer of store operations: ``on_op(op, seconds, outcome)``. The server maps it to Prometheus
+# (server/metrics.py); the store never imports it. ``OUTCOMES`` lists every outcome each op reports:
+#   ok             done
+#   miss           get/claim found no stored state
+#   conflict       put refused by the CAS: the store holds a newer (or the same) step written by
+#                  another writer (another epoch, or no epoch check)
+#   conflict_self  put met its own earlier write of this step under this epoch (a command retried
+#                  after a timeout that Redis had executed): reported, and the put counts as written
+#   base           a delta refused because the stored full checkpoint is not its base
+#   fenced         put refused because another replica holds a newer owner epoch (Fenced raised)
+#   unavailable    the store could not be reached, or did not answer within a ``bounded`` deadline
+#   cancelled      the caller gave up for another reason (e.g. its RPC was cancelled): nothing known
+#   error          anything else (a request the store rejected, a bug)
 OnOp = Callable[[str, float, str], None]
+_COMMON = ("ok", "unavailable", "cancelled", "error")
+OUTCOMES: dict[str, tuple[str, ...]] = {
+    "get": ("ok", "miss", *_COMMON[1:]),
+    "put": ("ok", "conflict", "conflict_self", "base", "fenced", *_COMMON[1:]),
+    "delete": _COMMON,
+    "claim": ("ok", "miss", *_COMMON[1:]),
+    "epochs": _COMMON,
+    "list": _COMMON,
+    "ping": _COMMON,
+}
+# Outcomes that prove the store answered (what clears ``nexus_degraded``).
+ANSWERED = frozenset({"ok", "miss", "conflict", "conflict_self", "base", "fenced"})
+_DEADLINE: ContextVar[asyncio.Timeout | None] = ContextVar("nexus_store_deadline", default=None)
 
 
 class StoreError(Exception):
@@ -90,7 +118,9 @@ class StateStore(Protocol):
                   base: int | None = None) -> bool:
         """Store ``blob`` at ``step`` iff nothing is stored or the stored step is < ``step``.
 
-        Returns False on a CAS conflict (stored step >= ``step``): the stored state is untouched.
+        Returns False on a CAS conflict (stored step >= ``step``): the stored state is untouched;
+        True (outcome ``conflict_self``) when the stored step is ``step`` under this ``epoch``: this
+        writer's own earlier write of it (a command retried after a timeout that had executed).
         With ``epoch``, raises :class:`Fenced` (and writes nothing) unless it is the session's
         current owner epoch. With ``base``, ``blob`` is a delta against the full blob stored at step
         ``base``: False (nothing written) unless that full blob is the stored one.
@@ -158,19 +188,45 @@ def validate_step(step: int) -> int:
     return step
 
 
+@asynccontextmanager
+async def bounded(seconds: float) -> AsyncIterator[None]:
+    """Bound the store operations awaited in the body by ``seconds`` (raises ``TimeoutError``).
+
+    The operation cut short is reported with outcome ``unavailable``: a store that does not answer
+    within the caller's deadline is unreachable for that caller. (``asyncio.wait_for`` would cancel
+    it like any other cancellation, and the operation could not tell a timeout from a caller that
+    went away.)
+    """
+    async with asyncio.timeout(seconds) as deadline:
+        token = _DEADLINE.set(deadline)
+        try:
+            yield
+        finally:
+            _DEADLINE.reset(token)
+
+
 @contextmanager
 def observe(on_op: OnOp | None, op: str) -> Iterator[list[str]]:
     """Time one operation and report it to ``on_op``.
 
-    Yields a one-element list holding the outcome ("ok" by default) that the body may change to
-    "miss" or "conflict"; an exception sets "unavailable" or "error" and propagates.
+    Yields a one-element list holding the outcome ("ok" by default) that the body may change (see
+    ``OnOp``). Exceptions propagate: :class:`Fenced` reports "fenced", :class:`StoreUnavailable`
+    "unavailable", a cancellation "unavailable" when a :func:`bounded` deadline expired (else
+    "cancelled"), anything else "error".
     """
     outcome = ["ok"]
     start = time.perf_counter()
     try:
         yield outcome
+    except Fenced:
+        outcome[0] = "fenced"
+        raise
     except StoreUnavailable:
         outcome[0] = "unavailable"
+        raise
+    except asyncio.CancelledError:
+        deadline = _DEADLINE.get()
+        outcome[0] = "unavailable" if deadline is not None and deadline.expired() else "cancelled"
         raise
     except BaseException:
         outcome[0] = "error"

@@ -10,6 +10,8 @@
 -- ARGV[5]  "" for a full checkpoint; else the step of the full checkpoint the delta applies to
 --
 -- Returns {1, step} when written, {0, stored_step} when refused (stored step >= incoming),
+-- {2, step} when refused because this very step is stored under the writer's own epoch (its own
+-- earlier write: a command the client retried after a timeout although Redis had executed it),
 -- {-2, stored_full} when a delta's full checkpoint is not the stored one (or none is stored:
 -- a delta never brings back a closed session), {-1, stored_epoch} when fenced (another replica
 -- claimed the session: a newer epoch).
@@ -25,8 +27,9 @@ local function step_lt(a, b)
 end
 
 local ttl = tonumber(ARGV[3])
+local epoch = false
 if ARGV[4] ~= '' then
-  local epoch = redis.call('HGET', KEYS[1], 'epoch')
+  epoch = redis.call('HGET', KEYS[1], 'epoch')
   if epoch and epoch ~= ARGV[4] then
     return {-1, epoch}
   end
@@ -35,6 +38,9 @@ local stored = redis.call('HGET', KEYS[1], 'step')
 if stored and not step_lt(stored, ARGV[1]) then
   if ttl > 0 then
     redis.call('PEXPIRE', KEYS[1], ttl)
+  end
+  if epoch and stored == ARGV[1] then
+    return {2, stored}
   end
   return {0, stored}
 end

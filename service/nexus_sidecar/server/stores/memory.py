@@ -111,6 +111,9 @@ class MemoryStore:
             if current is not None and current.step >= step:
                 # Same sliding-TTL rule as Redis: a put touches the entry even when refused.
                 self._data[key] = (current, self._deadline())
+                if current.step == step and epoch is not None and owner == epoch:
+                    outcome[0] = "conflict_self"  # this writer's own earlier write of this step
+                    return True
                 outcome[0] = "conflict"
                 return False
             if base is not None:
@@ -147,8 +150,9 @@ class MemoryStore:
 
     async def epochs(self, tenant: str, session_ids: list[str]) -> list[int | None]:
         """The current owner epoch of each session."""
-        self._check_open()
-        return [self._epochs.get((tenant, sid)) for sid in session_ids]
+        with observe(self._on_op, "epochs"):
+            self._check_open()
+            return [self._epochs.get((tenant, sid)) for sid in session_ids]
 
     async def list(self, tenant: str) -> list[str]:
         """Sorted session ids with live state for ``tenant``."""

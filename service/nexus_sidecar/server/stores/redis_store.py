@@ -216,6 +216,9 @@ class RedisStore:
             if int(written) == -1:
                 outcome[0] = "fenced"
                 raise Fenced(f"session {session_id!r} is owned by epoch {int(stored)}, this writer holds {epoch}")
+            if int(written) == 2:
+                outcome[0] = "conflict_self"  # our own earlier write of this step (a retried command)
+                return True
             if int(written) == -2:
                 outcome[0] = "base"  # the delta's full checkpoint is not the stored one
                 return False
