@@ -217,8 +217,8 @@ class PolicyRun:
         self.held_at_call.append(max(cache_lengths(cache)))
         if self._pool is not None:
             call_slots = [s.clone() for s in slots]
-            self._inflight = _InFlight(self._pool.submit(self.backend.step, self.session, tensors), call_slots,
-                                       time.perf_counter())
+            self._inflight = _InFlight(self._pool.submit(self._step_on_thread, tensors, torch.is_inference_mode_enabled()),
+                                       call_slots, time.perf_counter())
             return evicted
         t0 = time.perf_counter()
         decision = self.backend.step(self.session, tensors)
@@ -226,6 +226,12 @@ class PolicyRun:
         rows, evicted = self._checked(decision, slots)
         self._apply(cache, slots, rows, evicted)
         return evicted
+
+    def _step_on_thread(self, tensors: StepTensors, inference: bool) -> StepDecision:
+        # Inference mode is thread-local: an in-process engine whose state was made under it must
+        # keep running under it (in-place updates of inference tensors are refused outside it).
+        with torch.inference_mode(inference):
+            return self.backend.step(self.session, tensors)
 
     def drain(self, cache: Any, slots: list[torch.Tensor]) -> list[list[int]]:
         """Apply the answer in flight now (waiting for it); returns what it evicted (nothing when
