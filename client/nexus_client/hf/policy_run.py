@@ -217,8 +217,8 @@ class PolicyRun:
         self.held_at_call.append(max(cache_lengths(cache)))
         if self._pool is not None:
             call_slots = [s.clone() for s in slots]
-            self._inflight = _InFlight(self._pool.submit(self._step_on_thread, tensors, torch.is_inference_mode_enabled()),
-                                       call_slots, time.perf_counter())
+            future = self._pool.submit(self._step_on_thread, tensors, torch.is_inference_mode_enabled())
+            self._inflight = _InFlight(future, call_slots, time.perf_counter())
             return evicted
         t0 = time.perf_counter()
         decision = self.backend.step(self.session, tensors)
