@@ -7,11 +7,13 @@ summary to the backend, checks the answer against the cache (the keep mask must 
 call's slots and agree with the evicted positions) and cuts the evicted slots out of every layer
 (:func:`~nexus_client.hf.cache_surgery.apply_keep_mask`) and out of the caller's slot lists.
 
-**Pipelined** (``pipeline=True``): call t is sent on a background thread and the worker goes on
-decoding; answer t is applied right before call t + 1 is built (waiting for it only if it has not
-arrived). The k tokens decoded meanwhile attended to the slots answer t evicts: their summary is
-computed over the cache *before* the cut and the evicted columns are then dropped (``retain``), so
-they keep the mass they paid to the survivors. The wire does not change: call t + 1 is built after
+**Pipelined** (``pipeline=True``): call t is summarised and sent on a background thread and the
+worker goes on decoding; answer t is applied right before call t + 1 is built (waiting for it only
+if it has not arrived). The k tokens decoded meanwhile attended to the slots answer t evicts: their
+summary is computed over the keys *before* the cut (the cache's tensors are replaced, never written
+in place, so the references stay valid) with the evicted columns dropped (``retain``), so they keep
+the mass they paid to the survivors. The summary's cost leaves the decode thread too.
+The wire does not change: call t + 1 is built after
 answer t, so it carries the retained count and checksum after answer t. Depth is therefore 1 (a
 second call in flight would need answer t's count before it exists). The backend runs on the
 thread unchanged, so a remote backend's deadlines, retries, resync and local fallback behave as in
@@ -130,16 +132,18 @@ class PolicyRun:
                     raise ValueError(f"slots[{g}]: the last {q} slots are not the new positions")
         self._queries = queries if self._queries is None else self._queries.cat(queries)
 
-    def _summary(self, cache: Any, slots: list[torch.Tensor], kind: str,
-                 retain: list[torch.Tensor] | None) -> StepTensors:
+    def _take_queries(self) -> ForwardQueries:
         if self._queries is None:
             raise RuntimeError("no new tokens added since the last policy call")
+        queries, self._queries = self._queries, None
+        return queries
+
+    def _summary(self, queries: ForwardQueries, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 slots: list[torch.Tensor], kind: str, retain: list[torch.Tensor] | None) -> StepTensors:
         t0 = time.perf_counter()
-        keys, values = cache_kv(cache)
-        step = summarize(self._queries.queries, keys, values, slots, scaling=self._queries.scaling,
-                         groups=self.groups, fanout=self.fanout, window=self.window, head_reduce=self.head_reduce,
-                         priors=self.priors, retain=retain, call=kind)  # fmt: skip
-        self._queries = None
+        step = summarize(queries.queries, keys, values, slots, scaling=queries.scaling, groups=self.groups,
+                         fanout=self.fanout, window=self.window, head_reduce=self.head_reduce, priors=self.priors,
+                         retain=retain, call=kind)  # fmt: skip
         self.summary_seconds += time.perf_counter() - t0
         return step
 
@@ -203,34 +207,43 @@ class PolicyRun:
         """
         if len(slots) != self.groups:
             raise ValueError(f"slots: expected {self.groups} groups, got {len(slots)}")
+        queries = self._take_queries()
+        # The cache's tensors are never written in place (transformers appends and cuts by making new
+        # tensors), so these references keep the keys the pending queries saw, whatever happens next.
+        keys, values = cache_kv(cache)
+        if self._pool is None:
+            tensors = self._summary(queries, keys, values, slots, kind, None)
+            t0 = time.perf_counter()
+            decision = self.backend.step(self.session, tensors)
+            self.seconds += time.perf_counter() - t0
+            rows, evicted = self._checked(decision, slots)
+            self._apply(cache, slots, rows, evicted)
+            self.calls += 1
+            self.held_at_call.append(max(cache_lengths(cache)))
+            return evicted
         evicted: list[list[int]] = [[] for _ in range(self.groups)]
         retain = None
-        rows: list[torch.Tensor] = []
+        summary_slots = [s.clone() for s in slots]
         if self._inflight is not None:
             flight, decision = self._collect()
-            rows, evicted = self._checked(decision, flight.slots)
-            retain = rows
-        tensors = self._summary(cache, slots, kind, retain)
-        if retain is not None:
-            self._apply(cache, slots, rows, evicted)
+            retain, evicted = self._checked(decision, flight.slots)
+            self._apply(cache, slots, retain, evicted)
         self.calls += 1
         self.held_at_call.append(max(cache_lengths(cache)))
-        if self._pool is not None:
-            call_slots = [s.clone() for s in slots]
-            future = self._pool.submit(self._step_on_thread, tensors, torch.is_inference_mode_enabled())
-            self._inflight = _InFlight(future, call_slots, time.perf_counter())
-            return evicted
-        t0 = time.perf_counter()
-        decision = self.backend.step(self.session, tensors)
-        self.seconds += time.perf_counter() - t0
-        rows, evicted = self._checked(decision, slots)
-        self._apply(cache, slots, rows, evicted)
+        # The summary (over the keys before the cut, minus the cut slots) and the backend call run on
+        # the background thread: the decode goes on at once.
+        future = self._pool.submit(self._step_on_thread, queries, keys, values, summary_slots, kind, retain,
+                                   torch.is_inference_mode_enabled())
+        self._inflight = _InFlight(future, [s.clone() for s in slots], time.perf_counter())
         return evicted
 
-    def _step_on_thread(self, tensors: StepTensors, inference: bool) -> StepDecision:
+    def _step_on_thread(self, queries: ForwardQueries, keys: list[torch.Tensor], values: list[torch.Tensor],
+                        slots: list[torch.Tensor], kind: str, retain: list[torch.Tensor] | None,
+                        inference: bool) -> StepDecision:
         # Inference mode is thread-local: an in-process engine whose state was made under it must
         # keep running under it (in-place updates of inference tensors are refused outside it).
         with torch.inference_mode(inference):
+            tensors = self._summary(queries, keys, values, slots, kind, retain)
             return self.backend.step(self.session, tensors)
 
     def drain(self, cache: Any, slots: list[torch.Tensor]) -> list[list[int]]:

@@ -217,8 +217,12 @@ def summary_rows(s: WorkerBenchSettings, model: Any) -> list[dict[str, Any]]:
 
 def run(s: WorkerBenchSettings, progress: bool = True, threads: int = 1) -> dict[str, Any]:
     """Both parts; returns the payload (``rows``: decode steps, ``summary_cost``: per call)."""
+    import signal
+
     from nexus_client.hf import load_model
 
+    # A SIGTERM unwinds like an exception, so the sidecar subprocess and the proxy are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     loaded = load_model(s.model)
