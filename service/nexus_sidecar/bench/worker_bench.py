@@ -87,8 +87,12 @@ def dense_steps(model: Any, ids: list[int], new_tokens: int) -> list[float]:
 
 
 def _decode_row(mode: str, model: Any, ids: list[int], backend: Any, k: int, delay_ms: int,
-                s: WorkerBenchSettings, dense_ms: float) -> dict[str, Any]:
+                s: WorkerBenchSettings) -> dict[str, Any]:
     from nexus_client.hf import generate
+
+    # A dense run right before each row: on a shared machine the forward's speed drifts by tens of
+    # percent within minutes, so each row is compared with its own neighbour.
+    dense_ms = 1000 * statistics.fmean(dense_steps(model, ids, s.new_tokens))
 
     cfg = dict(policy=s.policy, budget=s.budget, slack=k, sinks=4, recent=16, groups=1, seed=0, **s.extra)
     res = generate(model, None, ids, backend, cfg, max_new_tokens=s.new_tokens, every_k=k, chunk_size=s.chunk,
@@ -99,9 +103,11 @@ def _decode_row(mode: str, model: Any, ids: list[int], backend: Any, k: int, del
     step_ms = 1000 * statistics.fmean(steps)
     held = max(t["cache_at_call"], default=0)
     peak = max((size for step, size in res.cache_sizes_over_time if step >= 0), default=0)
+    forward_ms = 1000 * statistics.fmean(t["forward_steps"])
     return {"mode": mode, "k": k, "delay_ms": delay_ms, "step_ms": round(step_ms, 2),
-            "vs_dense": round(step_ms / dense_ms, 3), "median_step_ms": round(1000 * statistics.median(steps), 2),
-            "forward_ms": round(1000 * statistics.fmean(t["forward_steps"]), 2),
+            "vs_dense": round(step_ms / dense_ms, 3), "dense_ms": round(dense_ms, 2),
+            "overhead_ms": round(step_ms - forward_ms, 2), "median_step_ms": round(1000 * statistics.median(steps), 2),
+            "forward_ms": round(forward_ms, 2),
             "call_ms": round(1000 * statistics.median(calls), 2) if calls else None,
             "wait_ms_total": round(1000 * t["wait_s"], 1), "decode_calls": len(calls),
             "held_at_call_max": held, "peak_cache": peak, "bound": s.budget + k + k}  # fmt: skip
@@ -128,7 +134,7 @@ def decode_rows(s: WorkerBenchSettings, model: Any, tok: Any, progress: bool) ->
                   f"({row['vs_dense']:.2f}x dense)", file=sys.stderr)
 
     for k in s.ks:
-        note(_decode_row("local", model, ids, LocalBackend(), k, 0, s, dense_ms))
+        note(_decode_row("local", model, ids, LocalBackend(), k, 0, s))
     with sidecar_process("--store", "memory", "--device", "cpu", "--max-delay-us", "0",
                          "--torch-threads", "1") as proc:
         for delay in s.delays_ms:
@@ -136,7 +142,7 @@ def decode_rows(s: WorkerBenchSettings, model: Any, tok: Any, progress: bool) ->
                 for k in s.ks:
                     for mode in ("blocking", "pipelined"):
                         with RemoteBackend(proxy.target, session_prefix=f"bench-{mode}-{k}-{delay}") as rb:
-                            note(_decode_row(mode, model, ids, rb, k, delay, s, dense_ms))
+                            note(_decode_row(mode, model, ids, rb, k, delay, s))
     return rows, dense_ms
 
 
@@ -241,7 +247,7 @@ def table(payload: dict[str, Any]) -> str:
             f"thread(s)); prompt {st['prompt_tokens']}, {st['new_tokens']} new tokens, budget {st['budget']}, "
             f"slack k; remote = serve subprocess behind a loopback proxy holding each response delay_ms. "
             f"Means of one run ({payload['seconds']} s).")
-    t1 = markdown_table(payload["rows"], ["mode", "k", "delay_ms", "step_ms", "vs_dense", "median_step_ms",
+    t1 = markdown_table(payload["rows"], ["mode", "k", "delay_ms", "step_ms", "dense_ms", "vs_dense", "overhead_ms",
                                           "call_ms", "wait_ms_total", "decode_calls", "held_at_call_max",
                                           "peak_cache"])
     t2 = markdown_table(payload["summary_cost"], ["cached", "k", "decode_forward_ms", "eager_forward_ms", "qkv_ms",
