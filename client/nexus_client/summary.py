@@ -41,7 +41,7 @@ import torch
 
 from nexus_client.wire import PRIORS
 
-__all__ = ["PRIORS", "HeadReduce", "StepTensors", "layer_priors", "slot_priors", "summarize"]
+__all__ = ["PRIORS", "HeadReduce", "StepTensors", "layer_priors", "slot_norms", "slot_priors", "summarize"]
 
 HeadReduce = Literal["mean", "max"]
 DEFAULT_TILE_ELEMS = 1 << 22  # floats in one [heads, tq, tk] score tile: 16 MiB in float32
@@ -149,6 +149,7 @@ def summarize(
     exclude_self: bool = True,
     call: str = "unspecified",
     tile_elems: int = DEFAULT_TILE_ELEMS,
+    norms: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> StepTensors:
     """The summary of one policy call over the ``q`` new tokens of every layer.
 
@@ -166,7 +167,10 @@ def summarize(
     only the last ``window`` queries (``None``: all). ``retain[g]``: bool ``[L_g - q]`` (pipelined
     workers): the older slots an answer applied late keeps; the others are cut from ``attn``,
     ``last``, the edges and the priors (no renormalisation), and the summary covers the retained
-    slots, then the new ones. Returns a :class:`StepTensors` on the CPU (float32 / int64).
+    slots, then the new ones. ``norms[l]``: the layer's ``(|k|, |v|)`` ``[Hkv, L_l]`` of every slot
+    (:func:`slot_norms`) when the worker keeps them between calls (they never change for a slot):
+    the priors then read neither the values nor a norm of the old keys. Returns a
+    :class:`StepTensors` on the CPU (float32 / int64).
     """
     _check_layers(queries, keys, groups)
     if head_reduce not in ("mean", "max"):
@@ -179,8 +183,11 @@ def summarize(
         raise ValueError(f"scaling: must be > 0, got {scaling}")
     if tile_elems < 1:
         raise ValueError(f"tile_elems: must be >= 1, got {tile_elems}")
-    if priors and (values is None or len(values) != len(keys)):
+    if priors and norms is None and (values is None or len(values) != len(keys)):
         raise ValueError("values: one tensor per layer is needed for the priors")
+    if norms is not None and (len(norms) != len(keys) or any(
+            n[0].shape != k.shape[:2] or n[1].shape != k.shape[:2] for n, k in zip(norms, keys, strict=True))):
+        raise ValueError("norms: one (|k|, |v|) pair of [Hkv, L] per layer, matching the keys")
     if len(slot_positions) != groups:
         raise ValueError(f"slot_positions: one tensor per group ({groups}), got {len(slot_positions)}")
     if retain is not None and len(retain) != groups:
@@ -265,59 +272,88 @@ def summarize(
     step = StepTensors(new_positions=new_positions, attn=attn, last=last_t, edge_pos=torch.stack(e_pos),
                        edge_w=torch.stack(e_w), call=call)
     if priors:
-        assert values is not None
-        if retain is not None:
-            sel = [kept_idx[0 if groups == 1 else li].to(device) for li in range(n_layers)]
-            ks = [k.index_select(1, s) for k, s in zip(keys, sel, strict=True)]
-            vs = [v.index_select(1, s) for v, s in zip(values, sel, strict=True)]
-        else:
-            ks, vs = list(keys), list(values)
-        step.priors = {name: t[:, :width].cpu() for name, t in slot_priors(ks, vs, groups).items()}
+        sel = None if retain is None else [kept_idx[0 if groups == 1 else li].to(device) for li in range(n_layers)]
+        pri = slot_priors(list(keys), None if values is None else list(values), groups, norms=norms, keep=sel)
+        step.priors = {name: t[:, :width].cpu() for name, t in pri.items()}
     return step
 
 
-def layer_priors(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def slot_norms(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(|k|, |v|)`` ``[Hkv, L]`` float32 of one layer's slots: per-slot constants a worker may keep
+    between calls (only new slots need computing) and pass to :func:`summarize` as ``norms``."""
+    dtype = torch.promote_types(keys.dtype, torch.float32)
+    return torch.linalg.vector_norm(keys.to(dtype), dim=-1), torch.linalg.vector_norm(values.to(dtype), dim=-1)
+
+
+def layer_priors(keys: torch.Tensor, values: torch.Tensor | None, *, k_norm: torch.Tensor | None = None,
+                 v_norm: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """float32 ``[3, L]``: key diversity, key norm and value norm of one layer's slots, head-averaged.
 
     ``keys``/``values``: ``[Hkv, L, D]`` (or ``[1, Hkv, L, D]``, one sequence), RoPE applied.
     ``key_diversity`` is the negated cosine of a slot's key to the mean unit key of the layer's
     slots (kvpress's KeyDiff score), in [-1, 1]; then ``|k|`` (kvpress's Knorm) and ``|v|``.
     Computed in float32 (float64 kept) so a bf16 cache does not round distinct scores together.
+    ``k_norm``/``v_norm`` ``[Hkv, L]``: the slots' norms when the caller keeps them (``values`` is
+    then not read); ``keep``: int64 indices of the slots to score (the others are left out of the
+    mean unit key too), without copying the keys.
     """
     if keys.dim() == 4:
-        if keys.shape[0] != 1 or values.dim() != 4 or values.shape[0] != 1:
-            raise ValueError(f"expected keys/values [1, Hkv, L, D] of one sequence, got {tuple(keys.shape)} / "
-                             f"{tuple(values.shape)}")
-        keys, values = keys[0], values[0]
-    if keys.dim() != 3 or values.shape[:2] != keys.shape[:2]:
-        raise ValueError(f"expected keys/values [Hkv, L, D], got {tuple(keys.shape)} / {tuple(values.shape)}")
+        if keys.shape[0] != 1 or (values is not None and (values.dim() != 4 or values.shape[0] != 1)):
+            raise ValueError(f"expected keys/values [1, Hkv, L, D] of one sequence, got {tuple(keys.shape)}")
+        keys, values = keys[0], None if values is None else values[0]
+    if keys.dim() != 3 or (values is not None and values.shape[:2] != keys.shape[:2]):
+        raise ValueError(f"expected keys/values [Hkv, L, D], got {tuple(keys.shape)} / "
+                         f"{None if values is None else tuple(values.shape)}")
     dtype = torch.promote_types(keys.dtype, torch.float32)
     k = keys.to(dtype)  # [H, L, D]
-    k_norm = torch.linalg.vector_norm(k, dim=-1)  # [H, L]
+    if k_norm is None:
+        k_norm = torch.linalg.vector_norm(k, dim=-1)  # [H, L]
+    if v_norm is None:
+        if values is None:
+            raise ValueError("values: needed when v_norm is not given")
+        v_norm = torch.linalg.vector_norm(values.to(dtype), dim=-1)
+    inv = 1.0 / k_norm.clamp(min=_EPS)
+    count = k.shape[1] if keep is None else int(keep.numel())
+    if keep is not None:  # the dropped slots weigh nothing in the mean unit key
+        inv = torch.zeros_like(inv).index_copy_(1, keep, inv.index_select(1, keep))
     # Mean unit key and every key's dot with it as two batched mat-vec products (no [H, L, D]
     # temporary of unit keys; measured ~1.5x faster than dividing the keys first).
-    anchor = torch.bmm((1.0 / k_norm.clamp(min=_EPS)).unsqueeze(1), k).squeeze(1) / max(k.shape[1], 1)  # [H, D]
+    anchor = torch.bmm(inv.unsqueeze(1).to(dtype), k).squeeze(1) / max(count, 1)  # [H, D]
     dot = torch.bmm(k, anchor.unsqueeze(-1)).squeeze(-1)  # [H, L]
+    if keep is not None:
+        dot, k_norm, v_norm = dot.index_select(1, keep), k_norm.index_select(1, keep), v_norm.index_select(1, keep)
     cos = dot / (k_norm * torch.linalg.vector_norm(anchor, dim=-1, keepdim=True)).clamp(min=_EPS)
     # Rounding can put |cos| a hair above 1; the engine rejects values outside [-1, 1].
     diversity = (-cos).clamp(-1.0, 1.0)
-    v_norm = torch.linalg.vector_norm(values.to(dtype), dim=-1)
     return torch.stack([diversity.mean(0), k_norm.mean(0), v_norm.mean(0)]).to(torch.float32)
 
 
-def slot_priors(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], groups: int) -> dict[str, torch.Tensor]:
+def slot_priors(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor] | None, groups: int, *,
+                norms: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                keep: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The three priors of every slot: ``{name: float32 [groups, L_max]}`` on the keys' device.
 
     ``keys[l]``/``values[l]``: ``[Hkv, L_l, D]`` per layer (a layer holding nothing may pass an
     empty tensor). ``groups=1`` averages over all layers (which must hold the same slots);
     ``groups=num_layers`` gives one row per layer, right-padded with zeros like ``attn``.
+    ``norms[l]``: the layer's ``(|k|, |v|)`` (:func:`slot_norms`) when the caller keeps them;
+    ``keep[l]``: int64 indices of the slots to score.
     """
-    if len(keys) != len(values) or not keys:
-        raise ValueError(f"keys and values: one tensor per layer, got {len(keys)} and {len(values)}")
+    if not keys or (values is not None and len(keys) != len(values)):
+        raise ValueError(f"keys and values: one tensor per layer, got {len(keys)} and "
+                         f"{None if values is None else len(values)}")
+    if values is None and norms is None:
+        raise ValueError("values: needed when norms are not given")
     if groups not in (1, len(keys)):
         raise ValueError(f"groups: must be 1 (shared) or the {len(keys)} layers (per layer), got {groups}")
-    per_layer = [layer_priors(k, v) if k.numel() else torch.zeros(3, 0, device=k.device)
-                 for k, v in zip(keys, values, strict=True)]
+    per_layer = []
+    for i, k in enumerate(keys):
+        if not k.numel():
+            per_layer.append(torch.zeros(3, 0, device=k.device))
+            continue
+        kn, vn = (None, None) if norms is None else norms[i]
+        per_layer.append(layer_priors(k, None if values is None else values[i], k_norm=kn, v_norm=vn,
+                                      keep=None if keep is None else keep[i]))
     lengths = [int(p.shape[1]) for p in per_layer]
     if groups == 1:
         if len(set(lengths)) > 1:

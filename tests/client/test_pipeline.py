@@ -194,3 +194,54 @@ def test_cli_generate_pipelined_against_a_slow_sidecar(sidecar: SidecarProc, cap
             outs.append(out)
     calls = [int(o.split("policy calls ")[1].split()[0]) for o in outs]
     assert calls[0] > 3 and calls[1] >= calls[0]  # blocking also calls early once over budget + slack
+
+
+class _Priors(LocalBackend):
+    """The in-process engine, keeping the priors every call carried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.priors: list[dict[str, torch.Tensor]] = []
+
+    def step(self, session: Any, tensors: Any) -> Any:
+        self.priors.append(tensors.priors)
+        return super().step(session, tensors)
+
+
+@pytest.mark.parametrize("groups", [1, 2], ids=["shared", "per-layer"])
+@pytest.mark.parametrize("pipeline", [False, True], ids=["blocking", "pipelined"])
+@torch.inference_mode()
+def test_kept_slot_norms_give_the_priors_of_a_fresh_computation(tiny: Any, groups: int, pipeline: bool) -> None:
+    """PolicyRun keeps |k| and |v| of the slots between calls (computing only new slots'); the
+    priors each call sends equal slot_priors over the slots the call covers, computed from scratch."""
+    from nexus_client.hf.capture import cache_kv
+    from nexus_client.summary import slot_priors
+    from transformers import DynamicCache
+
+    rec = QueryRecorder(len(attention_modules(tiny)))
+    cache = DynamicCache(config=tiny.config)
+    slots = [torch.empty(0, dtype=torch.int64) for _ in range(groups)]
+    backend = _Priors()
+    expected = []
+    ids = torch.tensor(PROMPT)
+    with capture_queries(tiny, rec):
+        run = PolicyRun(backend, {**_cfg(4, groups), "policy": "keydiff"}, pipeline=pipeline)
+        nxt = 0
+        for piece in [*ids.split(CHUNK), *torch.arange(3, 15).split(4)]:
+            pos = torch.arange(nxt, nxt + piece.numel())
+            tiny(input_ids=piece[None], position_ids=pos[None], past_key_values=cache, use_cache=True)
+            for g in range(groups):
+                slots[g] = torch.cat([slots[g], pos])
+            run.add(rec.take(), pos, slots)
+            nxt += piece.numel()
+            if not pipeline:  # blocking: the call covers the cache as it is now
+                expected.append(slot_priors(*cache_kv(cache), groups))
+            run.call(cache, slots, "context")
+            if pipeline:  # pipelined: the retained slots after the previous answer, then the new ones
+                expected.append(slot_priors(*cache_kv(cache), groups))
+        run.close()
+    assert len(backend.priors) == len(expected) == run.calls and run.evicted > 0
+    for got, want in zip(backend.priors, expected, strict=True):
+        for name, t in want.items():
+            width = got[name].shape[1]
+            assert torch.allclose(got[name], t[:, :width].cpu(), atol=1e-5), name

@@ -41,7 +41,7 @@ import torch
 from nexus_client.hf.backends import PolicyBackend, StepDecision
 from nexus_client.hf.cache_surgery import apply_keep_mask, cache_lengths
 from nexus_client.hf.capture import ForwardQueries, cache_kv
-from nexus_client.summary import HeadReduce, StepTensors, summarize
+from nexus_client.summary import HeadReduce, StepTensors, slot_norms, summarize
 
 PRIOR_POLICIES = ("keydiff", "knorm")  # score by a prior alone; Nexus reads one when prior_mix > 0
 
@@ -93,6 +93,9 @@ class PolicyRun:
         self.session = backend.open(self.config)
         self._queries: ForwardQueries | None = None
         self._inflight: _InFlight | None = None
+        # Per layer (|k|, |v|) of the slots the cache held at the end of the last call: constants of
+        # a slot, so a call computes them only for its new slots (the priors' main cost otherwise).
+        self._norms: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nexus-policy") if pipeline else None
         self.calls = 0
         self.evicted = 0
@@ -138,12 +141,32 @@ class PolicyRun:
         queries, self._queries = self._queries, None
         return queries
 
+    def _slot_norms(self, keys: list[torch.Tensor], values: list[torch.Tensor],
+                    new: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Every slot's (|k|, |v|): the kept ones of the last call, then the ``new`` slots' own."""
+        if not self.priors:
+            return None
+        t0 = time.perf_counter()
+        old = self._norms
+        out = []
+        for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+            length = int(k.shape[1])
+            if old is None or old[i][0].shape[1] != length - new:  # first call, or the cache changed under us
+                out.append(slot_norms(k, v))
+                continue
+            kn, vn = slot_norms(k[:, length - new :], v[:, length - new :])
+            out.append((torch.cat([old[i][0], kn], dim=1), torch.cat([old[i][1], vn], dim=1)))
+        self._norms = out
+        self.summary_seconds += time.perf_counter() - t0
+        return out
+
     def _summary(self, queries: ForwardQueries, keys: list[torch.Tensor], values: list[torch.Tensor],
-                 slots: list[torch.Tensor], kind: str, retain: list[torch.Tensor] | None) -> StepTensors:
+                 slots: list[torch.Tensor], kind: str, retain: list[torch.Tensor] | None,
+                 norms: list[tuple[torch.Tensor, torch.Tensor]] | None) -> StepTensors:
         t0 = time.perf_counter()
         step = summarize(queries.queries, keys, values, slots, scaling=queries.scaling, groups=self.groups,
                          fanout=self.fanout, window=self.window, head_reduce=self.head_reduce, priors=self.priors,
-                         retain=retain, call=kind)  # fmt: skip
+                         retain=retain, call=kind, norms=norms)  # fmt: skip
         self.summary_seconds += time.perf_counter() - t0
         return step
 
@@ -179,6 +202,13 @@ class PolicyRun:
             full.append(row)
         if any(evicted):
             apply_keep_mask(cache, full if self.groups > 1 else full[0])
+            if self._norms is not None:
+                cut = []
+                for i, (kn, vn) in enumerate(self._norms):
+                    row = full[0 if self.groups == 1 else i]
+                    idx = row[: kn.shape[1]].nonzero().squeeze(1).to(kn.device)
+                    cut.append((kn.index_select(1, idx), vn.index_select(1, idx)))
+                self._norms = cut
         self.evicted += sum(len(e) for e in evicted)
         self.surgery_seconds += time.perf_counter() - t0
 
@@ -211,8 +241,9 @@ class PolicyRun:
         # The cache's tensors are never written in place (transformers appends and cuts by making new
         # tensors), so these references keep the keys the pending queries saw, whatever happens next.
         keys, values = cache_kv(cache)
+        norms = self._slot_norms(keys, values, queries.tokens)
         if self._pool is None:
-            tensors = self._summary(queries, keys, values, slots, kind, None)
+            tensors = self._summary(queries, keys, values, slots, kind, None, norms)
             t0 = time.perf_counter()
             decision = self.backend.step(self.session, tensors)
             self.seconds += time.perf_counter() - t0
@@ -232,18 +263,18 @@ class PolicyRun:
         self.held_at_call.append(max(cache_lengths(cache)))
         # The summary (over the keys before the cut, minus the cut slots) and the backend call run on
         # the background thread: the decode goes on at once.
-        future = self._pool.submit(self._step_on_thread, queries, keys, values, summary_slots, kind, retain,
+        future = self._pool.submit(self._step_on_thread, queries, keys, values, summary_slots, kind, retain, norms,
                                    torch.is_inference_mode_enabled())
         self._inflight = _InFlight(future, [s.clone() for s in slots], time.perf_counter())
         return evicted
 
     def _step_on_thread(self, queries: ForwardQueries, keys: list[torch.Tensor], values: list[torch.Tensor],
                         slots: list[torch.Tensor], kind: str, retain: list[torch.Tensor] | None,
-                        inference: bool) -> StepDecision:
+                        norms: list[tuple[torch.Tensor, torch.Tensor]] | None, inference: bool) -> StepDecision:
         # Inference mode is thread-local: an in-process engine whose state was made under it must
         # keep running under it (in-place updates of inference tensors are refused outside it).
         with torch.inference_mode(inference):
-            tensors = self._summary(queries, keys, values, slots, kind, retain)
+            tensors = self._summary(queries, keys, values, slots, kind, retain, norms)
             return self.backend.step(self.session, tensors)
 
     def drain(self, cache: Any, slots: list[torch.Tensor]) -> list[list[int]]:
