@@ -60,7 +60,7 @@ class WorkerBenchSettings:
     @classmethod
     def quick(cls) -> WorkerBenchSettings:
         """Fewer tokens and repeats; the same grid."""
-        return cls(new_tokens=40, repeats=5)
+        return cls(new_tokens=32, repeats=3)
 
 
 def _prompt(tokenizer: Any, n: int) -> list[int]:
