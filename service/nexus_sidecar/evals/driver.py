@@ -293,7 +293,7 @@ def drive(
 
     if setting != "streaming":
         if prefix is None:
-            prefix = prefill(model, ctx.tolist())  # before capture_attention below: the two do not nest
+            prefix = prefill(model, ctx.tolist())  # before capture_queries below: the two do not nest
         elif prefix.ids != ctx.tolist():
             raise ValueError("prefix ids differ from the context")
     with capture_queries(model, recorder):
