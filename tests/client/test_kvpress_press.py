@@ -39,7 +39,7 @@ def test_nexus_press_makes_the_agnostic_settings_evictions(tiny: Any, policy: st
                 policy_config=press.policy_config(len(ctx)), window=8)  # fmt: skip
     assert res.answers[0].retained == press.kept_positions
     # Outside the `with` block the model is untouched: decoding is not compressed.
-    assert model.config._attn_implementation != "nexus_capture"
+    assert model.config._attn_implementation != "nexus_sdpa"
 
 
 def test_nexus_press_rejects_bad_settings() -> None:

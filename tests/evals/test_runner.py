@@ -269,3 +269,26 @@ def test_with_seeds_adds_seed_copies_of_sampled_policies_only() -> None:
     assert labels == ["nexus:tau=4", "nexus:seed=1:tau=4", "nexus:seed=2:tau=4", "tova", "nexus_topk", "random",
                       "random:seed=1", "random:seed=2", "nexus:seed=5", "dense"]
     assert with_seeds(specs, 1) == specs
+
+
+def test_pipelined_streaming_and_decode_hold_their_bounds_and_keep_blocking_keys(tiny: Any) -> None:
+    """--pipeline: the streaming context and the decode answer overlap one call; the question still
+    sees the compressed context; blocking runs keep the run keys they had before the knob."""
+    model, tok = tiny
+    s = _samples()[0]
+    ctx, qs = prompt_segments(tok, s, chat=False)
+    budget = round(0.2 * len(ctx))
+    cfg = {"policy": "tova", "budget": budget, "sinks": 2, "recent": 4}
+    block = drive(model, tok, ctx, qs, s.max_new_tokens, setting="streaming", backend=LocalBackend(),
+                  policy_config=cfg, chunk_size=16)  # fmt: skip
+    pipe = drive(model, tok, ctx, qs, s.max_new_tokens, setting="streaming", backend=LocalBackend(),
+                 policy_config=cfg, chunk_size=16, pipeline=True)  # fmt: skip
+    assert pipe.kept_context == block.kept_context == budget  # drained before the question
+    assert pipe.policy_calls == block.policy_calls and pipe.evicted == block.evicted
+    assert block.peak_cache <= budget + 16 < pipe.peak_cache <= budget + 2 * 16  # one chunk more in flight
+    aware_budget = round(0.2 * (len(ctx) + len(qs[0])))
+    dec = drive(model, tok, ctx, qs, 6, setting="decode", backend=LocalBackend(),
+                policy_config={**cfg, "budget": aware_budget, "slack": 0}, pipeline=True)  # fmt: skip
+    assert dec.kept_context == aware_budget and dec.answers and dec.policy_calls > len(qs)
+    assert EvalSettings(model="m").fingerprint() != EvalSettings(model="m", pipeline=True).fingerprint()
+    assert EvalSettings(model="m").fingerprint() == EvalSettings(model="m", pipeline=False).fingerprint()

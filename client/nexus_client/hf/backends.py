@@ -3,7 +3,7 @@
 A backend only needs three calls: ``open(config) -> session``, ``step(session, StepTensors) ->
 StepDecision`` and ``close(session)``. The config is a plain mapping of the engine's
 ``PolicyConfig`` fields (so a remote backend can serialise it without importing the engine), and
-the step carries the tensors of :class:`~nexus_client.hf.accumulate.StepTensors`.
+the step carries the tensors of :class:`~nexus_client.summary.StepTensors`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from nexus_client.hf.accumulate import StepTensors
+from nexus_client.summary import StepTensors
 
 
 @dataclass

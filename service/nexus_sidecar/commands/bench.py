@@ -22,6 +22,10 @@ Benchmarks. Each prints a table, and with --json PATH writes PATH, PATH.md (tabl
             default): Redis paused, killed and restarted on its AOF, a replica killed and replaced, a
             stale replica probed; every answer checked against an in-process engine, the /metrics
             view of each fault recorded (docs/operations-soak.md)
+  worker    a decoding worker's step time vs dense (SmolLM2): in-process, remote blocking and remote
+            pipelined, k = 1, 4, 16 tokens per call, the sidecar's answers held 0/20/100 ms by a
+            loopback proxy; and the summary's cost per call (q/k/v vs eager capture) at 512/2k/4k
+            cached tokens (--quick: under 10 minutes)
 """
 
 
@@ -35,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                           ("engine", "engine cost per batched call"),
                           ("service", "end-to-end gRPC service throughput/latency"),
                           ("checkpoint", "checkpoint bytes and engine-thread time, before/after"),
-                          ("soak", "tenants x workers against one serve process for a while")):
+                          ("soak", "tenants x workers against one serve process for a while"),
+                          ("worker", "decode step time vs dense: local, blocking, pipelined; summary cost")):
         q = inner.add_parser(name, help=summary)
         q.add_argument("--quick", action="store_true", help="a small grid that finishes fast (CI-adjacent)")
         q.add_argument("--json", help="write results here (plus .md and .png next to it)")
@@ -131,6 +136,12 @@ def run(args: argparse.Namespace) -> int:
                 settings.tenants, settings.workers_per_tenant, settings.window_s = 2, 1, 2.0
             payload = mod.run(settings, progress)
             table, plot = mod.table(payload), mod.plot
+    elif args.bench == "worker":
+        from nexus_sidecar.bench import worker_bench as mod
+
+        settings = mod.WorkerBenchSettings.quick() if args.quick else mod.WorkerBenchSettings()
+        payload = mod.run(settings, progress, threads=args.threads or 1)
+        table, plot = mod.table(payload), None
     elif args.bench == "checkpoint":
         from nexus_sidecar.bench import checkpoint_bench as mod
 

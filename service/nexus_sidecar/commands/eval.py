@@ -88,6 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"2 samples of {QUICK_TASKS} at 512 tokens, compression 0.8, the --quick policies "
                         "(a few minutes)")  # fmt: skip
     p.add_argument("--chunk-size", type=int, default=64, help="streaming mode: context chunk size (default 64)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="streaming and decode modes: pipelined policy calls (each answer applied right before the "
+                        "next call, the worker never waits; docs/worker.md); a separate run key")
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--recent", type=int, default=16)
     p.add_argument("--knobs", default="", help="knobs for every policy, key=value:key=value (e.g. pool=3)")
@@ -168,6 +171,8 @@ def _shard_argv(args: argparse.Namespace, log: Path, k: int, n: int) -> list[str
             "--sinks", str(args.sinks), "--recent", str(args.recent), "--device", args.device,
             "--threads", str(args.threads), "--max-new-tokens", str(args.max_new_tokens),
             "--json", str(args.json), "--runs", str(log), "--shard", f"{k}/{n}", "--no-progress"]  # fmt: skip
+    if args.pipeline:
+        argv.append("--pipeline")
     if args.dataset_file is not None:
         argv += ["--dataset-file", str(args.dataset_file)]
     else:
@@ -295,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"eval: {exc}") from None
     settings = EvalSettings(model=args.model, chunk_size=args.chunk_size, chat=args.prompt == "chat",
-                            window=args.window, base_knobs=base)  # fmt: skip
+                            window=args.window, base_knobs=base, pipeline=args.pipeline)  # fmt: skip
     if shard is not None:  # a child of --jobs: its share of the samples, into its own log, no reports
         k, n = shard
         for _ in iter_eval(loaded.model, tok, samples[k::n], runs, settings, factory, shard_log(paths["jsonl"], k, n),

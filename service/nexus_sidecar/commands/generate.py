@@ -46,6 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--wire-dtype", choices=["fp32", "fp16"], default="fp32",
                    help="float type of the summaries sent to --sidecar (fp32 = same decisions as in-process)")
     p.add_argument("--timeout", type=float, default=10.0, help="per-attempt deadline of a --sidecar call, seconds")
+    p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=None,
+                   help="pipelined policy calls: send each call and keep decoding, apply its answer right before "
+                        "the next call (the worker waits only when the sidecar is slower than --every steps; "
+                        "the cache holds up to budget + slack + 2 x every between calls). Default: on with "
+                        "--sidecar (measured: hides a 100 ms sidecar at --every 16, docs/worker.md), off in-process")
     p.set_defaults(func=run)
 
 
@@ -101,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             model, tok, prompt, remote if remote is not None else LocalBackend(device=args.device), cfg,
             max_new_tokens=args.max_new_tokens, every_k=args.every, chunk_size=args.chunk_size,
             head_reduce=args.head_reduce, progress=args.max_new_tokens >= 32,
+            pipeline=args.pipeline if args.pipeline is not None else remote is not None,
         )  # fmt: skip
     except SidecarError as exc:
         raise SystemExit(f"generate: sidecar {args.sidecar}: {exc}") from None
@@ -114,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"KV cache over time: 'step' is the decode step (negative steps -n..-1 are the prefill chunks of "
           f"{args.chunk_size} tokens), 'cache' the tokens held (largest layer) after it; the policy keeps it "
           f"at most budget {args.budget} + slack {args.slack} after each call, and with --every {args.every} up to "
-          f"{args.every - 1} decoded tokens wait in between")
+          f"{args.every - 1} decoded tokens wait in between (pipelined: also the {args.every} decoded while a call "
+          f"is in flight)")
     print(f"{'step':>6} {'cache':>6}")
     sizes = res.cache_sizes_over_time
     stride = max(1, -(-len(sizes) // 12))  # a small table: at most about a dozen rows

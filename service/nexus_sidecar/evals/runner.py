@@ -125,12 +125,16 @@ class EvalSettings:
     chat: bool = False
     window: int = 32
     base_knobs: dict[str, Any] = field(default_factory=lambda: {"sinks": 4, "recent": 16})
+    pipeline: bool = False  # streaming/decode: apply each answer right before the next call
 
     def fingerprint(self) -> str:
         """Short hash of the settings and the task generator's version (part of every run key)."""
         from nexus_sidecar.evals.tasks import GENERATOR_VERSION
 
-        blob = json.dumps({**asdict(self), "generator": GENERATOR_VERSION}, sort_keys=True, default=str)
+        fields = asdict(self)
+        if not fields["pipeline"]:  # blocking keeps the keys it had before the knob existed
+            del fields["pipeline"]
+        blob = json.dumps({**fields, "generator": GENERATOR_VERSION}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -326,7 +330,7 @@ def run_one(
     else:
         res = drive(model, tokenizer, ctx, qs, sample.max_new_tokens, setting=setting, backend=backend,
                     policy_config=cfg, press=press, window=settings.window, chunk_size=settings.chunk_size,
-                    stop_ids=stop_ids, prefix=shared)  # fmt: skip
+                    stop_ids=stop_ids, prefix=shared, pipeline=settings.pipeline)  # fmt: skip
     if evidence is None:
         evidence = [answer_positions(tokenizer, sample, ctx, settings.chat, q) for q in questions]
     scores = [score_answer(sample.metric, a.text, list(q.answers)) for a, q in zip(res.answers, questions, strict=True)]
@@ -369,6 +373,7 @@ def run_one(
         "answer_tokens": None if evidence[0] is None else sum(len(e or []) for e in evidence),
         "answer_kept": round(sum(known) / len(known), 4) if known else None,
         "seconds": round(res.seconds, 3),
+        "pipeline": settings.pipeline,
     }
 
 
