@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         knob_value,
         with_seeds,
     )
-    from nexus_sidecar.evals.shards import parse_shard, run_shards, shard_log
+    from nexus_sidecar.evals.shards import Terminated, parse_shard, recover_shard_logs, run_shards, shard_log
 
     if args.tasks is None:
         args.tasks = _names(QUICK_TASKS if args.quick else DEFAULT_TASKS)
@@ -274,8 +274,14 @@ def run(args: argparse.Namespace) -> int:
                                progress=not args.no_progress)  # fmt: skip
         except RuntimeError as exc:
             raise SystemExit(f"eval: {exc}") from None
+        except Terminated as exc:
+            print(f"eval: {exc}; the children were stopped and their finished runs merged into {paths['jsonl']} "
+                  "(rerun the same command to resume)", file=sys.stderr)  # fmt: skip
+            raise SystemExit(128 + exc.signum) from None
         print(f"eval: {args.jobs} shards added {added} runs to {paths['jsonl']}; writing the reports", file=sys.stderr)
         args.report_only = True  # every run is in the main log now
+    if shard is None:
+        recover_shard_logs(paths["jsonl"])  # what an interrupted --jobs run finished is reused, not redone
     factory = backend_factory(args)  # before the model loads: a bad --sidecar fails fast
 
     import torch
