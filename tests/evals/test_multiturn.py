@@ -12,7 +12,9 @@ from nexus_client.hf import LocalBackend
 from nexus_sidecar.evals import report
 from nexus_sidecar.evals.multiturn import conversation_pieces, drive_multiturn
 from nexus_sidecar.evals.runner import EvalSettings, PolicySpec, expand_runs, iter_eval
-from nexus_sidecar.evals.tasks import TURN_CHUNKS, TURN_CLOSING, TURN_NEEDLES, generate_sample
+from nexus_sidecar.evals.tasks import TURN_CHUNKS, TURN_CLOSING, TURN_FIRST_ASK, TURN_NEEDLES, generate_sample
+
+TURNS = TURN_CHUNKS - TURN_FIRST_ASK + TURN_CLOSING  # questions per conversation
 
 SETTINGS = EvalSettings(model="tiny", chunk_size=16, chat=False, base_knobs={"sinks": 2, "recent": 4})
 
@@ -25,7 +27,7 @@ def test_turnkeys_plants_keys_across_chunks_and_asks_in_an_unpredictable_order()
         assert s.sample_id == f"turnkeys/v1/512/dev/{i}"  # the task's own generator version
         assert len(s.turns) == TURN_CHUNKS and s.context == "\n\n".join(t.text for t in s.turns)
         qs = s.questions
-        assert len(qs) == TURN_CHUNKS + TURN_CLOSING and len({q.answers for q in qs}) == len(qs)  # no key twice
+        assert len(qs) == TURNS and len({q.answers for q in qs}) == len(qs)  # no key twice
         asked = [q for t in s.turns for q in t.asks]
         assert asked == list(range(len(qs)))  # the questions are in asking order
         for qi, (chunk, after) in enumerate(zip(s.meta["key_chunk"], s.meta["asked_after"], strict=True)):
@@ -36,7 +38,8 @@ def test_turnkeys_plants_keys_across_chunks_and_asks_in_an_unpredictable_order()
         assert all(str(d) in s.context for d in s.meta["distractors"])
         orders.add(tuple(s.meta["key_chunk"]))
     # Which chunk a turn asks about varies from sample to sample, and late turns reach back to early chunks.
-    assert len(orders) >= 6 and any(o[TURN_CHUNKS - 1] < TURN_CHUNKS - 1 for o in orders)
+    assert len(orders) >= 6 and any(o[-1] < TURN_CHUNKS - 2 for o in orders)
+    assert all(o[0] in (0, 1) for o in orders) and {o[0] for o in orders} == {0, 1}  # even turn 1 has a choice
     assert generate_sample("turnkeys", 512, "dev", 0).context != generate_sample("turnkeys", 512, "test", 0).context
 
 
@@ -120,13 +123,13 @@ def test_runner_plans_dense_per_stream_and_records_each_turn(tiny: Any, tmp_path
     recs = list(iter_eval(model, tok, samples, only, SETTINGS, LocalBackend, path, progress=False))
     assert len(recs) == 4 and {r["mode"] for r in recs} == {"multiturn"}
     for r in recs:
-        assert len(r["scores"]) == len(r["outputs"]) == TURN_CHUNKS + TURN_CLOSING
+        assert len(r["scores"]) == len(r["outputs"]) == TURNS
         assert r["key_chunk"] == generate_sample("turnkeys", 256, "dev", int(r["sample_id"][-1])).meta["key_chunk"]
         if r["policy"] == "dense":
             assert r["evicted"] == 0 and r["budget"] == r["context_tokens"]
         else:
             assert r["held_after_calls"] <= r["budget"] == round(0.2 * r["context_tokens"])
-            assert Counter(r["calls_by_kind"])["question"] == TURN_CHUNKS + TURN_CLOSING
+            assert Counter(r["calls_by_kind"])["question"] == TURNS
     again = list(iter_eval(model, tok, samples, only, SETTINGS, lambda: pytest.fail("recomputed"), path,
                            progress=False))  # fmt: skip
     assert again == recs
@@ -136,7 +139,7 @@ def test_runner_plans_dense_per_stream_and_records_each_turn(tiny: Any, tmp_path
     assert "## mode multiturn, eviction 0.8" in md and md.count("| dense |") == 1
     turns = report.per_turn(recs)
     assert {(t["policy"], t["turn"]) for t in turns} == {(p, i) for p in ("dense", "nexus")
-                                                         for i in range(1, TURN_CHUNKS + TURN_CLOSING + 1)}  # fmt: skip
+                                                         for i in range(1, TURNS + 1)}  # fmt: skip
     assert all(t["n"] == 2 for t in turns)
     assert "per turn" in report.per_turn_markdown(turns)
 

@@ -20,12 +20,12 @@ Tasks (after RULER, Hsieh et al. 2024, simplified for a 135M model):
 - ``cwe``: common-words extraction: a numbered word list where ``3`` words occur
   ``max(4, length // 64)`` times and the rest twice; the three most common words must be named.
 
-- ``turnkeys`` (for the ``multiturn`` setting): a conversation of ``4`` context chunks with ``2``
-  needles each; after every chunk one question turn asks a key not asked before, drawn uniformly
-  from *every chunk so far* (so a turn may ask about the first chunk after three more have
-  streamed by, and no policy can know which needle comes next), and ``2`` closing turns ask two of
-  the remaining keys; the last two needles are never asked (distractors). In one-shot settings the
-  same sample is the chunks joined as one context, its six questions asked after it.
+- ``turnkeys`` (for the ``multiturn`` setting): a conversation of ``6`` context chunks with one
+  needle each; after every chunk from the second on, one question turn asks a key not asked
+  before, drawn uniformly from *every chunk so far* (so a turn may ask about the first chunk after
+  four more have streamed by, and no policy can know which needle comes next: every turn has at
+  least two candidates); the needle left unasked is a distractor. In one-shot settings the same
+  sample is the chunks joined as one context, its five questions asked after it.
 
 A task name may carry a haystack: ``passkey-stdlib`` (natural text) vs ``passkey`` (RULER noise).
 """
@@ -50,9 +50,12 @@ GENERATOR_VERSION = 2
 # Tasks added after version 2 carry their own generator version in their sample id
 # (``turnkeys/v1/2048/dev/0``), so adding one never changes the run keys of existing logs.
 TASK_VERSIONS = {"turnkeys": 1}
-TURN_CHUNKS = 4  # turnkeys: context chunks per conversation
-TURN_NEEDLES = 2  # needles per chunk
-TURN_CLOSING = 2  # question turns after the last chunk
+# turnkeys layout, chosen on dev by dense accuracy (docs/evaluation.md): with two needles per chunk
+# dense SmolLM2 confused the two and repeated earlier answers (0.42, 12 questions); one per chunk, 1.00.
+TURN_CHUNKS = 6  # context chunks per conversation
+TURN_NEEDLES = 1  # needles per chunk
+TURN_FIRST_ASK = 1  # the first chunk after which a question turn comes (one turn after each from there)
+TURN_CLOSING = 0  # question turns after the last chunk, beyond the one that follows it
 
 # Small fixed vocabularies keep the generators dependency-free and deterministic.
 ADJECTIVES = (
@@ -288,7 +291,7 @@ def _turnkeys(task: str, sid: str, rng: random.Random, used: set[int], length: i
         texts.append(text if c == 0 else text.removeprefix(NIAH_PREAMBLE + "\n"))
     asked: list[int] = []  # key indices in the order they are asked
     after: list[int] = []  # the chunk each question follows
-    for c in range(TURN_CHUNKS):
+    for c in range(TURN_FIRST_ASK, TURN_CHUNKS):
         pool = [i for i in range(len(keys)) if chunk_of[i] <= c and i not in asked]
         asked.append(rng.choice(pool))
         after.append(c)
