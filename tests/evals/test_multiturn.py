@@ -83,6 +83,8 @@ def test_per_layer_groups_with_a_shared_budget_cut_each_layer_on_its_own(tiny: A
     res = drive_multiturn(model, tok, pieces, 4, backend=LocalBackend(), policy_config=cfg, chunk_size=16)
     assert res.layer_lengths is not None and sum(res.layer_lengths) == 2 * budget
     assert len(set(res.layer_lengths)) > 1 and min(res.layer_lengths) >= 6  # floor ceil(0.25 * 24) = 6
+    widest = max(16, *(len(p.ids) for p in pieces if p.question is not None))
+    assert res.peak_layer_tokens <= 2 * (budget + widest) < 2 * res.peak_cache  # KV bytes: the layers' sum
     fixed = drive_multiturn(model, tok, pieces, 4, backend=LocalBackend(),
                             policy_config={**cfg, "budget_alloc": "fixed"}, chunk_size=16)  # fmt: skip
     assert fixed.layer_lengths == [budget, budget]

@@ -87,6 +87,7 @@ class MultiturnResult(DriveResult):
     held_after_calls: int = 0  # the most tokens (max over layers) the cache held right after any call
     calls_by_kind: dict[str, int] | None = None
     layer_lengths: list[int] | None = None  # tokens each layer holds at the end (per-layer groups differ)
+    peak_layer_tokens: int = 0  # the most tokens all layers held together at any moment (KV bytes / token-layer)
 
 
 @torch.inference_mode()
@@ -125,18 +126,20 @@ def drive_multiturn(
     answers: dict[int, Answer] = {}
     starts: list[int] = []
     held = 0
+    peak_total = 0
     kinds: dict[str, int] = {}
     run = PolicyRun(backend, policy_config or {}, None) if backend is not None else None
 
     def feed(tokens: torch.Tensor, kind: str) -> torch.Tensor:
         """Forward ``tokens`` at the next positions, then (with a policy) one call of ``kind``."""
-        nonlocal peak, pos, held
+        nonlocal peak, pos, held, peak_total
         at = torch.arange(pos, pos + tokens.numel(), dtype=torch.int64)
         t0 = time.perf_counter()
         recorder.start()
         logits = _forward(model, cache, tokens, at)
         cap = recorder.finish()
-        peak = max(peak, max(cache_lengths(cache)))
+        lengths = cache_lengths(cache)
+        peak, peak_total = max(peak, max(lengths)), max(peak_total, sum(lengths))
         timings["forward_s"] += time.perf_counter() - t0
         pos += tokens.numel()
         for g in range(groups):
@@ -189,4 +192,5 @@ def drive_multiturn(
         held_after_calls=held,
         calls_by_kind=kinds,
         layer_lengths=cache_lengths(cache),
+        peak_layer_tokens=peak_total,
     )

@@ -441,7 +441,8 @@ def run_multiturn(model: Any, tokenizer: Any, sample: Sample, run: RunSpec, sett
         "kept_context": res.kept_context,
         "held_after_calls": res.held_after_calls,
         "peak_cache": res.peak_cache,
-        "peak_kv_bytes": res.peak_cache * per_token,
+        # Per-layer groups with a shared budget hold different lengths per layer: bytes from their sum.
+        "peak_kv_bytes": res.peak_layer_tokens * per_token // max(len(res.layer_lengths or [1]), 1),
         "dense_kv_bytes": total * per_token,
         "kv_bytes_per_token": per_token,
         "policy_calls": res.policy_calls,
