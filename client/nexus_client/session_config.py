@@ -40,6 +40,8 @@ class SessionConfig(Mapping[str, Any]):
     prior_sharpness: float | None = None  # Nexus: contrast of the prior's mass, exp(sharpness * z-score)
     react_calls: Literal["all", "question"] | None = None  # Nexus: calls the newest query's row scores
     question_prior_mix: float | None = None  # Nexus: the prior's share on question/decode calls
+    budget_alloc: Literal["fixed", "shared"] | None = None  # budget per group, or one shared by the groups
+    budget_floor: float | None = None  # shared budget: each group's minimum, a share of budget
 
     def _set(self) -> dict[str, Any]:
         return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}

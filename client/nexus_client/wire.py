@@ -17,6 +17,7 @@ from nexus_client.v1 import sidecar_pb2 as pb
 
 __all__ = [
     "ATTN_REDUCE",
+    "BUDGET_ALLOC",
     "CALL_KIND",
     "ENUM_FIELDS",
     "GRANULARITY",
@@ -56,6 +57,7 @@ POOL_REDUCE: dict[str, int] = {"max": pb.POOL_REDUCE_MAX, "mean": pb.POOL_REDUCE
 PRIOR: dict[str, int] = {"key_diversity": pb.PRIOR_KEY_DIVERSITY, "key_norm": pb.PRIOR_KEY_NORM,
                          "value_norm": pb.PRIOR_VALUE_NORM}
 REACT_CALLS: dict[str, int] = {"all": pb.REACT_CALLS_ALL, "question": pb.REACT_CALLS_QUESTION}
+BUDGET_ALLOC: dict[str, int] = {"fixed": pb.BUDGET_ALLOC_FIXED, "shared": pb.BUDGET_ALLOC_SHARED}
 # What a step's queries are (SessionStep.call; the engine's StepInput.call).
 CALL_KIND: dict[str, int] = {"unspecified": pb.CALL_KIND_UNSPECIFIED, "context": pb.CALL_KIND_CONTEXT,
                              "question": pb.CALL_KIND_QUESTION, "decode": pb.CALL_KIND_DECODE}
@@ -66,7 +68,7 @@ PRIORS: tuple[str, ...] = tuple(PRIOR)
 # the client's request builder and two in the server's codec.
 ENUM_FIELDS: dict[str, dict[str, int]] = {
     "randomness": RANDOMNESS, "granularity": GRANULARITY, "attn_reduce": ATTN_REDUCE, "pool_reduce": POOL_REDUCE,
-    "prior": PRIOR, "react_calls": REACT_CALLS,
+    "prior": PRIOR, "react_calls": REACT_CALLS, "budget_alloc": BUDGET_ALLOC,
 }
 _NUMPY_OF: dict[torch.dtype, np.dtype] = {torch.float32: np.dtype(np.float32), torch.int64: np.dtype(np.int64),
                                           torch.float64: np.dtype(np.float64), torch.int32: np.dtype(np.int32)}

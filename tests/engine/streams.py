@@ -178,6 +178,8 @@ def check_call(stream: Stream, before: list[torch.Tensor], inp: StepInput, out: 
         assert after[g].tolist() == kept, "retained positions must be exactly the kept slots, in order"
         assert out.evicted[g].tolist() == gone
         assert out.retained[g] == len(kept)
+        if cfg.budget_alloc == "shared" and cfg.groups > 1:
+            continue  # one budget for the session: checked over all groups below
         # Budget: <= budget + slack always, <= budget after an eviction; nothing evicted under budget+slack.
         assert len(kept) <= cfg.budget + cfg.slack, (
             f"group {g}: {len(kept)} slots {kept} after the call, budget {cfg.budget} + slack {cfg.slack}")
@@ -202,6 +204,28 @@ def check_call(stream: Stream, before: list[torch.Tensor], inp: StepInput, out: 
             assert not any(p // bs in gone_blocks for p in kept), "block mode must evict whole blocks"
 
 
+def check_shared_budget(stream: Stream, before: list[torch.Tensor], inp: StepInput, out: StepOutput) -> None:
+    """A session budget shared by its groups (``budget_alloc = "shared"``): the whole session holds
+    at most ``G * (budget + slack)``, exactly ``G * budget`` after an eviction (token mode), nothing
+    is evicted under ``G * (budget + slack)``, every group keeps its floor (or all it had), and the
+    protected slots of every group survive."""
+    import math
+
+    cfg = stream.cfg
+    G, k = cfg.groups, inp.new_positions.numel()
+    held = [p.numel() + k for p in before]
+    kept = [int(r) for r in out.retained]
+    assert sum(kept) <= G * (cfg.budget + cfg.slack), f"{kept}: over the session budget"
+    if sum(held) > G * (cfg.budget + cfg.slack):
+        if cfg.granularity == "token":
+            assert sum(kept) == G * cfg.budget, f"{kept}: the session evicts exactly down to G x budget"
+        floor = math.ceil(cfg.budget_floor * cfg.budget)
+        for g in range(G):
+            assert kept[g] >= min(held[g], floor), f"group {g}: {kept[g]} slots, below its floor {floor}"
+    else:
+        assert kept == held, f"evicted while the session ({sum(held)}) is within G x (budget + slack)"
+
+
 def run_checked(stream: Stream, calls: int) -> list[list[list[int]]]:
     """Drive ``calls`` calls, checking every invariant; returns the evictions of each call."""
     history = []
@@ -209,5 +233,7 @@ def run_checked(stream: Stream, calls: int) -> list[list[list[int]]]:
         before = stream.engine.positions(stream.handle)
         inp, out = stream.step()
         check_call(stream, before, inp, out)
+        if stream.cfg.budget_alloc == "shared" and stream.cfg.groups > 1:
+            check_shared_budget(stream, before, inp, out)
         history.append(evicted_lists(out))
     return history

@@ -116,7 +116,8 @@ def test_samples_do_not_depend_on_the_process_hash_seed() -> None:
     import sys
 
     code = ("import hashlib; from nexus_sidecar.evals.tasks import generate_samples as g; "
-            "s = g(['passkey', 'multikey', 'multivalue', 'multiquery', 'vartrack', 'cwe'], 512, 'test', 2); "
+            "s = g(['passkey', 'multikey', 'multivalue', 'multiquery', 'vartrack', 'cwe', 'turnkeys'], 512, 'test', "
+            "2); "
             "print(hashlib.sha256(repr([(x.context, [(q.question, q.answers) for q in x.questions]) "
             "for x in s]).encode()).hexdigest())")
     digests = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},

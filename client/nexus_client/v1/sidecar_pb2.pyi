@@ -48,6 +48,12 @@ class Prior(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRIOR_KEY_NORM: _ClassVar[Prior]
     PRIOR_VALUE_NORM: _ClassVar[Prior]
 
+class BudgetAlloc(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BUDGET_ALLOC_UNSPECIFIED: _ClassVar[BudgetAlloc]
+    BUDGET_ALLOC_FIXED: _ClassVar[BudgetAlloc]
+    BUDGET_ALLOC_SHARED: _ClassVar[BudgetAlloc]
+
 class ReactCalls(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     REACT_CALLS_UNSPECIFIED: _ClassVar[ReactCalls]
@@ -83,6 +89,9 @@ PRIOR_UNSPECIFIED: Prior
 PRIOR_KEY_DIVERSITY: Prior
 PRIOR_KEY_NORM: Prior
 PRIOR_VALUE_NORM: Prior
+BUDGET_ALLOC_UNSPECIFIED: BudgetAlloc
+BUDGET_ALLOC_FIXED: BudgetAlloc
+BUDGET_ALLOC_SHARED: BudgetAlloc
 REACT_CALLS_UNSPECIFIED: ReactCalls
 REACT_CALLS_ALL: ReactCalls
 REACT_CALLS_QUESTION: ReactCalls
@@ -102,7 +111,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PolicyConfig(_message.Message):
-    __slots__ = ("policy", "budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma", "tau", "randomness", "seed", "pool", "granularity", "block_size", "attn_reduce", "pool_reduce", "prior", "prior_mix", "prior_sharpness", "react_calls", "question_prior_mix")
+    __slots__ = ("policy", "budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma", "tau", "randomness", "seed", "pool", "granularity", "block_size", "attn_reduce", "pool_reduce", "prior", "prior_mix", "prior_sharpness", "react_calls", "question_prior_mix", "budget_alloc", "budget_floor")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     SLACK_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +135,8 @@ class PolicyConfig(_message.Message):
     PRIOR_SHARPNESS_FIELD_NUMBER: _ClassVar[int]
     REACT_CALLS_FIELD_NUMBER: _ClassVar[int]
     QUESTION_PRIOR_MIX_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_ALLOC_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FLOOR_FIELD_NUMBER: _ClassVar[int]
     policy: str
     budget: int
     slack: int
@@ -149,7 +160,9 @@ class PolicyConfig(_message.Message):
     prior_sharpness: float
     react_calls: ReactCalls
     question_prior_mix: float
-    def __init__(self, policy: _Optional[str] = ..., budget: _Optional[int] = ..., slack: _Optional[int] = ..., sinks: _Optional[int] = ..., recent: _Optional[int] = ..., groups: _Optional[int] = ..., beta: _Optional[float] = ..., iterations: _Optional[int] = ..., fanout: _Optional[int] = ..., gamma: _Optional[float] = ..., tau: _Optional[float] = ..., randomness: _Optional[_Union[Randomness, str]] = ..., seed: _Optional[int] = ..., pool: _Optional[int] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., block_size: _Optional[int] = ..., attn_reduce: _Optional[_Union[AttnReduce, str]] = ..., pool_reduce: _Optional[_Union[PoolReduce, str]] = ..., prior: _Optional[_Union[Prior, str]] = ..., prior_mix: _Optional[float] = ..., prior_sharpness: _Optional[float] = ..., react_calls: _Optional[_Union[ReactCalls, str]] = ..., question_prior_mix: _Optional[float] = ...) -> None: ...
+    budget_alloc: BudgetAlloc
+    budget_floor: float
+    def __init__(self, policy: _Optional[str] = ..., budget: _Optional[int] = ..., slack: _Optional[int] = ..., sinks: _Optional[int] = ..., recent: _Optional[int] = ..., groups: _Optional[int] = ..., beta: _Optional[float] = ..., iterations: _Optional[int] = ..., fanout: _Optional[int] = ..., gamma: _Optional[float] = ..., tau: _Optional[float] = ..., randomness: _Optional[_Union[Randomness, str]] = ..., seed: _Optional[int] = ..., pool: _Optional[int] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., block_size: _Optional[int] = ..., attn_reduce: _Optional[_Union[AttnReduce, str]] = ..., pool_reduce: _Optional[_Union[PoolReduce, str]] = ..., prior: _Optional[_Union[Prior, str]] = ..., prior_mix: _Optional[float] = ..., prior_sharpness: _Optional[float] = ..., react_calls: _Optional[_Union[ReactCalls, str]] = ..., question_prior_mix: _Optional[float] = ..., budget_alloc: _Optional[_Union[BudgetAlloc, str]] = ..., budget_floor: _Optional[float] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("session_id", "config")

@@ -28,7 +28,10 @@ MODE_HELP = (
     "settings, comma list (default streaming,agnostic,aware): streaming (context streamed in chunks, budget "
     "enforced after every chunk), agnostic (context prefilled then compressed once, then asked: kvpress's "
     "protocol), aware (context + question prefilled, compressed with the observation window), decode (as "
-    "aware, and the budget also holds while the answer is written: one policy call per generated token)"
+    "aware, and the budget also holds while the answer is written: one policy call per generated token), "
+    "multiturn (one conversation per sample: context chunks and question turns interleaved in one stream under one "
+    "budget, every answer decoded under it and kept in the stream; task turnkeys plants keys across chunks and asks "
+    "about any earlier chunk; dense runs the same stream)"
 )
 
 
@@ -224,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         knob_value,
         with_seeds,
     )
-    from nexus_sidecar.evals.shards import parse_shard, run_shards, shard_log
+    from nexus_sidecar.evals.shards import Terminated, parse_shard, recover_shard_logs, run_shards, shard_log
 
     if args.tasks is None:
         args.tasks = _names(QUICK_TASKS if args.quick else DEFAULT_TASKS)
@@ -236,6 +239,8 @@ def run(args: argparse.Namespace) -> int:
         args.lengths = [512] if args.quick else [2048]
     if args.samples is None:
         args.samples = 2 if args.quick else 8
+    if "multiturn" in args.modes and args.prompt == "chat":
+        raise SystemExit("eval: --modes multiturn streams plain-format turns; use --prompt plain")
     if args.samples < 1 or args.chunk_size < 1 or args.window < 1:
         raise SystemExit(f"eval: --samples, --chunk-size and --window must be >= 1, got {args.samples}, "
                          f"{args.chunk_size}, {args.window}")  # fmt: skip
@@ -279,8 +284,14 @@ def run(args: argparse.Namespace) -> int:
                                progress=not args.no_progress)  # fmt: skip
         except RuntimeError as exc:
             raise SystemExit(f"eval: {exc}") from None
+        except Terminated as exc:
+            print(f"eval: {exc}; the children were stopped and their finished runs merged into {paths['jsonl']} "
+                  "(rerun the same command to resume)", file=sys.stderr)  # fmt: skip
+            raise SystemExit(128 + exc.signum) from None
         print(f"eval: {args.jobs} shards added {added} runs to {paths['jsonl']}; writing the reports", file=sys.stderr)
         args.report_only = True  # every run is in the main log now
+    if shard is None:
+        recover_shard_logs(paths["jsonl"])  # what an interrupted --jobs run finished is reused, not redone
     factory = backend_factory(args)  # before the model loads: a bad --sidecar fails fast
 
     import torch
@@ -332,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
         "verdict": list(verdicts.values()),
         "agreement": [row for ev in args.eviction for row in report.agreement(results, ev)],
         "seeds": report.seed_spread(records),
+        "per_turn": report.per_turn(results),
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -341,6 +353,8 @@ def run(args: argparse.Namespace) -> int:
     md += "\n## verdict\n\n" + report.verdict_markdown(meta["verdict"])
     if meta["agreement"]:
         md += "\n## ours vs kvpress, same method\n\n" + report.agreement_markdown(meta["agreement"])
+    if meta["per_turn"]:
+        md += "\n## multiturn: " + report.per_turn_markdown(meta["per_turn"])
     if meta["seeds"]:
         md += "\n## sampled policies over seeds\n\n" + report.seed_spread_markdown(meta["seeds"])
     md += "\n<details><summary>verdict as JSON</summary>\n\n```json\n" + json.dumps(meta["verdict"], indent=1)

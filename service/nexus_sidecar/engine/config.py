@@ -15,6 +15,7 @@ AttnReduce = Literal["sum", "mean"]
 PoolReduce = Literal["max", "mean"]
 Prior = Literal["key_diversity", "key_norm", "value_norm"]
 ReactCalls = Literal["all", "question"]
+BudgetAlloc = Literal["fixed", "shared"]
 # What a call's queries are, as the worker tells the engine (StepInput.call): a chunk of context
 # ("context": nothing has asked anything yet), a question's queries ("question", e.g. the
 # observation window over the question), a generated token ("decode"), or not said.
@@ -79,6 +80,12 @@ class PolicyConfig:
     # Nexus: the prior's share of the direct mass on question and decode calls, whose attention
     # does carry what is asked (None: prior_mix on every call).
     question_prior_mix: float | None = None
+    # How the budget is held across layer groups (every policy; engine/budget_alloc.py): "fixed",
+    # ``budget`` slots in each group; "shared", one session budget of ``groups * budget`` slots,
+    # allocated each call by comparing the groups' normalised weights (AdaKV across layers), each
+    # group keeping at least ``ceil(budget_floor * budget)`` slots (its protected ones counted).
+    budget_alloc: BudgetAlloc = "fixed"
+    budget_floor: float = 0.25
 
     def validate(self) -> PolicyConfig:
         """Raise :class:`ConfigError` naming the first bad field; return self when valid."""
@@ -118,6 +125,9 @@ class PolicyConfig:
             raise ConfigError("react_calls", f"must be 'all' or 'question', got {self.react_calls!r}")
         if self.question_prior_mix is not None:
             _float_range("question_prior_mix", self.question_prior_mix, 0.0, 1.0)
+        if self.budget_alloc not in ("fixed", "shared"):
+            raise ConfigError("budget_alloc", f"must be 'fixed' or 'shared', got {self.budget_alloc!r}")
+        _float_range("budget_floor", self.budget_floor, 0.0, 1.0)
         if self.granularity not in ("token", "block"):
             raise ConfigError("granularity", f"must be 'token' or 'block', got {self.granularity!r}")
         need = self.protected_capacity()
@@ -147,7 +157,7 @@ class PolicyConfig:
             self.policy, self.beta, self.iterations, self.fanout, self.gamma, self.tau,
             self.randomness, self.pool, self.granularity, self.block_size, self.attn_reduce,
             self.pool_reduce, self.prior, self.prior_mix, self.prior_sharpness, self.react_calls,
-            self.question_prior_mix,
+            self.question_prior_mix, self.budget_alloc, self.budget_floor,
         )
 
     def with_(self, **changes: Any) -> PolicyConfig:
@@ -184,6 +194,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "attn_reduce": "sum", "pool_reduce": "max",
     "prior": "key_diversity", "prior_mix": 0.5, "prior_sharpness": 1.0,
     "react_calls": "all", "question_prior_mix": None,
+    "budget_alloc": "fixed", "budget_floor": 0.25,
 }
 
 

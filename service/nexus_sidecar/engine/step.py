@@ -17,6 +17,7 @@ from types import ModuleType
 
 import torch
 
+from nexus_sidecar.engine.budget_alloc import row_budgets
 from nexus_sidecar.engine.hashing import uniforms
 from nexus_sidecar.engine.policies import Policy, ScoreContext, SlotOrder
 from nexus_sidecar.engine.pool import Rows, SessionPool
@@ -207,9 +208,10 @@ def run_step(policy: Policy, pool: SessionPool, rows: Rows, inp: RowInput, targe
     scores = policy.score(ctx)
     # Fixed randomness: a token keeps its lottery ticket for life; per_call: a fresh draw each call.
     call = p["call"] if cfg.randomness == "per_call" else torch.zeros_like(p["call"])
+    budget, slack = row_budgets(cfg, scores.weight, cand, n, p, slot_order)  # per group, or allocated across
     sel = select(
         # Arena columns past ``used`` always hold the int64-max padding position (pool invariant).
-        scores.weight, alive, protected, pos, n, p["budget"], p["slack"],
+        scores.weight, alive, protected, pos, n, budget, slack,
         p["seed"], p["group"], call,
         tau=policy.tau() if policy.sampled else None,
         pool=cfg.pool,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nexus_sidecar.engine.budget_alloc import row_budgets
 from nexus_sidecar.engine.policies import Policy, ScoreContext, SlotOrder
 from nexus_sidecar.engine.policies.ema import _FULL_TABLE, _saturation, denominators
 from nexus_sidecar.engine.policies.nexus import NexusSampling, NexusTopK, prior_share, reacts
@@ -80,7 +81,8 @@ def run_step_fused(ops: ModuleType, policy: Policy, pool: SessionPool, rows: Row
         weight = scores.weight
         if scores.memory is not memory:
             rows.put(pool.slot["memory"], torch.where(alive, scores.memory, 0.0).to(torch.float32))
-    need = torch.where(n > p["budget"] + p["slack"], n - p["budget"], torch.zeros_like(n))
+    budget, slack = row_budgets(cfg, weight, cand, n, p, slot_order)  # per group, or allocated across
+    need = torch.where(n > budget + slack, n - budget, torch.zeros_like(n))
     token_fixed = cfg.randomness == "fixed" and cfg.granularity == "token" and policy.sampled
     call = p["call"] if cfg.randomness == "per_call" else torch.zeros_like(p["call"])
     if cfg.granularity == "token":
@@ -91,7 +93,7 @@ def run_step_fused(ops: ModuleType, policy: Policy, pool: SessionPool, rows: Row
                                  rows.get(pool.slot["gumbel"], width) if token_fixed and reservoir else None,
                                  pos, p["seed"], p["group"], call)
     else:
-        evict = select(weight, alive, protected, pos, n, p["budget"], p["slack"], p["seed"], p["group"], call,
+        evict = select(weight, alive, protected, pos, n, budget, slack, p["seed"], p["group"], call,
                        tau=policy.tau() if policy.sampled else None, pool=cfg.pool, pool_reduce=cfg.pool_reduce,
                        block_size=cfg.block_size, slot_order=slot_order).evict
     out_keep, out_pos, out_age, retained, new_count = ops.finish(alive, evict, ext, pos, age, attn, Wx)

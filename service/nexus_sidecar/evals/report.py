@@ -25,7 +25,7 @@ from nexus_sidecar.evals.kvpress_baselines import SAME_METHOD, is_kvpress
 
 Z95 = 1.959963984540054
 TOPK_BASELINES = ("streaming", "tova", "h2o", "snapkv")
-RETRIEVAL_TASKS = ("passkey", "multikey", "multivalue", "multiquery", "vartrack")
+RETRIEVAL_TASKS = ("passkey", "multikey", "multivalue", "multiquery", "vartrack", "turnkeys")
 
 
 def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
@@ -89,6 +89,54 @@ def aggregate(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def dense_key(mode: str, have: Collection[tuple[str, float, str]]) -> tuple[str, float, str]:
+    """The dense reference of ``mode``: dense's own stream in ``multiturn`` (its answers shape the
+    conversation), the one dense run otherwise."""
+    own = ("dense", 0.0, mode)
+    return own if mode == "multiturn" and own in have else ("dense", 0.0, "dense")
+
+
+def per_turn(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Multiturn accuracy per turn (question ``i`` in asking order), per (policy, eviction): mean score,
+    n, 95% CI, and the mean number of chunks between the answer's chunk and the question (``lag``)."""
+    groups: dict[tuple[str, float, int], list[tuple[float, int | None]]] = defaultdict(list)
+    for r in runs:
+        if r["mode"] != "multiturn":
+            continue
+        chunks, after = r.get("key_chunk"), r.get("asked_after")
+        for i, sc in enumerate(r["scores"]):
+            lag = None if not chunks or not after else int(after[i]) - int(chunks[i])
+            groups[(r["policy"], float(r["eviction"]), i + 1)].append((float(sc), lag))
+    out = []
+    for (policy, ev, turn), rows in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):
+        scores = [x for x, _ in rows]
+        lags = [g for _, g in rows if g is not None]
+        lo, hi = ci95(scores)
+        out.append({"policy": policy, "eviction": ev, "turn": turn, "n": len(scores),
+                    "score": round(sum(scores) / len(scores), 4), "ci95": [round(lo, 4), round(hi, 4)],
+                    "lag": round(sum(lags) / len(lags), 2) if lags else None})  # fmt: skip
+    return out
+
+
+def per_turn_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Policies x turns table of :func:`per_turn` (score, n in the header; mean lag in chunks under it)."""
+    if not rows:
+        return ""
+    turns = sorted({r["turn"] for r in rows})
+    idx = {(r["policy"], r["eviction"], r["turn"]): r for r in rows}
+    head = ["policy", "compression", *[f"turn {t} (n={max(r['n'] for r in rows if r['turn'] == t)})" for t in turns]]
+    lines = ["accuracy per turn (multiturn; question i in asking order)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for policy, ev in dict.fromkeys((r["policy"], r["eviction"]) for r in rows):
+        cells = [policy, f"{ev:g}"] + [f"{idx[(policy, ev, t)]['score']:.3f}" if (policy, ev, t) in idx else "-"
+                                       for t in turns]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lags = [next((r["lag"] for r in rows if r["turn"] == t and r["lag"] is not None), None) for t in turns]
+    if any(g is not None for g in lags):
+        lines.append("| chunks back (mean) | | " + " | ".join("-" if g is None else f"{g:.2f}" for g in lags) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _lookup(records: list[dict[str, Any]]) -> dict[tuple[str, float, str, str], dict[str, Any]]:
     return {(r["policy"], r["eviction"], r["mode"], r["task"]): r for r in records}
 
@@ -129,7 +177,7 @@ def verdict(records: list[dict[str, Any]], nexus: str = "nexus", eviction: float
     nexus - its top-K ablation (``nexus_topk`` with the same knobs) on all tasks when that ran.
     """
     idx = _lookup(records)
-    dense = idx.get(("dense", 0.0, "dense", "average"))
+    have = {k[:3] for k in idx}
     out: dict[str, Any] = {"nexus_policy": nexus, "eviction": eviction, "modes": {}}
     modes = sorted({r["mode"] for r in records if r["mode"] != "dense"})
     tasks = sorted({r["task"] for r in records if r["task"].split("-")[0] in RETRIEVAL_TASKS})
@@ -145,6 +193,8 @@ def verdict(records: list[dict[str, Any]], nexus: str = "nexus", eviction: float
         nx = idx.get((nexus, eviction, mode, "average"))
         if nx is None:
             continue
+        ref = dense_key(mode, have)
+        dense = idx.get((*ref, "average"))
         base = {p: retrieval(p, mode) for p in labels}
         base = {p: v for p, v in base.items() if v is not None}
         best = max(base, key=lambda p: base[p]) if base else None
@@ -162,7 +212,7 @@ def verdict(records: list[dict[str, Any]], nexus: str = "nexus", eviction: float
         if runs is not None:
             me = (nexus, eviction, mode)
             out["modes"][mode]["paired"] = {
-                "dense_minus_nexus": paired(runs, ("dense", 0.0, "dense"), me),
+                "dense_minus_nexus": paired(runs, ref, me),
                 "nexus_minus_best_topk_retrieval": None if best is None else paired(runs, me, (best, eviction, mode),
                                                                                     tasks),
                 "nexus_minus_topk_ablation": paired(runs, me, (ablation, eviction, mode)),
@@ -298,7 +348,8 @@ def markdown(records: list[dict[str, Any]], title: str = "") -> str:
             head.append("answer tokens kept")
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
-        keys = ([("dense", 0.0, "dense")] if dense_rows and mode != "dense" else []) + [(p, ev, mode) for p in policies]
+        ref = [dense_key(mode, {k[:3] for k in idx})] if dense_rows and mode != "dense" else []
+        keys = ref + [(p, ev, mode) for p in policies]
         for p, e, m in keys:
             avg = idx.get((p, e, m, "average"))
             if avg is None:

@@ -35,7 +35,8 @@ from nexus_sidecar.evals.kvzip_driver import drive_kvzip
 from nexus_sidecar.evals.longbench import score as score_answer
 from nexus_sidecar.evals.tasks import Question, Sample
 
-MODES = SETTINGS
+MODES = (*SETTINGS, "multiturn")
+STREAMED = ("streaming", "multiturn")  # settings that prefill nothing: the stream is fed piece by piece
 DENSE = "dense"
 BackendFactory = Callable[[], Any]  # () -> nexus_client.hf.PolicyBackend
 
@@ -157,14 +158,17 @@ def expand_runs(policies: Sequence[PolicySpec], evictions: Sequence[float], mode
             raise ValueError(f"eviction rates must be in (0, 1) (dense is the 'dense' policy), got {e}")
     runs: list[RunSpec] = []
     for p in policies:
-        if p.name == DENSE:
-            runs.append(RunSpec(p, 0.0, DENSE))
+        if p.name == DENSE:  # one-shot dense is one run for every one-shot setting; multiturn has its own stream
+            if set(modes) - {"multiturn"}:
+                runs.append(RunSpec(p, 0.0, DENSE))
+            if "multiturn" in modes:
+                runs.append(RunSpec(p, 0.0, "multiturn"))
             continue
         if is_replay(p.name) and not set(modes) & set(REPLAY_MODES):
             raise ValueError(f"policy {p.label!r} runs only in mode {', '.join(REPLAY_MODES)} (KVzip scores the "
                              f"context by reconstructing it, before any question), got --modes {','.join(modes)}")
         runs.extend(RunSpec(p, e, m) for e in evictions for m in modes
-                    if not (is_kvpress(p.name) and m in ("streaming", "decode"))
+                    if not (is_kvpress(p.name) and m in ("streaming", "decode", "multiturn"))
                     and not (is_replay(p.name) and m not in REPLAY_MODES))  # fmt: skip
     return runs
 
@@ -301,6 +305,8 @@ def run_one(
     streaming runs feed the context chunk by chunk. ``evidence``: per question, the sample's
     :func:`answer_positions`, when the caller computed them once for all its runs.
     """
+    if run.mode == "multiturn":
+        return run_multiturn(model, tokenizer, sample, run, settings, backend_factory)
     ctx, qs = segments
     questions = sample.questions
     stop_ids = [i for i in {getattr(tokenizer, "eos_token_id", None)} if i is not None]
@@ -316,12 +322,7 @@ def run_one(
         press = make_press(run.policy.name, run.eviction, dict(run.policy.knobs), seed)
     else:
         setting = run.mode
-        knobs = {**settings.base_knobs, **dict(run.policy.knobs)}
-        cfg = {"policy": run.policy.name, "budget": budget, "slack": 0, "groups": 1, "seed": seed, **knobs}
-        need = int(cfg.get("sinks", 4)) + int(cfg.get("recent", 16))
-        if budget <= need:
-            raise ValueError(f"{sample.sample_id}: budget {budget} at compression {run.eviction} is not above "
-                             f"sinks + recent = {need}; lower the compression or the protected window")  # fmt: skip
+        cfg = _engine_config(sample, run, settings, budget)
         backend = backend_factory()
     shared = prefix if run.mode != "streaming" else None
     if is_replay(run.policy.name):  # its own prefill and cache: the shared prefix is not used
@@ -377,6 +378,90 @@ def run_one(
     }
 
 
+def _engine_config(sample: Sample, run: RunSpec, settings: EvalSettings, budget: int) -> dict[str, Any]:
+    """The engine session config of an engine-policy run (the budget checked against the protected window)."""
+    knobs = {**settings.base_knobs, **dict(run.policy.knobs)}
+    seed = zlib.crc32(sample.sample_id.encode())
+    cfg = {"policy": run.policy.name, "budget": budget, "slack": 0, "groups": 1, "seed": seed, **knobs}
+    need = int(cfg.get("sinks", 4)) + int(cfg.get("recent", 16))
+    if budget <= need:
+        raise ValueError(f"{sample.sample_id}: budget {budget} at compression {run.eviction} is not above "
+                         f"sinks + recent = {need}; lower the compression or the protected window")  # fmt: skip
+    return cfg
+
+
+def run_multiturn(model: Any, tokenizer: Any, sample: Sample, run: RunSpec, settings: EvalSettings,
+                  backend_factory: BackendFactory) -> dict[str, Any]:  # fmt: skip
+    """One sample's conversation in the ``multiturn`` setting (:mod:`.multiturn`); the record adds
+    per-turn fields: ``scores`` in asking order, ``key_chunk`` / ``asked_after`` (the chunk holding
+    each answer, the chunk each question follows, when the task says), ``calls_by_kind``."""
+    from nexus_sidecar.evals.multiturn import conversation_pieces, drive_multiturn
+
+    if is_kvpress(run.policy.name):
+        raise ValueError(f"{run.policy.label}: kvpress presses compress a prefill; they have no multiturn setting")
+    pieces = conversation_pieces(tokenizer, sample, settings.chat)
+    context = sum(len(p.ids) for p in pieces if p.question is None)
+    budget = context if run.policy.name == DENSE else round((1.0 - run.eviction) * context)
+    cfg = backend = None
+    if run.policy.name != DENSE:
+        cfg = _engine_config(sample, run, settings, budget)
+        backend = backend_factory()
+    stop_ids = [i for i in {getattr(tokenizer, "eos_token_id", None)} if i is not None]
+    res = drive_multiturn(model, tokenizer, pieces, sample.max_new_tokens, backend=backend, policy_config=cfg,
+                          chunk_size=settings.chunk_size, stop_ids=stop_ids)  # fmt: skip
+    questions = sample.questions
+    assert res.starts is not None
+    evidence: list[list[int]] = [[] for _ in questions]
+    for piece, start in zip(pieces, res.starts, strict=True):
+        for qi, idx in piece.evidence:
+            evidence[qi] += [start + i for i in idx]
+    scores = [score_answer(sample.metric, a.text, list(q.answers)) for a, q in zip(res.answers, questions, strict=True)]
+    kept = [None if a.retained is None or not ev else sum(p in set(a.retained) for p in ev) / len(ev)
+            for a, ev in zip(res.answers, evidence, strict=True)]  # fmt: skip
+    known = [k for k in kept if k is not None]
+    per_token = kv_bytes_per_token(model)
+    total = sum(len(p.ids) for p in pieces) + sum(len(a.token_ids) for a in res.answers)
+    return {
+        "key": run_key(settings, sample, run),
+        "model": settings.model,
+        "task": sample.task,
+        "sample_id": sample.sample_id,
+        "policy": run.policy.label,
+        "base_policy": run.policy.name,
+        "knobs": dict(run.policy.knobs),
+        "eviction": run.eviction,
+        "mode": run.mode,
+        "length": context,
+        "questions": len(questions),
+        "score": sum(scores) / len(scores),
+        "scores": scores,
+        "metric": sample.metric,
+        "answers": [list(q.answers) for q in questions],
+        "output": res.answers[0].text,
+        "outputs": [a.text for a in res.answers],
+        "context_tokens": context,
+        "question_tokens": max(len(p.ids) for p in pieces if p.question is not None),
+        "total_tokens": total,
+        "budget": budget,
+        "kept_context": res.kept_context,
+        "held_after_calls": res.held_after_calls,
+        "peak_cache": res.peak_cache,
+        # Per-layer groups with a shared budget hold different lengths per layer: bytes from their sum.
+        "peak_kv_bytes": res.peak_layer_tokens * per_token // max(len(res.layer_lengths or [1]), 1),
+        "dense_kv_bytes": total * per_token,
+        "kv_bytes_per_token": per_token,
+        "policy_calls": res.policy_calls,
+        "calls_by_kind": res.calls_by_kind,
+        "evicted": res.evicted,
+        "key_chunk": sample.meta.get("key_chunk"),
+        "asked_after": sample.meta.get("asked_after"),
+        "answer_tokens": sum(len(e) for e in evidence),
+        "answer_kept": round(sum(known) / len(known), 4) if known else None,
+        "answers_kept": kept,
+        "seconds": round(res.seconds, 3),
+    }
+
+
 def iter_eval(
     model: Any,
     tokenizer: Any,
@@ -423,7 +508,7 @@ def iter_eval(
                         segments = prompt_segments(tokenizer, sample, settings.chat)
                         evidence = [answer_positions(tokenizer, sample, segments[0], settings.chat, q)
                                     for q in sample.questions]  # fmt: skip
-                    if prefix is None and run.mode != "streaming" and not is_replay(run.policy.name):
+                    if prefix is None and run.mode not in STREAMED and not is_replay(run.policy.name):
                         prefix = prefill(model, segments[0])
                     rec = run_one(model, tokenizer, sample, run, settings, backend_factory, segments, prefix, evidence)
                     _append(results_path, rec)

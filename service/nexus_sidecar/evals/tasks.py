@@ -20,6 +20,13 @@ Tasks (after RULER, Hsieh et al. 2024, simplified for a 135M model):
 - ``cwe``: common-words extraction: a numbered word list where ``3`` words occur
   ``max(4, length // 64)`` times and the rest twice; the three most common words must be named.
 
+- ``turnkeys`` (for the ``multiturn`` setting): a conversation of ``6`` context chunks with one
+  needle each; after every chunk from the second on, one question turn asks a key not asked
+  before, drawn uniformly from *every chunk so far* (so a turn may ask about the first chunk after
+  four more have streamed by, and no policy can know which needle comes next: every turn has at
+  least two candidates); the needle left unasked is a distractor. In one-shot settings the same
+  sample is the chunks joined as one context, its five questions asked after it.
+
 A task name may carry a haystack: ``passkey-stdlib`` (natural text) vs ``passkey`` (RULER noise).
 """
 
@@ -34,12 +41,21 @@ from nexus_sidecar.evals.haystacks import HAYSTACKS, haystack_sentences
 
 CountTokens = Callable[[str], int]
 
-BASE_TASKS = ("passkey", "multikey", "multivalue", "multiquery", "vartrack", "cwe")
+BASE_TASKS = ("passkey", "multikey", "multivalue", "multiquery", "vartrack", "cwe", "turnkeys")
 SPLITS = ("dev", "test")
 # Bumped whenever the same (task, length, split, index) would yield a different sample; part of
 # every run key (runner.EvalSettings.fingerprint), so a results log never mixes two generators.
 # 2: keys no longer depend on the process's string hash seed (version 1 logs are not reproducible).
 GENERATOR_VERSION = 2
+# Tasks added after version 2 carry their own generator version in their sample id
+# (``turnkeys/v1/2048/dev/0``), so adding one never changes the run keys of existing logs.
+TASK_VERSIONS = {"turnkeys": 1}
+# turnkeys layout, chosen on dev by dense accuracy (docs/evaluation.md): with two needles per chunk
+# dense SmolLM2 confused the two and repeated earlier answers (0.42, 12 questions); one per chunk, 1.00.
+TURN_CHUNKS = 6  # context chunks per conversation
+TURN_NEEDLES = 1  # needles per chunk
+TURN_FIRST_ASK = 1  # the first chunk after which a question turn comes (one turn after each from there)
+TURN_CLOSING = 0  # question turns after the last chunk, beyond the one that follows it
 
 # Small fixed vocabularies keep the generators dependency-free and deterministic.
 ADJECTIVES = (
@@ -80,6 +96,15 @@ class Question:
 
 
 @dataclass(frozen=True)
+class Turn:
+    """One turn of a multi-turn conversation: a context chunk, then the questions (indices into
+    :attr:`Sample.questions`) asked right after it, each answered before the next."""
+
+    text: str
+    asks: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Sample:
     """One evaluation prompt.
 
@@ -98,6 +123,14 @@ class Sample:
     answer_prefix: str = ""
     meta: dict[str, object] = field(default_factory=dict, compare=False)
     followups: tuple[Question, ...] = ()  # more questions answered from the same compressed context
+    # The conversation the multiturn setting streams (chunks and question turns interleaved); empty:
+    # one turn, the whole context then every question. ``context`` is always the chunks joined.
+    turns: tuple[Turn, ...] = ()
+
+    @property
+    def conversation(self) -> list[Turn]:
+        """The turns the multiturn setting streams (one turn for a sample without its own)."""
+        return list(self.turns) or [Turn(self.context, tuple(range(len(self.questions))))]
 
     @property
     def questions(self) -> list[Question]:
@@ -179,7 +212,10 @@ def generate_sample(task: str, length: int, split: str, index: int, count: Count
     base, hay = parse_task(task)
     rng = random.Random(f"{base}|{hay}|{length}|{split}|{index}")
     used: set[int] = set()
-    sid = f"{task}/{length}/{split}/{index}"
+    version = f"/v{TASK_VERSIONS[base]}" if base in TASK_VERSIONS else ""
+    sid = f"{task}{version}/{length}/{split}/{index}"
+    if base == "turnkeys":
+        return _turnkeys(task, sid, rng, used, length, count, hay)
     if base == "passkey":
         v = _number(rng, used)
         needle = f"The pass key is {v}. Remember it. {v} is the pass key."
@@ -239,6 +275,37 @@ def generate_sample(task: str, length: int, split: str, index: int, count: Count
     ctx = _CWE_PREAMBLE + "\n" + " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
     q = "What are the 3 most common words in the above list?"
     return Sample(task, sid, ctx, q, tuple(common), "match_all", 16, "The 3 most common words in the list are:")
+
+
+def _turnkeys(task: str, sid: str, rng: random.Random, used: set[int], length: int, count: CountTokens,
+              hay: str) -> Sample:  # fmt: skip
+    """A conversation: chunks with needles, a question turn after each about any chunk so far."""
+    keys = _keys(rng, TURN_CHUNKS * TURN_NEEDLES)
+    vals = [_number(rng, used) for _ in keys]
+    chunk_of = [i // TURN_NEEDLES for i in range(len(keys))]
+    per_chunk = max(64, (length - count(NIAH_PREAMBLE)) // TURN_CHUNKS)
+    texts = []
+    for c in range(TURN_CHUNKS):
+        needles = [_magic(keys[i], vals[i]) for i in range(len(keys)) if chunk_of[i] == c]
+        text = _hide(rng, needles, per_chunk + count(NIAH_PREAMBLE), count, hay)
+        texts.append(text if c == 0 else text.removeprefix(NIAH_PREAMBLE + "\n"))
+    asked: list[int] = []  # key indices in the order they are asked
+    after: list[int] = []  # the chunk each question follows
+    for c in range(TURN_FIRST_ASK, TURN_CHUNKS):
+        pool = [i for i in range(len(keys)) if chunk_of[i] <= c and i not in asked]
+        asked.append(rng.choice(pool))
+        after.append(c)
+    for _ in range(TURN_CLOSING):
+        asked.append(rng.choice([i for i in range(len(keys)) if i not in asked]))
+        after.append(TURN_CHUNKS - 1)
+    qs = [Question(*_ask_magic(keys[i], vals[i])) for i in asked]
+    asks = [tuple(q for q, a in enumerate(after) if a == c) for c in range(TURN_CHUNKS)]
+    turns = tuple(Turn(t, a) for t, a in zip(texts, asks, strict=True))
+    meta = {"key_chunk": [chunk_of[i] for i in asked], "asked_after": after,
+            "distractors": [vals[i] for i in range(len(keys)) if i not in asked]}  # fmt: skip
+    first, *rest = qs
+    return Sample(task, sid, "\n\n".join(texts), first.question, first.answers, "match_all", 8, first.answer_prefix,
+                  meta, followups=tuple(rest), turns=turns)  # fmt: skip
 
 
 _PASSKEY_PREAMBLE = (

@@ -15,7 +15,7 @@ from nexus_sidecar.server.errors import BRIEF, InvalidArgument, brief
 _ENUM_NAMES = {field: {v: k for k, v in names.items()} for field, names in ENUM_FIELDS.items()}
 _OPTIONAL_NUMBERS = ("budget", "slack", "sinks", "recent", "groups", "beta", "iterations", "fanout", "gamma",
                      "tau", "seed", "pool", "block_size", "prior_mix",
-                     "prior_sharpness", "question_prior_mix")
+                     "prior_sharpness", "question_prior_mix", "budget_floor")
 
 
 def config_from_proto(msg: pb.PolicyConfig, default_policy: str) -> PolicyConfig:

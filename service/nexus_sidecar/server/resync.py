@@ -35,6 +35,10 @@ def retained_positions(msgs: list[pb.Tensor], cfg: PolicyConfig) -> list[torch.T
     if len(msgs) != cfg.groups:
         raise InvalidArgument("retained", f"{len(msgs)} groups sent, the session has {cfg.groups}")
     out = []
+    # With a shared budget (budget_alloc = "shared") one group may hold what the others gave up.
+    shared = cfg.budget_alloc == "shared"
+    cap = cfg.groups * (cfg.budget + cfg.slack) if shared else cfg.budget + cfg.slack
+    what = "groups x (budget + slack)" if shared else "budget + slack"
     for g, msg in enumerate(msgs):
         name = f"retained[{g}]"
         if msg.dtype not in (pb.D_TYPE_INT32, pb.D_TYPE_INT64):
@@ -42,14 +46,17 @@ def retained_positions(msgs: list[pb.Tensor], cfg: PolicyConfig) -> list[torch.T
         pos = tensor_from_proto(msg, field=name, as_dtype=torch.int64)
         if pos.dim() != 1:
             raise InvalidArgument(name, f"must be 1-D, got shape {list(pos.shape)}")
-        if pos.numel() > cfg.budget + cfg.slack:
-            raise InvalidArgument(name, f"{pos.numel()} positions, more than budget + slack = {cfg.budget + cfg.slack}")
+        if pos.numel() > cap:
+            raise InvalidArgument(name, f"{pos.numel()} positions, more than {what} = {cap}")
         if pos.numel():
             if int(pos.min()) < 0 or int(pos.max()) >= POSITION_LIMIT:
                 raise InvalidArgument(name, "positions must lie in [0, 2^62)")
             if pos.numel() > 1 and not bool((pos[1:] > pos[:-1]).all()):
                 raise InvalidArgument(name, "positions must be strictly ascending")
         out.append(pos)
+    if shared and sum(p.numel() for p in out) > cap:
+        raise InvalidArgument("retained", f"{sum(p.numel() for p in out)} positions in all, more than the shared "
+                                          f"budget {what} = {cap}")
     return out
 
 
