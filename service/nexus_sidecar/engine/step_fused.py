@@ -105,10 +105,13 @@ def run_step_fused(ops: ModuleType, policy: Policy, pool: SessionPool, rows: Row
 
 def one_entry(policy: Policy) -> bool:
     """Whether a batch of ``policy`` runs as one native call (:func:`nexus_call`): Nexus scores with
-    token-granularity selection and no span pooling, the service's default. The other policies and
-    forms run :func:`run_step_fused`, driven from Python (their scores or selections are torch code)."""
+    token-granularity selection, no span pooling and a fixed budget per group, the service's default.
+    The other policies and forms (budgets shared across groups included: their allocation is torch
+    code, :func:`~nexus_sidecar.engine.budget_alloc.row_budgets`) run :func:`run_step_fused`, driven
+    from Python."""
     cfg = policy.cfg
-    return isinstance(policy, _NEXUS) and cfg.granularity == "token" and cfg.pool <= 1
+    return (isinstance(policy, _NEXUS) and cfg.granularity == "token" and cfg.pool <= 1
+            and cfg.budget_alloc == "fixed")
 
 
 _POOL_FIELDS = ("pos", "alive", "birth", "memory", "gumbel")

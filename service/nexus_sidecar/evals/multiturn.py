@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from nexus_client.hf.backends import PolicyBackend
 from nexus_client.hf.cache_surgery import cache_lengths
-from nexus_client.hf.capture import AttentionRecorder, attention_modules, capture_attention
+from nexus_client.hf.capture import QueryRecorder, attention_modules, capture_queries
 from nexus_client.hf.decode import greedy_decode
 from nexus_client.hf.policy_run import PolicyRun
 
@@ -116,7 +116,7 @@ def drive_multiturn(
         raise ValueError("policy_config['groups'] must be 1 (shared) or the model's layer count (per layer)")
     stops = {int(s) for s in stop_ids}
     groups = int((policy_config or {}).get("groups", 1)) if backend is not None else 1
-    recorder = AttentionRecorder(len(attention_modules(model)), groups=groups)
+    recorder = QueryRecorder(len(attention_modules(model)))
     t_start = time.perf_counter()
     timings = {"forward_s": 0.0, "policy_s": 0.0}
     cache = DynamicCache(config=model.config)
@@ -135,24 +135,24 @@ def drive_multiturn(
         nonlocal peak, pos, held, peak_total
         at = torch.arange(pos, pos + tokens.numel(), dtype=torch.int64)
         t0 = time.perf_counter()
-        recorder.start()
         logits = _forward(model, cache, tokens, at)
-        cap = recorder.finish()
         lengths = cache_lengths(cache)
         peak, peak_total = max(peak, max(lengths)), max(peak_total, sum(lengths))
         timings["forward_s"] += time.perf_counter() - t0
         pos += tokens.numel()
         for g in range(groups):
             slots[g] = torch.cat([slots[g], at])
-        if run is not None:
-            run.add(cap, at, slots)
+        if run is None:
+            recorder.clear()  # dense: nothing reads the queries
+        else:
+            run.add(recorder.take(), at, slots)
             run.call(cache, slots, kind)
             kinds[kind] = kinds.get(kind, 0) + 1
             held = max(held, max(cache_lengths(cache)))
         return logits
 
     try:
-        with capture_attention(model, recorder):
+        with capture_queries(model, recorder):
             for piece in pieces:
                 starts.append(pos)
                 ids = torch.as_tensor(piece.ids, dtype=torch.int64)
