@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from nexus_client.hf.accumulate import AttentionAccumulator
-from nexus_client.hf.backends import PolicyBackend
+from nexus_client.hf.accumulate import AttentionAccumulator, StepTensors
+from nexus_client.hf.backends import PolicyBackend, StepDecision
 from nexus_client.hf.cache_surgery import apply_keep_mask
 from nexus_client.hf.capture import ForwardCapture
 from nexus_client.hf.priors import cache_priors
@@ -86,14 +86,27 @@ class PolicyRun:
         evicted positions): applying it would silently corrupt the cache.
         """
         t0 = time.perf_counter()
+        tensors = self.prepare(cache, kind)
+        decision = self.backend.step(self.session, tensors)
+        self.seconds += time.perf_counter() - t0
+        return self.settle(decision, cache, slots)
+
+    def prepare(self, cache: Any, kind: str = "unspecified") -> StepTensors:
+        """The summary of everything added since the last call (with the cache's priors when the
+        policy reads them); the accumulator starts over. Send it, then hand the answer to
+        :meth:`settle` (a worker batching several sequences sends all their summaries in one call)."""
         tensors = self.acc.build()
         tensors.call = kind
         if self.priors:
             width = tensors.attn.shape[-1]
             tensors.priors = {k: v[:, :width].cpu() for k, v in cache_priors(cache, self.groups).items()}
-        decision = self.backend.step(self.session, tensors)
-        t1 = time.perf_counter()
         self.acc.reset()
+        return tensors
+
+    def settle(self, decision: StepDecision, cache: Any, slots: list[torch.Tensor]) -> list[list[int]]:
+        """Check ``decision`` against the cache, cut the evicted slots out of ``cache`` and ``slots``
+        (in place) and count the call; returns the evicted positions per group."""
+        t1 = time.perf_counter()
         keep = decision.keep
         if keep.dim() != 2 or keep.shape[0] != self.groups:
             raise RuntimeError(f"backend returned keep of shape {tuple(keep.shape)}, expected [{self.groups}, N]")
@@ -113,7 +126,6 @@ class PolicyRun:
         apply_keep_mask(cache, keep if self.groups > 1 else rows[0])
         self.calls += 1
         self.evicted += sum(len(e) for e in evicted)
-        self.seconds += t1 - t0
         self.surgery_seconds += time.perf_counter() - t1
         return evicted
 
