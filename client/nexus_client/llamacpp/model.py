@@ -182,7 +182,8 @@ class LlamaModel:
         ctypes.memmove(b.token, tok.ctypes.data, tok.nbytes)
         ctypes.memmove(b.pos, pos.ctypes.data, pos.nbytes)
         ctypes.memmove(b.logits, want.ctypes.data, want.nbytes)
-        ctypes.memmove(b.n_seq_id, np.ones(n, dtype=np.int32).ctypes.data, 4 * n)
+        ones = np.ones(n, dtype=np.int32)  # named: a temporary's buffer may be freed before memmove reads it
+        ctypes.memmove(b.n_seq_id, ones.ctypes.data, ones.nbytes)
         for i, s in enumerate(seqs):
             if not 0 <= s < self.n_seq:
                 raise ValueError(f"decode: seq id {s} outside 0..{self.n_seq - 1}")
