@@ -13,12 +13,15 @@ Use it where kvpress takes a press::
 (``budget = round((1 - compression_ratio) * context_tokens)``). The press compresses during the
 context prefill only, as kvpress's presses do.
 
-How: inside ``with press(model):`` the model runs the capturing attention of
-:mod:`nexus_client.hf.capture` (head-reduced rows, averaged over layers: one shared eviction set);
-when the *last* attention layer of the prefill has run, one policy call is made through the same
-:class:`~nexus_client.hf.policy_run.PolicyRun` the evaluation and ``generate`` use (attention over
-the observation ``window`` of the last prompt queries, top-F edges of every token, the cache's
-query-agnostic priors when the policy reads one), and the evicted slots are cut from every layer.
+How: inside ``with press(model):`` the model runs its fused ``sdpa`` attention through the
+query-recording kernel of :mod:`nexus_client.hf.capture`; when the *last* attention layer of the
+prefill has run, the recorded queries and the cache's keys become one summary
+(:func:`nexus_client.summary.summarize`: one shared eviction set, attention over the observation
+``window`` of the last prompt queries, top-F edges of every token, the cache's query-agnostic
+priors when the policy reads one), sent through the same
+:class:`~nexus_client.hf.policy_run.PolicyRun` the evaluation and ``generate`` use, and the evicted
+slots are cut from every layer. One call per prefill, whose result the press must return, so there
+is nothing to pipeline.
 So the press makes exactly the evictions of the evaluation's ``agnostic`` setting for the same
 inputs (tested). The backend is
 the in-process engine by default, or a running sidecar (``backend=RemoteBackend(addr)``).
@@ -39,7 +42,7 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
     raise ImportError("nexus_client.kvpress needs kvpress: pip install 'nexus-sidecar[kvpress]'") from exc
 
 from nexus_client.hf.backends import LocalBackend, PolicyBackend
-from nexus_client.hf.capture import AttentionRecorder, attention_modules, capture_attention
+from nexus_client.hf.capture import ForwardQueries, QueryRecorder, attention_modules, capture_queries
 from nexus_client.hf.policy_run import PolicyRun
 
 
@@ -94,17 +97,17 @@ class NexusPress(BasePress):
     def __call__(self, model: Any) -> Iterator[None]:
         """Apply the press to ``model`` for the prefills run inside the ``with`` block."""
         mods = attention_modules(model)
-        recorder = AttentionRecorder(len(mods), groups=1)
+        recorder = QueryRecorder(len(mods))
         backend = self.backend if self.backend is not None else LocalBackend()
 
         def pre_hook(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-            recorder.start()  # the first layer of a forward pass starts a capture
+            recorder.clear()  # the first layer of a forward pass starts a capture
 
         def hook(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
             cache = kwargs["past_key_values"]
             q = int(kwargs["hidden_states"].shape[1])
             start = int(kwargs["cache_position"][0])
-            cap = recorder.finish()
+            cap = recorder.take()
             if start != 0 or self.compression_ratio == 0.0:
                 return output  # decoding, or nothing to remove: only the prefill is compressed
             self._compress_all(cache, cap, q, backend)
@@ -113,13 +116,13 @@ class NexusPress(BasePress):
         handles = [mods[0].register_forward_pre_hook(pre_hook, with_kwargs=True),
                    mods[-1].register_forward_hook(hook, with_kwargs=True)]  # fmt: skip
         try:
-            with capture_attention(model, recorder):
+            with capture_queries(model, recorder):
                 yield
         finally:
             for h in handles:
                 h.remove()
 
-    def _compress_all(self, cache: Any, capture: Any, q: int, backend: PolicyBackend) -> None:
+    def _compress_all(self, cache: Any, capture: ForwardQueries, q: int, backend: PolicyBackend) -> None:
         positions = torch.arange(q, dtype=torch.int64)
         slots = [positions.clone()]
         # The evaluation's own policy step: window, priors from this cache when the policy reads one.

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import transformers
 from nexus_client.hf.cache_surgery import apply_keep_mask, cache_lengths
-from nexus_client.hf.capture import ATTN_IMPL, AttentionRecorder, capture_attention
+from nexus_client.hf.capture import ATTN_IMPL, QueryRecorder, capture_queries
 
 from tests.client.conftest import tiny_llama
 
@@ -56,10 +56,10 @@ def _masked_reference(model, cache, new_ids, keep_rows):
             model.set_attn_implementation("sdpa")
     # Per-layer masks: the standard mask plumbing passes one mask to every layer, so hand each
     # layer its own through a test-only hook on the attention module read by a wrapper function.
-    from nexus_client.hf.capture import attention_modules, nexus_attention_forward
+    from nexus_client.hf.capture import attention_modules, nexus_sdpa_forward
 
     def per_layer(module, query, key, value, attention_mask, **kw):
-        return nexus_attention_forward(module, query, key, value, module._test_mask, **kw)
+        return nexus_sdpa_forward(module, query, key, value, module._test_mask > -1, **kw)
 
     transformers.AttentionInterface.register("test_per_layer_mask", per_layer)
     mods = attention_modules(model)
@@ -75,10 +75,10 @@ def _masked_reference(model, cache, new_ids, keep_rows):
 
 
 def _surgery_logits(model, cache, new_ids, keep, first_pos):
-    recorder = AttentionRecorder(2, groups=1)
+    recorder = QueryRecorder(2)
     apply_keep_mask(cache, keep)
     pos = torch.arange(first_pos, first_pos + new_ids.shape[1])[None]
-    with capture_attention(model, recorder):
+    with capture_queries(model, recorder):
         assert model.config._attn_implementation == ATTN_IMPL
         return model(input_ids=new_ids, position_ids=pos, past_key_values=cache).logits
 
@@ -128,7 +128,7 @@ def test_decode_steps_after_repeated_surgery(tiny) -> None:
 
 @torch.inference_mode()
 def test_per_layer_keep_masks(tiny) -> None:
-    """Each layer evicts different tokens; the capture attention builds each layer's causal mask."""
+    """Each layer evicts different tokens; the query-recording sdpa kernel builds each layer's causal mask."""
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 128, (1, PROMPT_LEN), generator=gen)
     new_ids = torch.randint(0, 128, (1, NEW), generator=gen)
@@ -141,14 +141,13 @@ def test_per_layer_keep_masks(tiny) -> None:
     apply_keep_mask(short, keep)
     lengths = cache_lengths(short)
     assert lengths == [int(keep[0].sum()), int(keep[1].sum())] and lengths[0] != lengths[1]
-    recorder = AttentionRecorder(2, groups=2)
-    with capture_attention(tiny, recorder):
-        recorder.start()
+    recorder = QueryRecorder(2)
+    with capture_queries(tiny, recorder):
         pos = torch.arange(PROMPT_LEN, PROMPT_LEN + NEW)[None]
         got = tiny(input_ids=new_ids, position_ids=pos, past_key_values=short).logits
-        cap = recorder.finish()
+        fq = recorder.take()
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-    assert [m.numel() for m in cap.mass] == [lengths[0] + NEW, lengths[1] + NEW]
+    assert [tuple(q.shape) for q in fq.queries] == [(4, NEW, 16)] * 2
 
 
 def test_keep_mask_errors(tiny) -> None:

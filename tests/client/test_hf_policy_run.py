@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 from nexus_client.hf import LocalBackend, PolicyRun
-from nexus_client.hf.capture import AttentionRecorder, attention_modules, capture_attention
+from nexus_client.hf.capture import QueryRecorder, attention_modules, capture_queries
 from nexus_client.hf.generate import generate
 from nexus_client.hf.policy_run import reads_priors
 from nexus_client.hf.priors import cache_priors
@@ -24,13 +24,12 @@ def tiny() -> Any:
 def _prefill(model: Any, n: int) -> tuple[Any, Any]:
     from transformers import DynamicCache
 
-    rec = AttentionRecorder(len(attention_modules(model)))
+    rec = QueryRecorder(len(attention_modules(model)))
     cache = DynamicCache(config=model.config)
     ids = torch.randint(3, 120, (1, n), generator=torch.Generator().manual_seed(2))
-    with torch.inference_mode(), capture_attention(model, rec):
-        rec.start()
+    with torch.inference_mode(), capture_queries(model, rec):
         model(input_ids=ids, past_key_values=cache, use_cache=True)
-        cap = rec.finish()
+        cap = rec.take()
     return cache, cap
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from nexus_client.hf.capture import AttentionRecorder, attention_modules, capture_attention
+from nexus_client.hf.capture import QueryRecorder, attention_modules, capture_queries
 from nexus_sidecar.evals.driver import apply_press, prefill
 from nexus_sidecar.evals.kvpress_baselines import PRESSES, check_press_knobs, make_press
 
@@ -24,7 +24,7 @@ def test_press_on_captured_layer_inputs_equals_the_press_inside_the_prefill(tiny
 
     theirs = DynamicCache(config=model.config)
     # The same attention kernel as the prefill above (recording off), so the layer inputs are identical.
-    with torch.inference_mode(), capture_attention(model, AttentionRecorder(len(attention_modules(model)))), \
+    with torch.inference_mode(), capture_queries(model, QueryRecorder(len(attention_modules(model)))), \
             make_press(f"kvpress:{name}", 0.75, {}, seed=3)(model):  # fmt: skip
         model.model(input_ids=ids[None], past_key_values=theirs)
     for i, (a, b) in enumerate(zip(ours.layers, theirs.layers, strict=True)):

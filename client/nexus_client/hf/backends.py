@@ -5,7 +5,7 @@ StepDecision`` and ``close(session)``; a worker that decodes several sequences a
 ``step_many(sessions, tensors) -> [StepDecision]`` (one call for all of them: one engine step
 in-process, one ``StepBatch`` for a sidecar). The config is a plain mapping of the engine's
 ``PolicyConfig`` fields (so a remote backend can serialise it without importing the engine), and
-the step carries the tensors of :class:`~nexus_client.hf.accumulate.StepTensors`.
+the step carries the tensors of :class:`~nexus_client.summary.StepTensors`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from nexus_client.hf.accumulate import StepTensors
+from nexus_client.summary import StepTensors
 
 
 @dataclass

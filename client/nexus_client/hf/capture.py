@@ -1,29 +1,25 @@
-"""Attention capture for transformers causal LMs.
+"""Query capture for transformers causal LMs: the model's own ``sdpa`` attention, plus its queries.
 
-Choice: a custom attention function registered with transformers' ``AttentionInterface`` under
-the name ``"nexus_capture"`` (not ``attn_implementation="eager"`` + ``output_attentions=True``).
+The summary a policy call needs is a function of each layer's post-RoPE queries and the cached
+keys (:func:`nexus_client.summary.summarize`); transformers' ``DynamicCache`` already holds the
+keys and values, so the only thing to record during the forward pass is the queries. A thin
+kernel is registered with transformers' ``AttentionInterface`` under ``"nexus_sdpa"``: it hands
+each layer's ``query`` (``[H, q, D]``, RoPE applied) to the module's :class:`QueryRecorder` and
+runs ``torch.nn.functional.scaled_dot_product_attention`` (grouped-query heads natively).
 
-Why:
-- ``output_attentions`` returns the full ``[B, H, q, L]`` probabilities of every layer at once
-  (30 layers x 9 heads for SmolLM2); we only need the head-reduced rows, so this function reduces
-  over heads inside each layer and keeps ``[q, L]`` (or less) per layer group.
+Why a kernel of our own rather than ``"sdpa"`` itself:
+
 - The name is not registered with transformers' mask interface, so ``create_causal_mask`` returns
-  ``None`` and this function builds its own causal mask from the *key length of its own layer*.
-  That is what lets every layer keep a different number of tokens (per-layer groups): the new
-  queries are always the last ``q`` keys of the layer, whatever its length. Decode (``q == 1``)
-  needs no mask at all.
+  ``None`` and the kernel builds the causal mask from *its own layer's* key length: the new queries
+  are the last ``q`` keys of the layer, whatever its length. That lets every layer keep a different
+  number of tokens (per-layer eviction groups), which one model-wide mask cannot describe. Decode
+  (``q == 1``) and a first prefill chunk (``q == L``) need no mask at all (``is_causal``).
 - The caller passes explicit ``position_ids`` (true absolute positions), so RoPE stays correct on a
   cache whose tokens were evicted: cached keys were rotated at their original positions.
 
-Cost: the attention itself is the eager computation (``softmax(QK^T)V`` in float32, grouped-query
-heads handled by a reshape instead of ``repeat_kv`` copies); on top, one head reduction and an add
-per layer. Measured on SmolLM2-135M (30 layers, 9 heads, 3 KV heads) on a shared 2-core CPU,
-single-token decode with ~230 cached tokens, median of 30 steps, best of 3 rounds: ``sdpa``
-67.2 ms/step; this function with recording off 67.2 ms; recording on 69.1 ms (about +2 ms, +3 %,
-close to the run-to-run noise of a shared machine). Switching ``attn_implementation`` is not free,
-so :func:`capture_attention` is entered once per generation, not per step.
-During prefill the probabilities of a chunk (``H x q x L`` floats per layer) are materialised, so
-keep ``chunk_size`` moderate (256 by default in the CLI).
+Nothing ``[heads, q, L]`` is formed here (the kernel is fused); recording costs one reference per
+layer (the query tensor is kept, not copied). Queries of successive forward passes are
+concatenated until the policy call that summarises them (:meth:`QueryRecorder.take`).
 """
 
 from __future__ import annotations
@@ -31,105 +27,80 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-ATTN_IMPL = "nexus_capture"
-HeadReduce = Literal["mean", "max"]
+from nexus_client.summary import HeadReduce
+
+__all__ = ["ATTN_IMPL", "ForwardQueries", "HeadReduce", "QueryRecorder", "attention_modules", "cache_kv",
+           "capture_queries"]
+
+ATTN_IMPL = "nexus_sdpa"
 _RECORDER_ATTR = "_nexus_recorder"
 
 
 @dataclass
-class ForwardCapture:
-    """What one forward pass paid attention to, per layer group.
+class ForwardQueries:
+    """The post-RoPE queries of one or more forward passes: ``queries[l]`` ``[H, q, D]`` per layer,
+    and the model's softmax ``scaling``."""
 
-    ``mass[g]``: ``[L_g]`` attention summed over the (observed) new queries, reduced over heads
-    (and averaged over the layers of the group). ``last[g]``: ``[L_g]`` the newest query's row.
-    ``rows[g]``: ``[q, L_g]`` every new query's row (for edge extraction). ``L_g`` is the key length
-    of the group *including* the ``q`` new tokens, which are its last ``q`` slots.
-    """
+    queries: list[torch.Tensor]
+    scaling: float
 
-    mass: list[torch.Tensor]
-    last: list[torch.Tensor]
-    rows: list[torch.Tensor]
+    @property
+    def tokens(self) -> int:
+        """Number of tokens (``q``)."""
+        return int(self.queries[0].shape[1])
+
+    def cat(self, other: ForwardQueries) -> ForwardQueries:
+        """These tokens, then ``other``'s (one layer at a time)."""
+        if len(other.queries) != len(self.queries):
+            raise ValueError(f"cannot join queries of {len(self.queries)} and {len(other.queries)} layers")
+        return ForwardQueries([torch.cat([a, b], dim=1) for a, b in zip(self.queries, other.queries, strict=True)],
+                              self.scaling)
 
 
-class AttentionRecorder:
-    """Collects head-reduced attention from every layer during one forward pass.
+class QueryRecorder:
+    """Collects every layer's post-RoPE queries during forward passes (batch size 1)."""
 
-    ``groups == 1``: one shared group, rows averaged over all layers (all layers hold the same
-    tokens). ``groups == num_layers``: one group per layer. ``obs_window``: when set, ``mass`` sums
-    only the last ``obs_window`` queries of the pass (a SnapKV-style observation window for long
-    prefill chunks); ``rows`` always cover every query so each token gets its edges.
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        groups: int = 1,
-        head_reduce: HeadReduce = "mean",
-        obs_window: int | None = None,
-    ) -> None:
-        if groups not in (1, num_layers):
-            raise ValueError(f"groups must be 1 (shared) or num_layers={num_layers} (per layer), got {groups}")
-        if head_reduce not in ("mean", "max"):
-            raise ValueError(f"head_reduce must be 'mean' or 'max', got {head_reduce!r}")
-        if obs_window is not None and obs_window < 1:
-            raise ValueError(f"obs_window must be >= 1 or None, got {obs_window}")
+    def __init__(self, num_layers: int) -> None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.num_layers = num_layers
-        self.groups = groups
-        self.head_reduce: HeadReduce = head_reduce
-        self.obs_window = obs_window
-        self.active = False
-        self._rows: list[torch.Tensor | None] = [None] * groups
-        self._seen = [0] * groups
-
-    def start(self) -> None:
-        """Begin recording one forward pass."""
-        self._rows = [None] * self.groups
-        self._seen = [0] * self.groups
         self.active = True
+        self._queries: list[torch.Tensor | None] = [None] * num_layers
+        self._scaling: float | None = None
 
-    def record(self, layer_idx: int, probs: torch.Tensor) -> None:
-        """Store layer ``layer_idx``'s probabilities ``[1, H, q, L]`` reduced over heads."""
-        if probs.shape[0] != 1:
-            raise ValueError(f"attention capture supports batch size 1, got {probs.shape[0]}")
-        reduced = probs[0].mean(dim=0) if self.head_reduce == "mean" else probs[0].amax(dim=0)
-        g = 0 if self.groups == 1 else layer_idx
-        prev = self._rows[g]
-        if prev is None:
-            self._rows[g] = reduced.float().clone()
-        else:
-            if prev.shape != reduced.shape:
-                raise ValueError(
-                    f"layer {layer_idx} has {reduced.shape[-1]} keys but shared group 0 has {prev.shape[-1]}: "
-                    "with groups=1 every layer must hold the same tokens"
-                )
-            prev.add_(reduced)
-        self._seen[g] += 1
+    def record(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
+        """Keep layer ``layer_idx``'s queries ``[1, H, q, D]``."""
+        if query.shape[0] != 1:
+            raise ValueError(f"query capture supports batch size 1, got {query.shape[0]}")
+        q = query[0]
+        prev = self._queries[layer_idx]
+        self._queries[layer_idx] = q if prev is None else torch.cat([prev, q], dim=1)
+        self._scaling = scaling
 
-    def finish(self) -> ForwardCapture:
-        """End the pass and return the per-group capture."""
-        self.active = False
-        expected = self.num_layers // self.groups
-        mass, last, rows = [], [], []
-        for g, r in enumerate(self._rows):
-            if r is None or self._seen[g] != expected:
-                raise RuntimeError(
-                    f"group {g}: captured {self._seen[g]} layers, expected {expected}; is the model using "
-                    f"attn_implementation={ATTN_IMPL!r} (see capture_attention)?"
-                )
-            r = r / expected
-            window = r if self.obs_window is None else r[-self.obs_window :]
-            mass.append(window.sum(dim=0))
-            last.append(r[-1].clone())
-            rows.append(r)
-        return ForwardCapture(mass=mass, last=last, rows=rows)
+    def take(self) -> ForwardQueries:
+        """Every query recorded since the last :meth:`take` (and forget them)."""
+        if any(q is None for q in self._queries) or self._scaling is None:
+            missing = [i for i, q in enumerate(self._queries) if q is None]
+            raise RuntimeError(f"no queries recorded for layers {missing[:5]}...; is the model running "
+                               f"attn_implementation={ATTN_IMPL!r} (see capture_queries)?")
+        lengths = {int(q.shape[1]) for q in self._queries if q is not None}
+        if len(lengths) != 1:
+            raise RuntimeError(f"layers recorded different token counts {sorted(lengths)}")
+        out = ForwardQueries([q for q in self._queries if q is not None], self._scaling)
+        self._queries = [None] * self.num_layers
+        return out
+
+    def clear(self) -> None:
+        """Forget what was recorded."""
+        self._queries = [None] * self.num_layers
 
 
-def nexus_attention_forward(
+def nexus_sdpa_forward(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -139,49 +110,45 @@ def nexus_attention_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Eager attention that also hands head-reduced probabilities to the module's recorder.
+    """The model's fused attention (``scaled_dot_product_attention``); hands ``query`` to the recorder.
 
-    ``query``: ``[B, H, q, D]``; ``key``/``value``: ``[B, Hkv, L, D]`` (the layer's whole cache,
-    new tokens last). A 4D ``attention_mask`` (additive float or boolean keep) is honoured; without
-    one, the causal mask is built against this layer's own key length. ``dropout`` comes before
-    ``scaling`` as in transformers' registered kernels (sdpa, flash): kvpress wraps every registered
-    kernel at import and passes ``dropout`` positionally (``scaling`` first broke under that wrapper).
+    ``query``: ``[B, H, q, D]``; ``key``/``value``: ``[B, Hkv, L, D]`` (the layer's whole cache, new
+    tokens last). A 4D ``attention_mask`` (additive float or boolean keep) is honoured; without one,
+    the causal mask is built against this layer's own key length. ``dropout`` comes before
+    ``scaling`` as in transformers' registered kernels: kvpress wraps every registered kernel at
+    import and passes ``dropout`` positionally.
     """
     if kwargs.get("sliding_window") or getattr(module, "sliding_window", None):
-        raise NotImplementedError("nexus_capture does not implement sliding-window attention layers")
+        raise NotImplementedError("nexus_sdpa does not implement sliding-window attention layers")
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         # Silently ignoring these would change the model's outputs; refuse instead.
-        raise NotImplementedError("nexus_capture does not implement attention logit softcapping or sinks")
-    b, h, q, d = query.shape
-    hkv, length = key.shape[1], key.shape[2]
-    rep = h // hkv
+        raise NotImplementedError("nexus_sdpa does not implement attention logit softcapping or sinks")
+    q, d = query.shape[2], query.shape[3]
+    length = key.shape[2]
     scaling = d**-0.5 if scaling is None else scaling
-    # Grouped-query attention by reshape (no repeat_kv copy): [B, Hkv, rep, q, D] x [B, Hkv, 1, D, L].
-    qg = query.reshape(b, hkv, rep, q, d).float()
-    scores = torch.matmul(qg, key.float().unsqueeze(2).transpose(-1, -2)) * scaling
-    scores = scores.reshape(b, h, q, length)
+    recorder: QueryRecorder | None = getattr(module, _RECORDER_ATTR, None)
+    if recorder is not None and recorder.active:
+        recorder.record(module.layer_idx, query.detach(), float(scaling))
+    mask, causal = None, False
     if attention_mask is not None:
         mask = attention_mask[..., -q:, -length:]
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    elif q > 1 and q == length:
+        causal = True  # top-left aligned equals bottom-right when nothing is cached before
     elif q > 1:
         # Query t (0-based among the q new ones) sits at key index length - q + t.
         qi = torch.arange(q, device=query.device).unsqueeze(1) + (length - q)
-        ki = torch.arange(length, device=query.device).unsqueeze(0)
-        scores = scores.masked_fill(ki > qi, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    recorder: AttentionRecorder | None = getattr(module, _RECORDER_ATTR, None)
-    if recorder is not None and recorder.active:
-        recorder.record(module.layer_idx, probs)
-    out = torch.matmul(probs.reshape(b, hkv, rep, q, length), value.float().unsqueeze(2))
-    out = out.reshape(b, h, q, d).to(query.dtype).transpose(1, 2).contiguous()
-    return out, None
+        mask = torch.arange(length, device=query.device).unsqueeze(0) <= qi
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=causal,
+        enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
 
 
 def register_attention() -> None:
-    """Register :func:`nexus_attention_forward` with transformers (idempotent)."""
+    """Register :func:`nexus_sdpa_forward` with transformers (idempotent)."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTN_IMPL, nexus_attention_forward)
+    AttentionInterface.register(ATTN_IMPL, nexus_sdpa_forward)
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -192,9 +159,24 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
+def cache_kv(cache: object) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each layer's keys and values ``[Hkv, L, D]`` (views, batch 0) of a transformers 5.x ``DynamicCache``."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(cache).__name__} has no .layers; expected a transformers 5.x DynamicCache")
+    keys, values = [], []
+    for i, layer in enumerate(layers):
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if k is None or v is None or k.dim() != 4 or k.shape[0] != 1:
+            raise ValueError(f"cache layer {i}: expected keys/values [1, Hkv, L, D] of one sequence")
+        keys.append(k[0])
+        values.append(v[0])
+    return keys, values
+
+
 @contextlib.contextmanager
-def capture_attention(model: nn.Module, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
-    """Switch ``model`` to the capturing attention and attach ``recorder``; restore both on exit."""
+def capture_queries(model: nn.Module, recorder: QueryRecorder) -> Iterator[QueryRecorder]:
+    """Switch ``model`` to the recording ``sdpa`` kernel and attach ``recorder``; restore both on exit."""
     register_attention()
     previous = model.config._attn_implementation
     mods = attention_modules(model)

@@ -1,14 +1,20 @@
 """Greedy generation with a KV-cache eviction policy enforced during prefill and decode.
 
-The loop, per forward pass: feed the new tokens with their true absolute ``position_ids``, capture
-the head-reduced attention (:mod:`nexus_client.hf.capture`), add it to the worker-side accumulator
-(:mod:`nexus_client.hf.accumulate`); then, when a policy call is due, send one summary to the
-backend and cut the evicted slots out of the ``DynamicCache`` (:mod:`nexus_client.hf.cache_surgery`).
+The loop, per forward pass: feed the new tokens with their true absolute ``position_ids`` through
+the model's own fused attention, recording only the post-RoPE queries
+(:mod:`nexus_client.hf.capture`); when a policy call is due, the pending queries and the cache's
+keys become one summary (:func:`nexus_client.summary.summarize`), sent to the backend, and the
+evicted slots are cut from the ``DynamicCache`` (:mod:`nexus_client.hf.cache_surgery`), all through
+:class:`~nexus_client.hf.policy_run.PolicyRun`.
 
 A call is due after every prefill chunk (so the budget holds while a long context streams in), and
-during decode every ``every_k`` tokens or as soon as the cache exceeds ``budget + slack``. With
-``slack < every_k`` the second rule fires first once the cache is full, so set ``slack`` to at least
-``every_k - 1`` for the calls to really be ``every_k`` apart.
+during decode every ``every_k`` tokens. Blocking (``pipeline=False``), a call is also made as soon
+as the cache exceeds ``budget + slack``; with ``slack < every_k`` that rule fires first once the
+cache is full, so set ``slack`` to at least ``every_k - 1`` for the calls to really be ``every_k``
+apart. Pipelined (``pipeline=True``), each call's answer is applied right before the next call
+(the decode never waits for the backend unless its answer takes longer than ``every_k`` steps);
+calls are exactly ``every_k`` apart and the cache holds at most ``budget + slack + every_k``
+slots at each call (``budget + slack + 2 * every_k`` at the peak between calls).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 
 from nexus_client.hf.backends import PolicyBackend
 from nexus_client.hf.cache_surgery import cache_lengths
-from nexus_client.hf.capture import AttentionRecorder, HeadReduce, attention_modules, capture_attention
+from nexus_client.hf.capture import HeadReduce, QueryRecorder, attention_modules, capture_queries
 from nexus_client.hf.decode import greedy_decode
 from nexus_client.hf.policy_run import PolicyRun
 
@@ -86,13 +92,16 @@ def generate(
     obs_window: int | None = None,
     stop_at_eos: bool = True,
     progress: bool = False,
+    pipeline: bool = False,
 ) -> GenerationResult:
     """Greedy-decode ``prompt`` with ``model`` while ``backend`` keeps the KV cache under budget.
 
     ``policy_config`` holds the engine ``PolicyConfig`` fields (``budget``, ``slack``, ``groups``
     (1 = shared, or the number of layers), ``fanout``, ...). ``prompt`` is text (tokenized with
     special tokens) or token ids; ``tokenizer`` may be ``None`` when ``prompt`` is token ids (then
-    ``text`` is empty and decoding never stops at EOS). Batch size is 1.
+    ``text`` is empty and decoding never stops at EOS). Batch size is 1. ``obs_window``: ``attn``
+    sums only the last ``obs_window`` queries of a call. ``pipeline``: send each call in the
+    background and apply its answer right before the next one (module doc).
     """
     from transformers import DynamicCache
 
@@ -119,16 +128,16 @@ def generate(
     device = next(model.parameters()).device
     eos = getattr(tokenizer, "eos_token_id", None)
 
-    recorder = AttentionRecorder(num_layers, groups=groups, head_reduce=head_reduce, obs_window=obs_window)
+    recorder = QueryRecorder(num_layers)
     cache = DynamicCache(config=model.config)
     slots = [torch.empty(0, dtype=torch.int64) for _ in range(groups)]  # positions in cache, per group
     sizes: list[tuple[int, int]] = []
     evictions: list[Eviction] = []
-    t: dict[str, Any] = {"prefill_s": 0.0, "policy_s": 0.0, "surgery_s": 0.0, "cache_after_call": []}
+    t: dict[str, Any] = {"prefill_s": 0.0, "policy_s": 0.0, "summary_s": 0.0, "surgery_s": 0.0, "wait_s": 0.0,
+                         "cache_after_call": [], "cache_at_call": []}
     t.update(forward_steps=[], policy_steps=[], decode_steps=[])
 
     def forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        recorder.start()
         out = model(
             input_ids=tokens[None].to(device),
             position_ids=positions[None].to(device),
@@ -136,16 +145,17 @@ def generate(
             use_cache=True,
             logits_to_keep=1,  # only the last position is read: skips the LM head on prefill chunks
         )
-        cap = recorder.finish()
         for g in range(groups):
             slots[g] = torch.cat([slots[g], positions])
-        run.add(cap, positions, slots)
+        run.add(recorder.take(), positions, slots)
         return out.logits[0, -1]
 
     def policy_call(step: int, phase: str) -> float:
         t0 = time.perf_counter()
         evicted = run.call(cache, slots, "context" if phase == "prefill" else "decode")
-        t["surgery_s"], t["policy_s"] = run.surgery_seconds, run.seconds
+        t["surgery_s"], t["policy_s"], t["summary_s"] = run.surgery_seconds, run.seconds, run.summary_seconds
+        t["wait_s"] = run.wait_seconds
+        t["cache_at_call"] = run.held_at_call
         if any(evicted):
             evictions.append(Eviction(step=step, phase=phase, positions=evicted))
         size = max(cache_lengths(cache))
@@ -153,7 +163,8 @@ def generate(
         sizes.append((step, size))
         return time.perf_counter() - t0
 
-    with capture_attention(model, recorder), PolicyRun(backend, policy_config) as run:
+    run = PolicyRun(backend, policy_config, window=obs_window, pipeline=pipeline, head_reduce=head_reduce)
+    with capture_queries(model, recorder), run:
         t0 = time.perf_counter()
         chunks = list(torch.arange(ids.numel(), dtype=torch.int64).split(chunk_size))
         for c, pos in enumerate(chunks):
@@ -176,7 +187,7 @@ def generate(
             size = max(cache_lengths(cache))
             sizes.append((step, size))
             p = 0.0
-            if run.pending >= every_k or size > budget + slack:
+            if run.pending >= every_k or (not pipeline and size > budget + slack):
                 p = policy_call(step, "decode")
             t["forward_steps"].append(s1 - s0)
             t["policy_steps"].append(p)

@@ -1,26 +1,45 @@
-"""One policy session applied to one KV cache: the step that :func:`~nexus_client.hf.generate` and the
-evaluation's settings share.
+"""One policy session applied to one KV cache: the step that :func:`~nexus_client.hf.generate`, the
+evaluation's settings and ``NexusPress`` share, blocking or pipelined.
 
-Between calls, each forward pass's capture is added (:class:`~nexus_client.hf.accumulate.AttentionAccumulator`);
-a call sends one summary to the backend, checks the answer against the cache (the keep mask must
-cover exactly the cached slots and agree with the evicted positions), cuts the evicted slots out of
-every layer (:func:`~nexus_client.hf.cache_surgery.apply_keep_mask`) and out of the caller's slot
-lists, and keeps the counts and the time spent.
+Between calls the post-RoPE queries of every forward pass are kept (:meth:`PolicyRun.add`); a call
+summarises them against the cache's keys (:func:`nexus_client.summary.summarize`), sends the
+summary to the backend, checks the answer against the cache (the keep mask must cover exactly the
+call's slots and agree with the evicted positions) and cuts the evicted slots out of every layer
+(:func:`~nexus_client.hf.cache_surgery.apply_keep_mask`) and out of the caller's slot lists.
+
+**Pipelined** (``pipeline=True``): call t is sent on a background thread and the worker goes on
+decoding; answer t is applied right before call t + 1 is built (waiting for it only if it has not
+arrived). The k tokens decoded meanwhile attended to the slots answer t evicts: their summary is
+computed over the cache *before* the cut and the evicted columns are then dropped (``retain``), so
+they keep the mass they paid to the survivors. The wire does not change: call t + 1 is built after
+answer t, so it carries the retained count and checksum after answer t. Depth is therefore 1 (a
+second call in flight would need answer t's count before it exists). The backend runs on the
+thread unchanged, so a remote backend's deadlines, retries, resync and local fallback behave as in
+blocking mode; an error surfaces when the answer is collected (the next call, :meth:`drain` or
+:meth:`close`).
+
+Bounds: the sidecar keeps at most ``budget + slack`` slots of a call, so right after an answer is
+applied (every call) the cache holds at most ``budget + slack + k`` slots (k: the tokens added
+since the answered call was sent). In blocking mode that is also the peak; pipelined, the k tokens
+of the next call are decoded before the answer lands, so between calls the cache peaks at
+``budget + slack + 2k``. ``held_at_call`` records the cache size at every call (after the answer
+was applied) for callers and tests to check.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from nexus_client.hf.accumulate import AttentionAccumulator, StepTensors
 from nexus_client.hf.backends import PolicyBackend, StepDecision
-from nexus_client.hf.cache_surgery import apply_keep_mask
-from nexus_client.hf.capture import ForwardCapture
-from nexus_client.hf.priors import cache_priors
+from nexus_client.hf.cache_surgery import apply_keep_mask, cache_lengths
+from nexus_client.hf.capture import ForwardQueries, cache_kv
+from nexus_client.summary import HeadReduce, StepTensors, summarize
 
 PRIOR_POLICIES = ("keydiff", "knorm")  # score by a prior alone; Nexus reads one when prior_mix > 0
 
@@ -37,28 +56,49 @@ def reads_priors(config: Mapping[str, Any]) -> bool:
     return False
 
 
+@dataclass
+class _InFlight:
+    """A call sent and not yet applied: its answer, and the slots it covered (per group)."""
+
+    future: concurrent.futures.Future[StepDecision]
+    slots: list[torch.Tensor]
+    sent: float
+
+
 class PolicyRun:
     """A backend session for one sequence whose cache holds ``groups`` eviction groups (1 = shared).
 
-    ``window``: the accumulator's observation window (``None``: every pending query's attention).
-    ``priors``: send the cache's query-agnostic priors with every call (computed from the cache's
-    keys and values right before the call, :func:`~nexus_client.hf.priors.cache_priors`); by default
+    ``window``: the observation window (``attn`` sums only the last ``window`` pending queries;
+    ``None``: all). ``priors``: send the cache's query-agnostic priors with every call; by default
     they are sent when the policy reads one (``keydiff``, ``knorm``, Nexus with ``prior_mix > 0``).
+    ``head_reduce``: how a layer's heads are reduced (``mean`` or ``max``). ``pipeline``: send each
+    call in the background and apply its answer right before the next call (module doc).
     Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(self, backend: PolicyBackend, config: Mapping[str, Any], window: int | None = None,
-                 priors: bool | None = None) -> None:  # fmt: skip
+                 priors: bool | None = None, *, pipeline: bool = False, head_reduce: HeadReduce = "mean") -> None:
         self.backend = backend
         self.config = dict(config)
         self.groups = int(self.config.get("groups", 1))
-        self.acc = AttentionAccumulator(self.groups, int(self.config.get("fanout", 8)), window=window)
+        self.fanout = int(self.config.get("fanout", 8))
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 or None, got {window}")
+        self.window = window
+        self.head_reduce: HeadReduce = head_reduce
         self.priors = reads_priors(self.config) if priors is None else priors
+        self.pipeline = pipeline
         self.session = backend.open(self.config)
+        self._queries: ForwardQueries | None = None
+        self._inflight: _InFlight | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nexus-policy") if pipeline else None
         self.calls = 0
         self.evicted = 0
-        self.seconds = 0.0  # in the backend
+        self.seconds = 0.0  # in the backend (blocking) or waiting for it (pipelined)
+        self.summary_seconds = 0.0
         self.surgery_seconds = 0.0
+        self.wait_seconds = 0.0  # pipelined: time the worker stalled for an answer not yet there
+        self.held_at_call: list[int] = []  # cache size (max over layers) at every call, answers applied
 
     def __enter__(self) -> PolicyRun:
         return self
@@ -69,11 +109,86 @@ class PolicyRun:
     @property
     def pending(self) -> int:
         """New tokens added since the last call."""
-        return self.acc.pending
+        return 0 if self._queries is None else self._queries.tokens
 
-    def add(self, capture: ForwardCapture, positions: torch.Tensor, slots: list[torch.Tensor]) -> None:
-        """Add one forward pass (``positions`` new tokens; ``slots``: each group's cached positions after it)."""
-        self.acc.add(capture, positions, slots)
+    @property
+    def in_flight(self) -> bool:
+        """Whether a pipelined call has been sent and its answer not applied yet."""
+        return self._inflight is not None
+
+    def add(self, queries: ForwardQueries, positions: torch.Tensor, slots: list[torch.Tensor] | None = None) -> None:
+        """Add one forward pass's queries (``positions``: its new tokens, already the last slots of
+        ``slots`` when given)."""
+        q = queries.tokens
+        if positions.numel() != q:
+            raise ValueError(f"positions: {positions.numel()} for {q} recorded queries")
+        if slots is not None:
+            if len(slots) != self.groups:
+                raise ValueError(f"slots: expected {self.groups} groups, got {len(slots)}")
+            for g, s in enumerate(slots):
+                if s.numel() < q or not torch.equal(s[-q:].cpu(), positions.cpu().to(s.dtype)):
+                    raise ValueError(f"slots[{g}]: the last {q} slots are not the new positions")
+        self._queries = queries if self._queries is None else self._queries.cat(queries)
+
+    def _summary(self, cache: Any, slots: list[torch.Tensor], kind: str,
+                 retain: list[torch.Tensor] | None) -> StepTensors:
+        if self._queries is None:
+            raise RuntimeError("no new tokens added since the last policy call")
+        t0 = time.perf_counter()
+        keys, values = cache_kv(cache)
+        step = summarize(self._queries.queries, keys, values, slots, scaling=self._queries.scaling,
+                         groups=self.groups, fanout=self.fanout, window=self.window, head_reduce=self.head_reduce,
+                         priors=self.priors, retain=retain, call=kind)  # fmt: skip
+        self._queries = None
+        self.summary_seconds += time.perf_counter() - t0
+        return step
+
+    def _checked(self, decision: StepDecision, call_slots: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
+        """Each group's keep row over the call's slots, and the evicted positions; refuses an answer
+        that does not fit (a keep mask over the wrong slots, or one that disagrees with its evicted
+        positions): applying it would silently corrupt the cache."""
+        keep = decision.keep
+        if keep.dim() != 2 or keep.shape[0] != self.groups:
+            raise RuntimeError(f"backend returned keep of shape {tuple(keep.shape)}, expected [{self.groups}, N]")
+        rows, evicted = [], []
+        for g in range(self.groups):
+            n = call_slots[g].numel()
+            row = keep[g]
+            if row.numel() < n or bool(row[n:].any()):
+                raise RuntimeError(f"group {g}: keep covers {row.numel()} slots, cache group holds {n}")
+            gone = call_slots[g][~row[:n]]
+            if not torch.equal(torch.sort(gone).values, torch.sort(decision.evicted[g].to(torch.int64)).values):
+                raise RuntimeError(f"group {g}: keep mask and evicted positions disagree")
+            rows.append(row[:n])
+            evicted.append(gone.tolist())
+        return rows, evicted
+
+    def _apply(self, cache: Any, slots: list[torch.Tensor], rows: list[torch.Tensor],
+               evicted: list[list[int]]) -> None:
+        """Cut the slots ``rows`` drops (the first ``len(row)`` slots of each group) from cache and slots."""
+        t0 = time.perf_counter()
+        full = []
+        for g in range(self.groups):
+            tail = slots[g].numel() - rows[g].numel()
+            row = torch.cat([rows[g], torch.ones(tail, dtype=torch.bool)])
+            slots[g] = slots[g][row]
+            full.append(row)
+        if any(evicted):
+            apply_keep_mask(cache, full if self.groups > 1 else full[0])
+        self.evicted += sum(len(e) for e in evicted)
+        self.surgery_seconds += time.perf_counter() - t0
+
+    def _collect(self) -> tuple[_InFlight, StepDecision]:
+        assert self._inflight is not None
+        flight, self._inflight = self._inflight, None
+        t0 = time.perf_counter()
+        done = flight.future.done()
+        decision = flight.future.result()  # re-raises the backend's error here
+        waited = time.perf_counter() - t0
+        if not done:
+            self.wait_seconds += waited
+        self.seconds += waited
+        return flight, decision
 
     def call(self, cache: Any, slots: list[torch.Tensor], kind: str = "unspecified") -> list[list[int]]:
         """One policy call over everything added; evicts from ``cache`` and ``slots`` (in place).
@@ -81,54 +196,76 @@ class PolicyRun:
         ``kind`` tells the policy what the added queries are: "context" (a chunk of context, no
         question yet), "question" (a question's queries), "decode" (generated tokens).
 
-        Returns the evicted positions per group. Raises ``RuntimeError`` when the backend's answer
-        does not fit the cache (a keep mask over the wrong slots, or one that disagrees with its
-        evicted positions): applying it would silently corrupt the cache.
+        Blocking: returns the positions this call evicted, per group. Pipelined: applies the
+        previous call's answer (waiting if needed), sends this one, and returns the positions the
+        applied answer evicted (none on the first call). Raises ``RuntimeError`` when an answer does
+        not fit the cache.
         """
+        if len(slots) != self.groups:
+            raise ValueError(f"slots: expected {self.groups} groups, got {len(slots)}")
+        evicted: list[list[int]] = [[] for _ in range(self.groups)]
+        retain = None
+        rows: list[torch.Tensor] = []
+        if self._inflight is not None:
+            flight, decision = self._collect()
+            rows, evicted = self._checked(decision, flight.slots)
+            retain = rows
+        tensors = self._summary(cache, slots, kind, retain)
+        if retain is not None:
+            self._apply(cache, slots, rows, evicted)
+        self.calls += 1
+        self.held_at_call.append(max(cache_lengths(cache)))
+        if self._pool is not None:
+            call_slots = [s.clone() for s in slots]
+            self._inflight = _InFlight(self._pool.submit(self.backend.step, self.session, tensors), call_slots,
+                                       time.perf_counter())
+            return evicted
         t0 = time.perf_counter()
-        tensors = self.prepare(cache, kind)
         decision = self.backend.step(self.session, tensors)
         self.seconds += time.perf_counter() - t0
         return self.settle(decision, cache, slots)
 
-    def prepare(self, cache: Any, kind: str = "unspecified") -> StepTensors:
-        """The summary of everything added since the last call (with the cache's priors when the
-        policy reads them); the accumulator starts over. Send it, then hand the answer to
-        :meth:`settle` (a worker batching several sequences sends all their summaries in one call)."""
-        tensors = self.acc.build()
-        tensors.call = kind
-        if self.priors:
-            width = tensors.attn.shape[-1]
-            tensors.priors = {k: v[:, :width].cpu() for k, v in cache_priors(cache, self.groups).items()}
-        self.acc.reset()
+    def prepare(self, cache: Any, slots: list[torch.Tensor], kind: str = "unspecified") -> StepTensors:
+        """A blocking call in two halves, for a worker that sends several sequences' summaries in one
+        backend call (``backend.step_many``): this call's summary (counted as a call), then
+        :meth:`settle` with its answer."""
+        if self._pool is not None:
+            raise RuntimeError("prepare/settle are blocking calls; this run is pipelined (use call)")
+        if len(slots) != self.groups:
+            raise ValueError(f"slots: expected {self.groups} groups, got {len(slots)}")
+        tensors = self._summary(cache, slots, kind, None)
+        self.calls += 1
+        self.held_at_call.append(max(cache_lengths(cache)))
         return tensors
 
     def settle(self, decision: StepDecision, cache: Any, slots: list[torch.Tensor]) -> list[list[int]]:
-        """Check ``decision`` against the cache, cut the evicted slots out of ``cache`` and ``slots``
-        (in place) and count the call; returns the evicted positions per group."""
-        t1 = time.perf_counter()
-        keep = decision.keep
-        if keep.dim() != 2 or keep.shape[0] != self.groups:
-            raise RuntimeError(f"backend returned keep of shape {tuple(keep.shape)}, expected [{self.groups}, N]")
-        evicted: list[list[int]] = []
-        rows = []
-        for g in range(self.groups):
-            n = slots[g].numel()
-            row = keep[g]
-            if row.numel() < n or bool(row[n:].any()):
-                raise RuntimeError(f"group {g}: keep covers {row.numel()} slots, cache group holds {n}")
-            gone = slots[g][~row[:n]]
-            if not torch.equal(torch.sort(gone).values, torch.sort(decision.evicted[g].to(torch.int64)).values):
-                raise RuntimeError(f"group {g}: keep mask and evicted positions disagree")
-            evicted.append(gone.tolist())
-            slots[g] = slots[g][row[:n]]
-            rows.append(row)
-        apply_keep_mask(cache, keep if self.groups > 1 else rows[0])
-        self.calls += 1
-        self.evicted += sum(len(e) for e in evicted)
-        self.surgery_seconds += time.perf_counter() - t1
+        """Check the answer to the call :meth:`prepare` built and cut what it evicts from ``cache``
+        and ``slots`` (in place); returns the evicted positions per group."""
+        rows, evicted = self._checked(decision, slots)
+        self._apply(cache, slots, rows, evicted)
+        return evicted
+
+    def drain(self, cache: Any, slots: list[torch.Tensor]) -> list[list[int]]:
+        """Apply the answer in flight now (waiting for it); returns what it evicted (nothing when
+        none is in flight). Only with no tokens pending: their summary would otherwise lose the
+        mass they paid to the slots this cut removes."""
+        if self._inflight is None:
+            return [[] for _ in range(self.groups)]
+        if self.pending:
+            raise RuntimeError(f"drain with {self.pending} tokens pending: make a call first")
+        flight, decision = self._collect()
+        rows, evicted = self._checked(decision, flight.slots)
+        self._apply(cache, slots, rows, evicted)
         return evicted
 
     def close(self) -> None:
-        """Release the backend session."""
-        self.backend.close(self.session)
+        """Wait for a call in flight (its answer is not applied), then release the backend session."""
+        try:
+            if self._inflight is not None:
+                flight, self._inflight = self._inflight, None
+                flight.future.result()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            self.backend.close(self.session)

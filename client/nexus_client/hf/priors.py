@@ -22,34 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from nexus_client.wire import PRIORS
+from nexus_client.summary import PRIORS, layer_priors, slot_priors
 
 __all__ = ["PRIORS", "cache_priors", "layer_priors"]
-
-_EPS = 1e-8  # as F.cosine_similarity: a zero key has cosine 0 to anything
-
-
-def layer_priors(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """float32 ``[3, L]``: key diversity, key norm and value norm of one layer's slots, head-averaged.
-
-    ``keys``/``values``: ``[1, Hkv, L, D]`` (one sequence). Computed in float32 (float64 kept) so
-    that a bf16 cache does not round distinct scores onto one value.
-    """
-    if keys.dim() != 4 or keys.shape[0] != 1 or values.shape[:3] != keys.shape[:3]:
-        raise ValueError(f"expected keys/values [1, Hkv, L, D] of one sequence, got {tuple(keys.shape)} / "
-                         f"{tuple(values.shape)}")
-    dtype = torch.promote_types(keys.dtype, torch.float32)
-    k = keys[0].to(dtype)  # [H, L, D]
-    k_norm = torch.linalg.vector_norm(k, dim=-1)  # [H, L]
-    # Mean unit key and every key's dot with it as two batched mat-vec products (no [H, L, D]
-    # temporary of unit keys; measured ~1.5x faster than dividing the keys first).
-    anchor = torch.bmm((1.0 / k_norm.clamp(min=_EPS)).unsqueeze(1), k).squeeze(1) / max(k.shape[1], 1)  # [H, D]
-    dot = torch.bmm(k, anchor.unsqueeze(-1)).squeeze(-1)  # [H, L]
-    cos = dot / (k_norm * torch.linalg.vector_norm(anchor, dim=-1, keepdim=True)).clamp(min=_EPS)
-    # Rounding can put |cos| a hair above 1; the engine rejects values outside [-1, 1].
-    diversity = (-cos).clamp(-1.0, 1.0)
-    v_norm = torch.linalg.vector_norm(values[0].to(dtype), dim=-1)
-    return torch.stack([diversity.mean(0), k_norm.mean(0), v_norm.mean(0)]).to(torch.float32)
 
 
 def cache_priors(cache: object, groups: int) -> dict[str, torch.Tensor]:
@@ -57,31 +32,19 @@ def cache_priors(cache: object, groups: int) -> dict[str, torch.Tensor]:
 
     ``groups`` is the session's group count: 1 (averaged over all layers) or the number of layers.
     Pass the dict on as is: ``StepInput(..., **priors)`` in-process, ``pack_step(..., **priors)``
-    for a sidecar.
+    for a sidecar. (:func:`nexus_client.summary.slot_priors` on the cache's keys and values.)
     """
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise TypeError(f"{type(cache).__name__} has no .layers; expected a transformers 5.x DynamicCache")
-    layers = list(layers)
-    if groups not in (1, len(layers)):
-        raise ValueError(f"groups must be 1 (shared) or the {len(layers)} layers (per layer), got {groups}")
-    per_layer = [_layer_priors(layer) for layer in layers]
-    lengths = [int(p.shape[1]) for p in per_layer]
-    if groups == 1:
-        if len(set(lengths)) > 1:
-            raise ValueError(f"groups=1 needs every layer to hold the same slots; layer lengths {lengths}")
-        stacked = torch.stack(per_layer).mean(0, keepdim=True)  # [1, 3, L]
-    else:
-        width = max(lengths, default=0)
-        stacked = per_layer[0].new_zeros(groups, 3, width)
-        for g, p in enumerate(per_layer):
-            stacked[g, :, : p.shape[1]] = p
-    return {name: stacked[:, i].contiguous() for i, name in enumerate(PRIORS)}
-
-
-def _layer_priors(layer: object) -> torch.Tensor:
-    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-    if keys is None or values is None or keys.numel() == 0:  # a layer that holds nothing yet
-        device = keys.device if isinstance(keys, torch.Tensor) else None
-        return torch.zeros(3, 0, dtype=torch.float32, device=device)
-    return layer_priors(keys, values)
+    keys, values = [], []
+    for layer in layers:
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if k is None or v is None or k.numel() == 0:  # a layer that holds nothing yet
+            device = k.device if isinstance(k, torch.Tensor) else None
+            k = v = torch.zeros(0, 0, 0, device=device)
+        else:
+            k, v = k[0], v[0]
+        keys.append(k)
+        values.append(v)
+    return slot_priors(keys, values, groups)

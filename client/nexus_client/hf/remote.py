@@ -1,7 +1,7 @@
 """The ``remote`` policy backend: the same decisions as ``LocalBackend``, made by a sidecar.
 
 Each sequence gets one sidecar session. A call packs the worker's accumulated summary
-(:class:`~nexus_client.hf.accumulate.StepTensors`) into a one-session ``StepBatch`` with the next step
+(:class:`~nexus_client.summary.StepTensors`) into a one-session ``StepBatch`` with the next step
 number and the worker's retained count/checksum, sends it with a deadline and bounded retries
 (a retry re-sends the *same* step number, which the sidecar answers idempotently), and turns the
 answer into a :class:`~nexus_client.hf.backends.StepDecision`.
@@ -27,9 +27,9 @@ from nexus_client.client import ClientOptions, NexusClient
 from nexus_client.columnar import BatchBuilder, read_answer
 from nexus_client.errors import DeadlineExceeded, FailedPrecondition, SessionNotFound, Unavailable
 from nexus_client.fallback import FALLBACKS, Budget, advance_locally, streaming_keep
-from nexus_client.hf.accumulate import StepTensors
 from nexus_client.hf.backends import StepDecision
 from nexus_client.packing import WorkerSession
+from nexus_client.summary import StepTensors
 from nexus_client.v1 import sidecar_pb2 as pb
 
 _WIRE_FLOATS = (torch.float32, torch.float16)

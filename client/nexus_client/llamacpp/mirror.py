@@ -6,8 +6,9 @@ The summary needs every retained slot's post-RoPE key (and, for the value-norm p
 so the worker mirrors them from the graph capture: new tokens' K/V are appended, and the same keep
 masks that llama.cpp's cache gets (as ``seq_rm`` ranges) compact the mirror. It presents the
 ``cache.layers[i].keys/values`` (``[1, Hkv, L, D]``) shape of a transformers ``DynamicCache`` so
-the worker's existing cache tools (:func:`~nexus_client.hf.cache_surgery.apply_keep_mask`,
-:func:`~nexus_client.hf.priors.cache_priors`) run on it unchanged.
+the worker's existing cache tools (:func:`~nexus_client.hf.cache_surgery.apply_keep_mask` for the
+cuts, :func:`~nexus_client.hf.capture.cache_kv` feeding :func:`nexus_client.summary.summarize`)
+run on it unchanged.
 
 Memory: ``layers x Hkv x D x 4 bytes`` per token for the keys, the same again for values:
 SmolLM2-135M (30 layers, 3 KV heads, D = 64) 23 KiB per token for keys, 46 KiB with values; at a

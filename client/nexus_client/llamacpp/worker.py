@@ -3,9 +3,11 @@ its own eviction-policy session, with one policy call for all of them.
 
 Per step, every live sequence contributes its next prompt chunk or its next generated token to one
 ``llama_decode`` (sequence ids, explicit positions). The graph capture hands back every layer's
-post-RoPE q and k (and v) of the batch; per sequence, the worker appends the new keys/values to its
-:class:`~.mirror.KVMirror`, turns the new queries and the mirrored keys into the call's summary, and
-adds it to the sequence's :class:`~nexus_client.hf.policy_run.PolicyRun`. When calls are due (after
+post-RoPE q, k and v of the batch; per sequence, the worker appends the new keys/values to its
+:class:`~.mirror.KVMirror` and the new queries to the sequence's
+:class:`~nexus_client.hf.policy_run.PolicyRun`, which at each call summarises them against the
+mirrored keys with the one summary function every integration uses
+(:func:`nexus_client.summary.summarize`). When calls are due (after
 every prompt chunk; while writing, every ``every_k`` tokens or as soon as a cache exceeds ``budget +
 slack``), the due sequences' summaries go to the backend in **one** call
 (``backend.step_many``: one engine step in-process, one ``StepBatch`` RPC for a sidecar); each
@@ -26,18 +28,18 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from nexus_client.hf.backends import PolicyBackend
-from nexus_client.hf.capture import AttentionRecorder, ForwardCapture, HeadReduce, nexus_attention_forward
+from nexus_client.hf.capture import ForwardQueries
 from nexus_client.hf.generate import Eviction
-from nexus_client.hf.policy_run import PolicyRun, reads_priors
+from nexus_client.hf.policy_run import PolicyRun
 from nexus_client.llamacpp.mirror import KVMirror
 from nexus_client.llamacpp.model import Decoded, LlamaModel
+from nexus_client.summary import HeadReduce
 
 
 def context_cells(n_seq: int, prompt_tokens: int, max_new_tokens: int, budget: int | None = None, slack: int = 0,
@@ -155,6 +157,7 @@ class LlamaWorker:
         self.keep_summaries = keep_summaries
         self.prefill_kind = prefill_kind
         self.policy_on_decode = policy_on_decode
+        self._scaling = model.shape.head_dim**-0.5  # Llama's softmax scale (llama.cpp's kq_scale)
         self.stats = WorkerStats()
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *, stop_at_eos: bool = True,
@@ -178,12 +181,11 @@ class LlamaWorker:
         m.clear()
         seqs = [_Seq(seq=i, prompt=list(map(int, p)), result=SequenceResult([], "", len(p)))
                 for i, p in enumerate(prompts)]  # fmt: skip
-        values = reads_priors(self.config) if self.backend is not None else False
         try:
             for s in seqs:
                 if self.backend is not None:
-                    s.run = PolicyRun(self.backend, self.config, self.window)
-                    s.mirror = KVMirror(m.shape.n_layer, m.shape.n_head_kv, m.shape.head_dim, values)
+                    s.run = PolicyRun(self.backend, self.config, self.window, head_reduce=self.head_reduce)
+                    s.mirror = KVMirror(m.shape.n_layer, m.shape.n_head_kv, m.shape.head_dim, values=True)
             bar = None
             if progress:
                 from tqdm import tqdm
@@ -271,13 +273,12 @@ class LlamaWorker:
             s.done = True  # the last token is never fed: nothing would read its logits
 
     def _add(self, s: _Seq, out: Decoded, start: int, n: int, pos: torch.Tensor) -> None:
-        """Mirror the new keys/values and add the new queries' summary to the sequence's session."""
+        """Mirror the new keys/values and hand the new queries (``[H, n, D]`` per layer) to the session."""
         assert s.mirror is not None and s.run is not None
         rows = slice(start, start + n)
         s.mirror.append(out.k, out.v, rows)
         s.slots[0] = torch.cat([s.slots[0], pos])
-        cap = _capture([q[rows] for q in out.q], s.mirror, self.head_reduce)
-        s.run.add(cap, pos, s.slots)
+        s.run.add(ForwardQueries([q[rows].transpose(0, 1) for q in out.q], self._scaling), pos, s.slots)
         self.stats.mirror_bytes_max = max(self.stats.mirror_bytes_max, s.mirror.nbytes())
 
     def _call(self, due: list[tuple[_Seq, str]]) -> None:
@@ -291,10 +292,12 @@ class LlamaWorker:
         tensors = []
         for s, kind in due:
             assert s.run is not None
-            tensors.append(s.run.prepare(s.mirror, kind))
+            tensors.append(s.run.prepare(s.mirror, s.slots, kind))
+        t_sent = time.perf_counter()
+        st.summary_s += t_sent - t0
         decisions = self.backend.step_many([s.run.session for s, _ in due], tensors)  # type: ignore[union-attr]
         t1 = time.perf_counter()
-        st.policy_s += t1 - t0
+        st.policy_s += t1 - t_sent
         st.policy_calls += 1
         st.sequences_per_call.append(len(due))
         for (s, kind), decision, sent in zip(due, decisions, tensors, strict=True):
@@ -315,16 +318,3 @@ class LlamaWorker:
                 s.result.engine_cells_after_call.append(int(cells.size))
         st.surgery_s += time.perf_counter() - t1
 
-
-def _capture(q: list[torch.Tensor], mirror: KVMirror, head_reduce: HeadReduce) -> ForwardCapture:
-    """The attention summary of one forward pass from its post-RoPE queries (``[n, H, D]`` per layer)
-    and the mirrored keys, through the worker's one attention kernel
-    (:func:`nexus_client.hf.capture.nexus_attention_forward`, as the transformers path records it)."""
-    recorder = AttentionRecorder(len(q), groups=1, head_reduce=head_reduce)
-    recorder.start()
-    for i, layer in enumerate(mirror.layers):
-        module = SimpleNamespace(layer_idx=i, _nexus_recorder=recorder)
-        keys = layer.keys
-        values = layer.values if mirror.has_values else keys
-        nexus_attention_forward(module, q[i].transpose(0, 1).unsqueeze(0), keys, values, None)  # type: ignore[arg-type]
-    return recorder.finish()

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from nexus_client.hf.backends import PolicyBackend
 from nexus_client.hf.cache_surgery import cache_lengths
-from nexus_client.hf.capture import AttentionRecorder, ForwardCapture, attention_modules, capture_attention
+from nexus_client.hf.capture import ForwardQueries, QueryRecorder, attention_modules, capture_queries
 from nexus_client.hf.decode import greedy_decode
 from nexus_client.hf.policy_run import PolicyRun
 
@@ -101,7 +101,7 @@ class Prefix:
 
     ids: list[int]
     cache: Any
-    capture: ForwardCapture
+    queries: ForwardQueries  # the context's post-RoPE queries, every layer
     inputs: LayerInputs
     logits: torch.Tensor
     seconds: float
@@ -117,20 +117,18 @@ def _forward(model: Any, cache: Any, tokens: torch.Tensor, positions: torch.Tens
 @torch.inference_mode()
 def prefill(model: Any, ids: Sequence[int], start: int = 0, cache: Any = None) -> Prefix:
     """Run ``ids`` (at positions ``start..``) through ``model`` on ``cache`` (a new one by default),
-    recording head-reduced attention (shared group) and every layer's inputs."""
+    recording every layer's queries and inputs."""
     from transformers import DynamicCache
 
     if not ids:
         raise ValueError("empty prefix")
     t0 = time.perf_counter()
-    recorder = AttentionRecorder(len(attention_modules(model)), groups=1)
+    recorder = QueryRecorder(len(attention_modules(model)))
     cache = DynamicCache(config=model.config) if cache is None else cache
     tokens = torch.as_tensor(list(ids), dtype=torch.int64)
-    with capture_attention(model, recorder), _InputRecorder(model) as inputs:
-        recorder.start()
+    with capture_queries(model, recorder), _InputRecorder(model) as inputs:
         logits = _forward(model, cache, tokens, torch.arange(start, start + tokens.numel()))
-        cap = recorder.finish()
-    return Prefix(list(ids), cache, cap, inputs.result(), logits.clone(), time.perf_counter() - t0)
+    return Prefix(list(ids), cache, recorder.take(), inputs.result(), logits.clone(), time.perf_counter() - t0)
 
 
 @dataclass
@@ -220,6 +218,7 @@ def drive(
     chunk_size: int = 64,
     stop_ids: Sequence[int] = (),
     prefix: Prefix | None = None,
+    pipeline: bool = False,
 ) -> DriveResult:
     """Compress ``context`` in ``setting`` (``dense`` needs neither ``backend`` nor ``press``), then
     answer each of ``questions`` greedily (at most ``max_new_tokens``, stopping at ``stop_ids``).
@@ -227,6 +226,10 @@ def drive(
     ``policy_config`` holds the engine ``PolicyConfig`` fields including ``budget``; ``prefix``: the
     context already prefilled by :func:`prefill` (shared across runs; its prefill time is added to
     ``seconds`` so timings stay comparable). ``streaming`` never uses a prefix (it prefills itself).
+    ``pipeline``: in ``streaming`` and ``decode`` (the settings that call the policy more than once
+    per context or answer), each call's answer is applied right before the next call, not waited
+    for (:class:`~nexus_client.hf.policy_run.PolicyRun`); the last context call is applied before
+    the question. The one-shot settings have nothing to overlap.
     """
     if setting not in (*SETTINGS, "dense"):
         raise ValueError(f"unknown setting {setting!r}; known: dense, {', '.join(SETTINGS)}")
@@ -242,23 +245,24 @@ def drive(
     n_ctx = int(ctx.numel())
     stops = {int(s) for s in stop_ids}
     num_layers = len(attention_modules(model))
-    recorder = AttentionRecorder(num_layers, groups=1)
+    recorder = QueryRecorder(num_layers)
     if backend is not None and int((policy_config or {}).get("groups", 1)) != 1:
         raise ValueError("the evaluation uses one shared eviction group (policy_config['groups'] = 1)")
-    policy = (lambda: PolicyRun(backend, policy_config or {}, None if setting == "streaming" else window)) \
-        if backend is not None else None  # fmt: skip
+    def policy(overlap: bool = False) -> PolicyRun:
+        assert backend is not None
+        return PolicyRun(backend, policy_config or {}, None if setting == "streaming" else window,
+                         pipeline=overlap and pipeline)
     t_start = time.perf_counter()
     t: dict[str, float] = {"forward_s": 0.0, "policy_s": 0.0}
     peak = 0
     calls = evicted = 0
     answers: list[Answer] = []
 
-    def fwd(cache: Any, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ForwardCapture]:
+    def fwd(cache: Any, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ForwardQueries]:
         nonlocal peak
         t0 = time.perf_counter()
-        recorder.start()
         logits = _forward(model, cache, tokens, positions)
-        cap = recorder.finish()
+        cap = recorder.take()
         peak = max(peak, max(cache_lengths(cache)))
         t["forward_s"] += time.perf_counter() - t0
         return logits, cap
@@ -284,17 +288,19 @@ def drive(
             evicted += run.evicted
             t["policy_s"] += run.seconds
             run.close()
+            t["summary_s"] = t.get("summary_s", 0.0) + run.summary_seconds
+            t["wait_s"] = t.get("wait_s", 0.0) + run.wait_seconds
 
     if setting != "streaming":
         if prefix is None:
             prefix = prefill(model, ctx.tolist())  # before capture_attention below: the two do not nest
         elif prefix.ids != ctx.tolist():
             raise ValueError("prefix ids differ from the context")
-    with capture_attention(model, recorder):
+    with capture_queries(model, recorder):
         slots = [torch.arange(n_ctx, dtype=torch.int64)]
         if setting == "streaming":
-            assert policy is not None
-            run = policy()
+            assert backend is not None
+            run = policy(overlap=True)
             try:
                 cache = DynamicCache(config=model.config)
                 slots = [torch.empty(0, dtype=torch.int64)]
@@ -303,16 +309,17 @@ def drive(
                     slots[0] = torch.cat([slots[0], pos])
                     run.add(cap, pos, slots)
                     run.call(cache, slots, "context")
+                run.drain(cache, slots)  # the question sees the compressed context
             finally:
                 finish(run)
         else:
             assert prefix is not None
             peak = max(peak, n_ctx)
             cache = copy.deepcopy(prefix.cache)
-            if setting == "agnostic" and policy is not None:
+            if setting == "agnostic" and backend is not None:
                 run = policy()
                 try:
-                    run.add(prefix.capture, slots[0], slots)
+                    run.add(prefix.queries, slots[0], slots)
                     run.call(cache, slots, "context")
                 finally:
                     finish(run)
@@ -336,14 +343,15 @@ def drive(
             else:
                 logits, cap = fwd(c, qt, qpos)
             s = [slots[0].clone()] if slots else []
-            run = policy() if setting in ONE_SHOT_QUESTION and policy is not None else None
+            run = policy(overlap=setting == "decode") if setting in ONE_SHOT_QUESTION and backend is not None else None
             try:
                 if run is not None:
                     assert prefix is not None
-                    run.add(prefix.capture, s[0], s)  # the context's queries, then the question's
                     s[0] = torch.cat([s[0], qpos])
+                    run.add(prefix.queries, s[0][: n_ctx], None)  # the context's queries, then the question's
                     run.add(cap, qpos, s)
                     run.call(c, s, "question")
+                    run.drain(c, s)  # the answer starts from the compressed prompt
                     retained = [p for p in s[0].tolist() if p < n_ctx]
                 if setting in ONE_SHOT_QUESTION:
                     kept_context = max(kept_context, max(cache_lengths(c)))
