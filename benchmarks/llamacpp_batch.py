@@ -37,7 +37,7 @@ FILLERS = ["The grass is green. The sky is blue. The sun is yellow. ", "Here we 
 def prompt(i: int) -> str:
     key = 1000 + 7919 * (i + 1) % 9000
     filler = FILLERS[i % len(FILLERS)]
-    reps = 14 + 4 * i
+    reps = 10 + 3 * i
     before = reps // 3
     return (filler * before + f"The secret pass key is {key}. Remember it. {key} is the pass key. "
             + filler * (reps - before) + "What is the secret pass key? The pass key is")
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sequences", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
     import torch
@@ -62,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [probe.tokenize(prompt(i)) for i in range(n)]
     longest = max(len(p) for p in prompts)
 
-    def run(worker: LlamaWorker, batch: list[list[int]]) -> tuple[float, list[Any]]:
-        t0 = time.perf_counter()
+    cpu: dict[str, float] = {"together": 0.0, "separate": 0.0}
+
+    def run(worker: LlamaWorker, batch: list[list[int]], label: str) -> tuple[float, list[Any]]:
+        t0, c0 = time.perf_counter(), time.process_time()
         res = worker.generate(batch, args.new_tokens, stop_at_eos=False)
+        cpu[label] += time.process_time() - c0
         return time.perf_counter() - t0, res
 
     rows: dict[str, Any] = {}
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         with LlamaModel(path, n_ctx=cells, n_seq=n, n_batch=n * chunk, threads=args.threads) as lm:
             worker = LlamaWorker(lm, remote, cfg, every_k=every, chunk_size=chunk, keep_summaries=True)
             calls0 = remote.calls
-            secs, together = run(worker, prompts)
+            secs, together = run(worker, prompts, "together")
             rows["together"] = {"seconds": secs, "rpcs": remote.calls - calls0, "decodes": worker.stats.decodes,
                                 "tokens": worker.stats.tokens, "seq_per_call_max": max(worker.stats.sequences_per_call)}
         alone = []
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         with LlamaModel(path, n_ctx=cells1, n_seq=1, n_batch=chunk, threads=args.threads) as lm1:
             w1 = LlamaWorker(lm1, remote, cfg, every_k=every, chunk_size=chunk, keep_summaries=True)
             for p in prompts:
-                s, [r] = run(w1, [p])
+                s, [r] = run(w1, [p], "separate")
                 secs_alone += s
                 alone.append(r)
                 decodes += w1.stats.decodes
@@ -100,14 +103,17 @@ def main(argv: list[str] | None = None) -> int:
         for st, sa in zip(t.summaries, a.summaries, strict=False):
             if st.attn.shape == sa.attn.shape:
                 diff = max(diff, float((st.attn - sa.attn).abs().max()))
-    for r in rows.values():
+    for label, r in rows.items():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        r["cpu_seconds"] = cpu[label]
+        r["tokens_per_cpu_s"] = r["tokens"] / cpu[label]
     out = {
         "machine": f"{platform.machine()} {platform.processor() or ''} threads={args.threads} (shared 2-core box)",
         "python": sys.version.split()[0], "torch": torch.__version__,
         "sequences": n, "new_tokens": args.new_tokens, "prompt_tokens": [len(p) for p in prompts],
         "policy": cfg, "chunk": chunk, "rows": rows,
         "speedup_tokens_per_s": rows["together"]["tokens_per_s"] / rows["separate"]["tokens_per_s"],
+        "speedup_tokens_per_cpu_s": rows["together"]["tokens_per_cpu_s"] / rows["separate"]["tokens_per_cpu_s"],
         "answers_equal": same_tokens, "evictions_equal": same_evictions, "summary_attn_max_abs_diff": diff,
         "engine_cells_max": [r.engine_cells_max for r in together],
         "answers": [t.text for t in together],
@@ -117,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"# llama.cpp worker: {n} sequences together vs separately (one sidecar)\n",
           f"{out['machine']}; prompts {min(out['prompt_tokens'])}-{max(out['prompt_tokens'])} tokens, "
           f"{args.new_tokens} new tokens each, Nexus budget 96 + slack 15, chunk 64, a call every 16 steps.\n",
-          "| run | seconds | tokens/s | llama_decode calls | policy RPCs | sequences per RPC (max) |",
-          "|---|---|---|---|---|---|"]
+          "| run | wall s | tokens/s (wall) | worker CPU s | tokens/CPU s | llama_decode calls | policy RPCs | "
+          "sequences per RPC (max) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        md.append(f"| {name} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | {r['decodes']} | {r['rpcs']} | "
-                  f"{r['seq_per_call_max']} |")
-    md.append(f"\ntogether / separate tokens/s: {out['speedup_tokens_per_s']:.2f}x; answers equal to the separate "
+        md.append(f"| {name} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | {r['cpu_seconds']:.1f} | "
+                  f"{r['tokens_per_cpu_s']:.0f} | {r['decodes']} | {r['rpcs']} | {r['seq_per_call_max']} |")
+    md.append(f"\ntogether / separate: {out['speedup_tokens_per_s']:.2f}x tokens/s (wall), "
+              f"{out['speedup_tokens_per_cpu_s']:.2f}x tokens per worker CPU second; answers equal to the separate "
               f"runs: {same_tokens}; evictions equal: {same_evictions}; largest |attn| difference of a summary: "
               f"{diff:.2e}; engine cache per sequence at most {max(out['engine_cells_max'])} cells (llama.cpp).\n")
     (args.out / "llamacpp_batch.md").write_text("\n".join(md))
