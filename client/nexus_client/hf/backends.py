@@ -1,14 +1,16 @@
 """Where eviction decisions come from: the policy backend protocol and the in-process backend.
 
 A backend only needs three calls: ``open(config) -> session``, ``step(session, StepTensors) ->
-StepDecision`` and ``close(session)``. The config is a plain mapping of the engine's
+StepDecision`` and ``close(session)``; a worker that decodes several sequences at once also uses
+``step_many(sessions, tensors) -> [StepDecision]`` (one call for all of them: one engine step
+in-process, one ``StepBatch`` for a sidecar). The config is a plain mapping of the engine's
 ``PolicyConfig`` fields (so a remote backend can serialise it without importing the engine), and
 the step carries the tensors of :class:`~nexus_client.summary.StepTensors`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -68,22 +70,30 @@ class LocalBackend:
 
     def step(self, session: int, tensors: StepTensors) -> StepDecision:
         """Run one engine step for ``session``."""
+        return self.step_many([session], [tensors])[0]
+
+    def step_many(self, sessions: Sequence[int], tensors: Sequence[StepTensors]) -> list[StepDecision]:
+        """One engine call for several sessions (a worker decoding a batch of sequences): one batched
+        engine step, one decision per session in order."""
         from nexus_sidecar.engine import StepInput
 
+        if len(sessions) != len(tensors) or len(set(sessions)) != len(sessions):
+            raise ValueError(f"step_many: {len(sessions)} distinct sessions expected for {len(tensors)} summaries")
         out = self.engine.step(
             {
-                session: StepInput(
-                    new_positions=tensors.new_positions,
-                    attn=tensors.attn,
-                    last=tensors.last,
-                    edge_pos=tensors.edge_pos,
-                    edge_w=tensors.edge_w,
-                    call=tensors.call,
-                    **tensors.priors,
+                s: StepInput(
+                    new_positions=t.new_positions,
+                    attn=t.attn,
+                    last=t.last,
+                    edge_pos=t.edge_pos,
+                    edge_w=t.edge_w,
+                    call=t.call,
+                    **t.priors,
                 )
+                for s, t in zip(sessions, tensors, strict=True)
             }
-        )[session]
-        return StepDecision(keep=out.keep.cpu(), evicted=[e.cpu() for e in out.evicted])
+        )
+        return [StepDecision(keep=out[s].keep.cpu(), evicted=[e.cpu() for e in out[s].evicted]) for s in sessions]
 
     def positions(self, session: int) -> list[torch.Tensor]:
         """Retained positions per group, as the engine sees them (for consistency checks)."""

@@ -237,21 +237,17 @@ class PolicyRun:
         """
         if len(slots) != self.groups:
             raise ValueError(f"slots: expected {self.groups} groups, got {len(slots)}")
+        if self._pool is None:
+            tensors = self.prepare(cache, slots, kind)
+            t0 = time.perf_counter()
+            decision = self.backend.step(self.session, tensors)
+            self.seconds += time.perf_counter() - t0
+            return self.settle(decision, cache, slots)
         queries = self._take_queries()
         # The cache's tensors are never written in place (transformers appends and cuts by making new
         # tensors), so these references keep the keys the pending queries saw, whatever happens next.
         keys, values = cache_kv(cache)
         norms = self._slot_norms(keys, values, queries.tokens)
-        if self._pool is None:
-            tensors = self._summary(queries, keys, values, slots, kind, None, norms)
-            t0 = time.perf_counter()
-            decision = self.backend.step(self.session, tensors)
-            self.seconds += time.perf_counter() - t0
-            rows, evicted = self._checked(decision, slots)
-            self._apply(cache, slots, rows, evicted)
-            self.calls += 1
-            self.held_at_call.append(max(cache_lengths(cache)))
-            return evicted
         evicted: list[list[int]] = [[] for _ in range(self.groups)]
         retain = None
         summary_slots = [s.clone() for s in slots]
@@ -266,6 +262,28 @@ class PolicyRun:
         future = self._pool.submit(self._step_on_thread, queries, keys, values, summary_slots, kind, retain, norms,
                                    torch.is_inference_mode_enabled())
         self._inflight = _InFlight(future, [s.clone() for s in slots], time.perf_counter())
+        return evicted
+
+    def prepare(self, cache: Any, slots: list[torch.Tensor], kind: str = "unspecified") -> StepTensors:
+        """The first half of a blocking call, for a worker that sends several sequences' summaries in
+        one backend call (``backend.step_many``): this call's summary over everything added; then
+        :meth:`settle` with its answer."""
+        if self._pool is not None:
+            raise RuntimeError("prepare/settle are blocking calls; this run is pipelined (use call)")
+        if len(slots) != self.groups:
+            raise ValueError(f"slots: expected {self.groups} groups, got {len(slots)}")
+        queries = self._take_queries()
+        keys, values = cache_kv(cache)
+        norms = self._slot_norms(keys, values, queries.tokens)
+        return self._summary(queries, keys, values, slots, kind, None, norms)
+
+    def settle(self, decision: StepDecision, cache: Any, slots: list[torch.Tensor]) -> list[list[int]]:
+        """The second half: check the answer to the call :meth:`prepare` built and cut what it evicts
+        from ``cache`` and ``slots`` (in place); returns the evicted positions per group."""
+        rows, evicted = self._checked(decision, slots)
+        self._apply(cache, slots, rows, evicted)
+        self.calls += 1
+        self.held_at_call.append(max(cache_lengths(cache)))
         return evicted
 
     def _step_on_thread(self, queries: ForwardQueries, keys: list[torch.Tensor], values: list[torch.Tensor],

@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,46 +107,63 @@ class RemoteBackend:
     def step(self, session: WorkerSession, tensors: StepTensors) -> StepDecision:
         """One call (the columnar ``StepBatch`` form); the worker's retained count/checksum ride
         along for the mismatch check."""
-        def pack() -> pb.StepBatchRequest:  # again after a resync: the count and checksum changed
+        return self.step_many([session], [tensors])[0]
+
+    def step_many(self, sessions: Sequence[WorkerSession], tensors: Sequence[StepTensors]) -> list[StepDecision]:
+        """One call for several sessions (a worker decoding a batch of sequences): one ``StepBatch``
+        RPC carrying every session's step, one decision per session in order. Retries, resyncs and
+        the local fallback act on the whole batch."""
+        if len(sessions) != len(tensors) or not sessions:
+            raise ValueError(f"step_many: {len(sessions)} sessions for {len(tensors)} summaries")
+        ids = [s.session_id for s in sessions]
+        if len(set(ids)) != len(ids):
+            raise ValueError("step_many: a session appears twice in one batch")
+
+        def pack() -> pb.StepBatchRequest:  # again after a resync: the counts and checksums changed
             batch = BatchBuilder(self.float_dtype)
-            batch.add(session, tensors.new_positions, tensors.attn, tensors.last, tensors.edge_pos, tensors.edge_w,
-                      call=tensors.call, **tensors.priors)
+            for s, t in zip(sessions, tensors, strict=True):
+                batch.add(s, t.new_positions, t.attn, t.last, t.edge_pos, t.edge_w, call=t.call, **t.priors)
             return batch.request()
 
         msg = pack()
         size = msg.ByteSize()
         self.bytes_sent += size
         self.calls += 1
-        self.records.append(CallRecord(int(tensors.new_positions.numel()), int(tensors.attn.shape[-1]), size))
+        self.records.append(CallRecord(max(int(t.new_positions.numel()) for t in tensors),
+                                       max(int(t.attn.shape[-1]) for t in tensors), size))
         if self.fallback != "wait" and time.monotonic() < self._down_until:
-            return self._local(session, tensors)
+            return [self._local(s, t) for s, t in zip(sessions, tensors, strict=True)]
         try:
-            if session.session_id in self._unsynced:  # decided locally meanwhile: tell the sidecar first
-                self.client.resync(session, self._configs.get(session.session_id))
-                self._unsynced.discard(session.session_id)
+            stale = [s for s in sessions if s.session_id in self._unsynced]
+            for s in stale:  # decided locally meanwhile: tell the sidecar first
+                self.client.resync(s, self._configs.get(s.session_id))
+                self._unsynced.discard(s.session_id)
                 self.resyncs += 1
+            if stale:
                 msg = pack()
             resp = self.client.step_batch(msg)
         except (Unavailable, DeadlineExceeded):
             if self.fallback == "wait":
                 raise
             self._down_until = time.monotonic() + self.probe_every_s
-            return self._local(session, tensors)
+            return [self._local(s, t) for s, t in zip(sessions, tensors, strict=True)]
         except (FailedPrecondition, SessionNotFound):
             # Failover to an older checkpoint, or the store lost it: re-seed the sidecar from this
             # worker's cache (its truth) and send the same call again.
-            self.client.resync(session, self._configs.get(session.session_id))
-            self.resyncs += 1
+            for s in sessions:
+                self.client.resync(s, self._configs.get(s.session_id))
+                self.resyncs += 1
             msg = pack()
             resp = self.client.step_batch(msg)
-        answer = read_answer(resp, msg, [session.groups])
-        step = session.step + 1
-        if len(answer) != 1 or int(answer.steps[0]) != step:
-            raise RuntimeError(f"sidecar answered steps {answer.steps.tolist()} for step {step} of session "
-                               f"{session.session_id!r}")
-        keep, evicted = answer.keep_of(0), answer.evicted_of(0)
-        answer.settle(session, 0, tensors.new_positions)
-        return StepDecision(keep=keep, evicted=evicted)
+        answer = read_answer(resp, msg, [s.groups for s in sessions])
+        want = [s.step + 1 for s in sessions]
+        if len(answer) != len(sessions) or answer.steps.tolist() != want:
+            raise RuntimeError(f"sidecar answered steps {answer.steps.tolist()} for steps {want} of sessions {ids}")
+        out = []
+        for b, (s, t) in enumerate(zip(sessions, tensors, strict=True)):
+            out.append(StepDecision(keep=answer.keep_of(b), evicted=answer.evicted_of(b)))
+            answer.settle(s, b, t.new_positions)
+        return out
 
     def _local(self, session: WorkerSession, tensors: StepTensors) -> StepDecision:
         """This call decided by the worker (the sidecar is unreachable): StreamingLLM within budget."""

@@ -62,6 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="smollm2", help="'smollm2' (bundled GGUF, cached) or a local model dir")
+    p.add_argument("--engine", choices=["transformers", "llamacpp"], default="transformers",
+                   help="inference engine: transformers, or llamacpp (llama.cpp's own engine and KV cache on the "
+                        "model's GGUF, same token ids; engine policies and dense only, settings "
+                        "streaming/agnostic/aware/decode; records carry an 'engine' field; docs/llamacpp.md)")
     p.add_argument("--tasks", type=_names, default=None, help=f"comma list (default: {DEFAULT_TASKS})")
     p.add_argument("--lengths", type=_ints, default=None,
                    help="context lengths in tokens, comma list (default 2048; 512 with --quick)")  # fmt: skip
@@ -164,13 +168,29 @@ def backend_factory(args: argparse.Namespace) -> Any:
     return lambda: LocalBackend(engine=engine)
 
 
+def _llamacpp_model(args: argparse.Namespace, samples: list[Any], count: Any) -> Any:
+    """A llama.cpp context for the evaluation: 2 sequences (the context and a question branch), cells
+    and batch for the longest sample's prompt + answer."""
+    from nexus_client.llamacpp import LlamaCppMissing, LlamaModel, resolve_gguf
+
+    if args.device != "cpu":
+        raise SystemExit("eval: --engine llamacpp runs on the CPU build of llama.cpp (--device cpu)")
+    longest = max(count(s.context) + max(count(q.question) + 16 for q in s.questions) + s.max_new_tokens
+                  for s in samples)  # fmt: skip
+    size = -(-(longest + 64) // 256) * 256
+    try:
+        return LlamaModel(resolve_gguf(args.model), n_ctx=size, n_seq=2, n_batch=size, threads=args.threads)
+    except (LlamaCppMissing, FileNotFoundError) as exc:
+        raise SystemExit(f"eval: {exc}") from None
+
+
 def _shard_argv(args: argparse.Namespace, log: Path, k: int, n: int) -> list[str]:
     """The command line of shard ``k`` of ``n``: this run's resolved settings, plus ``--shard``."""
     argv = [sys.executable, "-m", "nexus_sidecar.cli", "eval", "--model", args.model, "--split", args.split,
             "--lengths", ",".join(map(str, args.lengths)), "--policies", ",".join(args.policies),
             "--eviction", ",".join(f"{e:g}" for e in args.eviction), "--modes", ",".join(args.modes),
             "--samples", str(args.samples), "--start", str(args.start), "--chunk-size", str(args.chunk_size),
-            "--window", str(args.window), "--prompt", args.prompt,
+            "--window", str(args.window), "--prompt", args.prompt, "--engine", args.engine,
             "--sinks", str(args.sinks), "--recent", str(args.recent), "--device", args.device,
             "--threads", str(args.threads), "--max-new-tokens", str(args.max_new_tokens),
             "--json", str(args.json), "--runs", str(log), "--shard", f"{k}/{n}", "--no-progress"]  # fmt: skip
@@ -257,6 +277,17 @@ def run(args: argparse.Namespace) -> int:
         policies = with_seeds([PolicySpec.parse(p) for p in args.policies], args.seeds)
         args.policies = [p.label for p in policies]  # what --jobs children run
         runs = expand_runs(policies, args.eviction, args.modes)
+        if args.engine == "llamacpp":
+            from nexus_sidecar.evals.kvpress_baselines import is_kvpress
+
+            bad = [p.label for p in policies if is_kvpress(p.name)]
+            if bad:
+                raise ValueError(f"--policies {','.join(bad)}: kvpress presses run on --engine transformers only")
+            if "multiturn" in args.modes:
+                raise ValueError("--modes multiturn: the multi-turn setting runs on --engine transformers only")
+            if args.pipeline:
+                raise ValueError("--pipeline: the llama.cpp worker's policy calls block (pipelined calls run on "
+                                 "--engine transformers only)")
     except ValueError as exc:
         raise SystemExit(f"eval: {exc}") from None
 
@@ -311,14 +342,18 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"eval: {exc}") from None
     settings = EvalSettings(model=args.model, chunk_size=args.chunk_size, chat=args.prompt == "chat",
-                            window=args.window, base_knobs=base, pipeline=args.pipeline)  # fmt: skip
+                            window=args.window, base_knobs=base, pipeline=args.pipeline,
+                            engine=args.engine)  # fmt: skip
+    model = loaded.model
+    if args.engine == "llamacpp":
+        model = _llamacpp_model(args, samples, count)
     if shard is not None:  # a child of --jobs: its share of the samples, into its own log, no reports
         k, n = shard
-        for _ in iter_eval(loaded.model, tok, samples[k::n], runs, settings, factory, shard_log(paths["jsonl"], k, n),
+        for _ in iter_eval(model, tok, samples[k::n], runs, settings, factory, shard_log(paths["jsonl"], k, n),
                            progress=False, known=[paths["jsonl"]]):  # fmt: skip
             pass
         return 0
-    results = list(iter_eval(loaded.model, tok, samples, runs, settings, factory, paths["jsonl"],
+    results = list(iter_eval(model, tok, samples, runs, settings, factory, paths["jsonl"],
                              progress=not args.no_progress, total=len(samples) * len(runs),
                              report_only=args.report_only))  # fmt: skip
     if not results:
@@ -339,7 +374,8 @@ def run(args: argparse.Namespace) -> int:
         "report_only": args.report_only,
         "haystack_sha256_16": {h: haystack_digest(h) for h in ("noise", "stdlib")},
         "python": sys.version.split()[0],
-        "model_source": loaded.source,
+        "model_source": loaded.source if args.engine == "transformers" else str(model.path),
+        "engine": args.engine,
         "verdict": list(verdicts.values()),
         "agreement": [row for ev in args.eviction for row in report.agreement(results, ev)],
         "seeds": report.seed_spread(records),

@@ -21,7 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="generate text with a HF causal LM under a KV-cache budget (in-process engine or a sidecar)",
         description="Greedy generation with a KV-cache eviction policy enforced during prefill and decode.",
     )
-    p.add_argument("--model", default="smollm2", help="'smollm2' (bundled GGUF, cached) or a local model dir")
+    p.add_argument("--engine", choices=["transformers", "llamacpp"], default="transformers",
+                   help="inference engine: transformers (eager PyTorch loop) or llamacpp (llama.cpp's own engine "
+                        "and KV cache via llama-cpp-python, the [llamacpp] extra; docs/llamacpp.md)")
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (bundled GGUF, cached) or a local model dir (a .gguf file with --engine llamacpp)")
     p.add_argument("--policy", default="nexus", help="engine policy name (default: nexus)")
     p.add_argument("--budget", type=int, default=256, help="KV-cache budget in tokens")
     p.add_argument("--slack", type=int, default=0, help="evict only above budget + slack")
@@ -85,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     prompt = _read_prompt(args)
+    if args.engine == "llamacpp":
+        from nexus_sidecar.llamacpp_generate import run_llamacpp
+
+        return run_llamacpp(args, prompt)
     try:
         loaded = load_model(args.model, device=args.device)
     except ModelResolutionError as exc:

@@ -127,6 +127,7 @@ class EvalSettings:
     window: int = 32
     base_knobs: dict[str, Any] = field(default_factory=lambda: {"sinks": 4, "recent": 16})
     pipeline: bool = False  # streaming/decode: apply each answer right before the next call
+    engine: str = "transformers"  # or "llamacpp" (model: a nexus_client.llamacpp.LlamaModel)
 
     def fingerprint(self) -> str:
         """Short hash of the settings and the task generator's version (part of every run key)."""
@@ -135,6 +136,8 @@ class EvalSettings:
         fields = asdict(self)
         if not fields["pipeline"]:  # blocking keeps the keys it had before the knob existed
             del fields["pipeline"]
+        if fields["engine"] == "transformers":  # absent before engines existed: keep those run keys
+            del fields["engine"]
         blob = json.dumps({**fields, "generator": GENERATOR_VERSION}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -306,11 +309,20 @@ def run_one(
     :func:`answer_positions`, when the caller computed them once for all its runs.
     """
     if run.mode == "multiturn":
+        if settings.engine != "transformers":
+            raise ValueError(f"the multiturn setting runs on the transformers engine, not {settings.engine!r}")
         return run_multiturn(model, tokenizer, sample, run, settings, backend_factory)
     ctx, qs = segments
     questions = sample.questions
     stop_ids = [i for i in {getattr(tokenizer, "eos_token_id", None)} if i is not None]
-    per_token = kv_bytes_per_token(model)
+    llamacpp = settings.engine == "llamacpp"
+    if llamacpp:
+        from nexus_sidecar.evals.llamacpp_driver import drive_llamacpp
+        from nexus_sidecar.evals.llamacpp_driver import kv_bytes_per_token as llamacpp_kv_bytes
+
+        if is_kvpress(run.policy.name):
+            raise ValueError(f"policy {run.policy.label!r}: kvpress presses run on transformers only, not llamacpp")
+    per_token = llamacpp_kv_bytes(model) if llamacpp else kv_bytes_per_token(model)
     seed = zlib.crc32(sample.sample_id.encode())
     compressed = len(ctx) + (max(len(q) for q in qs) if run.mode in ("aware", "decode") else 0)
     budget = compressed if run.policy.name == DENSE else round((1.0 - run.eviction) * compressed)
@@ -325,7 +337,11 @@ def run_one(
         cfg = _engine_config(sample, run, settings, budget)
         backend = backend_factory()
     shared = prefix if run.mode != "streaming" else None
-    if is_replay(run.policy.name):  # its own prefill and cache: the shared prefix is not used
+    if llamacpp:
+        res = drive_llamacpp(model, tokenizer, ctx, qs, sample.max_new_tokens, setting=setting, backend=backend,
+                             policy_config=cfg, window=settings.window, chunk_size=settings.chunk_size,
+                             stop_ids=stop_ids)  # fmt: skip
+    elif is_replay(run.policy.name):  # its own prefill and cache: the shared prefix is not used
         res = drive_kvzip(model, tokenizer, ctx, qs, sample.max_new_tokens, press, setting=setting,
                           chat=settings.chat, stop_ids=stop_ids)  # fmt: skip
     else:
@@ -342,6 +358,7 @@ def run_one(
     return {
         "key": run_key(settings, sample, run),
         "model": settings.model,
+        "engine": settings.engine,
         "task": sample.task,
         "sample_id": sample.sample_id,
         "policy": run.policy.label,
@@ -508,7 +525,8 @@ def iter_eval(
                         segments = prompt_segments(tokenizer, sample, settings.chat)
                         evidence = [answer_positions(tokenizer, sample, segments[0], settings.chat, q)
                                     for q in sample.questions]  # fmt: skip
-                    if prefix is None and run.mode not in STREAMED and not is_replay(run.policy.name):
+                    if prefix is None and run.mode not in STREAMED and not is_replay(run.policy.name) \
+                            and settings.engine == "transformers":
                         prefix = prefill(model, segments[0])
                     rec = run_one(model, tokenizer, sample, run, settings, backend_factory, segments, prefix, evidence)
                     _append(results_path, rec)

@@ -1,0 +1,35 @@
+"""``nexus-sidecar generate --engine llamacpp`` as a user runs it: the answer, then the line with the
+policy calls, the tokens evicted and the largest KV cache read from llama.cpp; and the refusals."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tests.client.conftest import require_smollm2
+from tests.client.test_llamacpp_worker import FILLER, passkey_prompt
+from tests.commands.test_cli_errors import cli, one_line_error
+
+require_smollm2()
+
+
+def test_generate_prints_answer_and_engine_cache(tmp_path: Path) -> None:
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(passkey_prompt(62851, FILLER[0], 30))
+    proc = cli("generate", "--engine", "llamacpp", "--model", "smollm2", "--policy", "nexus", "--budget", "96",
+               "--prompt-file", str(prompt), "--max-new-tokens", "8", "--chunk-size", "128", "--threads", "1",
+               timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.splitlines()[0].lstrip().startswith("62851"), out
+    m = re.search(r"prompt (\d+) tokens, generated (\d+); policy calls (\d+), tokens evicted (\d+); engine KV cache "
+                  r"largest (\d+) cells \(read from llama\.cpp", out)
+    assert m, out
+    prompt_tokens, generated, calls, evicted, largest = map(int, m.groups())
+    assert generated == 8 and calls >= -(-prompt_tokens // 128)
+    assert evicted >= prompt_tokens - 96 and 96 < largest <= 96 + 128
+
+
+def test_generate_refuses_per_layer_groups_on_llamacpp(tmp_path: Path) -> None:
+    proc = cli("generate", "--engine", "llamacpp", "--groups", "layer", "--prompt", "hi")
+    one_line_error(proc, "--groups layer", "llama_memory_seq_rm")
