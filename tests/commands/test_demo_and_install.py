@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# The install's steps, counted from the script's own list (one "what|command" entry each).
+STEPS = sum(1 for line in (ROOT / "scripts" / "install.sh").read_text().splitlines()
+            if line.startswith('  "') and "|" in line)
 
 
 def install(tmp_path: Path, pip: str) -> subprocess.CompletedProcess[str]:
@@ -23,18 +26,19 @@ def test_quiet_install_prints_one_line_per_step_and_logs_the_rest(tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0] == f"Installing (output in {tmp_path / 'install.log'}):"
-    assert len(lines) == 6 and all(line.strip().startswith(f"[{i}/5]") and " ok (" in line
-                                   for i, line in enumerate(lines[1:], 1)), proc.stdout
+    n = STEPS
+    assert len(lines) == n + 1 and all(line.strip().startswith(f"[{i}/{n}]") and " ok (" in line
+                                       for i, line in enumerate(lines[1:], 1)), proc.stdout
     log = (tmp_path / "install.log").read_text()
-    assert "pip-ran install -q torch==2.13.0" in log and "== [5/5]" in log  # the output went to the log
+    assert "pip-ran install -q torch==2.13.0" in log and f"== [{n}/{n}]" in log  # the output went to the log
     assert "fused kernels: " in log  # the engine's C++ extension was built (or found built)
 
 
 def test_quiet_install_failure_shows_the_step_and_the_log(tmp_path: Path) -> None:
     proc = install(tmp_path, "sh -c 'echo resolver exploded >&2; exit 3' --")
     assert proc.returncode == 3
-    assert "[2/5] torch 2.13.0 (CPU wheel) ... FAILED (exit 3)" in proc.stdout
-    assert "resolver exploded" in proc.stderr and "install failed at step 2/5" in proc.stderr
+    assert f"[2/{STEPS}] torch 2.13.0 (CPU wheel) ... FAILED (exit 3)" in proc.stdout
+    assert "resolver exploded" in proc.stderr and f"install failed at step 2/{STEPS}" in proc.stderr
     assert str(tmp_path / "install.log") in proc.stderr
 
 
