@@ -353,8 +353,19 @@ def run_one(
     scores = [score_answer(sample.metric, a.text, list(q.answers)) for a, q in zip(res.answers, questions, strict=True)]
     kept = [None if a.retained is None or not ev else sum(p in set(a.retained) for p in ev) / len(ev)
             for a, ev in zip(res.answers, evidence, strict=True)]  # fmt: skip
-    known = [k for k in kept if k is not None]
     total = len(ctx) + max(len(q) for q in qs) + sample.max_new_tokens
+    rec = _record(settings, sample, run, res, scores, kept, length=len(ctx), question_tokens=max(len(q) for q in qs),
+                  total=total, budget=budget, per_token=per_token, peak_kv_bytes=res.peak_cache * per_token,
+                  answer_tokens=None if evidence[0] is None else sum(len(e or []) for e in evidence))  # fmt: skip
+    rec["pipeline"] = settings.pipeline
+    return rec
+
+
+def _record(settings: EvalSettings, sample: Sample, run: RunSpec, res: Any, scores: list[float],
+            kept: list[float | None], *, length: int, question_tokens: int, total: int, budget: int, per_token: int,
+            peak_kv_bytes: int, answer_tokens: int | None) -> dict[str, Any]:  # fmt: skip
+    """The fields every run's record carries, whatever its setting (callers add their setting's own)."""
+    known = [k for k in kept if k is not None]
     return {
         "key": run_key(settings, sample, run),
         "model": settings.model,
@@ -366,21 +377,21 @@ def run_one(
         "knobs": dict(run.policy.knobs),
         "eviction": run.eviction,
         "mode": run.mode,
-        "length": len(ctx),
-        "questions": len(questions),
+        "length": length,
+        "questions": len(sample.questions),
         "score": sum(scores) / len(scores),
         "scores": scores,
         "metric": sample.metric,
-        "answers": [list(q.answers) for q in questions],
+        "answers": [list(q.answers) for q in sample.questions],
         "output": res.answers[0].text,
         "outputs": [a.text for a in res.answers],
-        "context_tokens": len(ctx),
-        "question_tokens": max(len(q) for q in qs),
+        "context_tokens": length,
+        "question_tokens": question_tokens,
         "total_tokens": total,
         "budget": budget,
         "kept_context": res.kept_context,
         "peak_cache": res.peak_cache,
-        "peak_kv_bytes": res.peak_cache * per_token,
+        "peak_kv_bytes": peak_kv_bytes,
         "dense_kv_bytes": total * per_token,
         "kv_bytes_per_token": per_token,
         "policy_calls": res.policy_calls,
@@ -388,10 +399,9 @@ def run_one(
         # The answers' occurrences in the context, and the fraction of their tokens still cached when
         # the question arrives: a needle-survival signal even where every answer is wrong (None for
         # kvpress presses, whose per-head selection keeps no single position list).
-        "answer_tokens": None if evidence[0] is None else sum(len(e or []) for e in evidence),
+        "answer_tokens": answer_tokens,
         "answer_kept": round(sum(known) / len(known), 4) if known else None,
         "seconds": round(res.seconds, 3),
-        "pipeline": settings.pipeline,
     }
 
 
@@ -435,48 +445,17 @@ def run_multiturn(model: Any, tokenizer: Any, sample: Sample, run: RunSpec, sett
     scores = [score_answer(sample.metric, a.text, list(q.answers)) for a, q in zip(res.answers, questions, strict=True)]
     kept = [None if a.retained is None or not ev else sum(p in set(a.retained) for p in ev) / len(ev)
             for a, ev in zip(res.answers, evidence, strict=True)]  # fmt: skip
-    known = [k for k in kept if k is not None]
     per_token = kv_bytes_per_token(model)
     total = sum(len(p.ids) for p in pieces) + sum(len(a.token_ids) for a in res.answers)
-    return {
-        "key": run_key(settings, sample, run),
-        "model": settings.model,
-        "task": sample.task,
-        "sample_id": sample.sample_id,
-        "policy": run.policy.label,
-        "base_policy": run.policy.name,
-        "knobs": dict(run.policy.knobs),
-        "eviction": run.eviction,
-        "mode": run.mode,
-        "length": context,
-        "questions": len(questions),
-        "score": sum(scores) / len(scores),
-        "scores": scores,
-        "metric": sample.metric,
-        "answers": [list(q.answers) for q in questions],
-        "output": res.answers[0].text,
-        "outputs": [a.text for a in res.answers],
-        "context_tokens": context,
-        "question_tokens": max(len(p.ids) for p in pieces if p.question is not None),
-        "total_tokens": total,
-        "budget": budget,
-        "kept_context": res.kept_context,
-        "held_after_calls": res.held_after_calls,
-        "peak_cache": res.peak_cache,
-        # Per-layer groups with a shared budget hold different lengths per layer: bytes from their sum.
-        "peak_kv_bytes": res.peak_layer_tokens * per_token // max(len(res.layer_lengths or [1]), 1),
-        "dense_kv_bytes": total * per_token,
-        "kv_bytes_per_token": per_token,
-        "policy_calls": res.policy_calls,
-        "calls_by_kind": res.calls_by_kind,
-        "evicted": res.evicted,
-        "key_chunk": sample.meta.get("key_chunk"),
-        "asked_after": sample.meta.get("asked_after"),
-        "answer_tokens": sum(len(e) for e in evidence),
-        "answer_kept": round(sum(known) / len(known), 4) if known else None,
-        "answers_kept": kept,
-        "seconds": round(res.seconds, 3),
-    }
+    rec = _record(settings, sample, run, res, scores, kept, length=context,
+                  question_tokens=max(len(p.ids) for p in pieces if p.question is not None), total=total,
+                  budget=budget, per_token=per_token,
+                  # Per-layer groups with a shared budget hold different lengths per layer: bytes from their sum.
+                  peak_kv_bytes=res.peak_layer_tokens * per_token // max(len(res.layer_lengths or [1]), 1),
+                  answer_tokens=sum(len(e) for e in evidence))  # fmt: skip
+    rec.update(held_after_calls=res.held_after_calls, calls_by_kind=res.calls_by_kind,
+               key_chunk=sample.meta.get("key_chunk"), asked_after=sample.meta.get("asked_after"), answers_kept=kept)
+    return rec
 
 
 def iter_eval(
