@@ -4,6 +4,8 @@ the unloaded sessions resume with answers equal to the in-process engine's."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 import torch
@@ -121,6 +123,46 @@ def test_a_step_that_cannot_fit_is_refused_and_the_session_stays_usable() -> Non
             assert err.startswith("limit pool_budget_mb = 1 exceeded: a step of 9000 new tokens"), err
             assert sc.engine.pool_bytes() == before
             await drive(c, [sim], 2, ref)
+            await c.close()
+
+    arun(body())
+
+
+def _wide_step(sim: SimSession, k: int) -> object:
+    new = torch.arange(sim.next_pos, sim.next_pos + k)
+    n = int(sim.retained[0].numel())
+    attn = torch.rand(1, n + k)
+    return pack_step(sim.ws, new, attn, attn, torch.full((1, k, 4), -1), torch.zeros(1, k, 4))
+
+
+@pytest.mark.parametrize("held_s", [0.1, None])
+def test_a_full_pool_waits_for_a_stepping_session_then_unloads_it(held_s: float | None) -> None:
+    """Session A holds the only row of the 8,192-column class (631 KB of a 1 MiB pool) and is
+    stepping on another RPC (its lock held) when B's step needs a second row. B waits for A's step
+    to end and unloads it instead of refusing; if A stays busy past ROOM_WAIT_S, B is refused with
+    the pool budget's message and nothing changes."""
+    async def body() -> None:
+        async with running_sidecar(pool_budget_mb=1, max_new_tokens_per_step=20_000) as sc:
+            c = client(sc)
+            a, b = SimSession("a", seed=1), SimSession("b", seed=2)
+            for s in (a, b):
+                await c.open_session(s.session_id, s.config)
+            await c.step([_wide_step(a, 5000)])  # A takes the 8,192-column row
+            (hs_a,) = [h for h in sc.sessions.hot_sessions() if h.session_id == "a"]
+            await hs_a.lock.acquire()  # A's step "in flight" on another RPC
+            released = asyncio.get_running_loop().call_later(held_s, hs_a.lock.release) if held_s else None
+            if released is None:
+                msg = await expect_error(c.step([_wide_step(b, 5000)]), RE)
+                assert msg.startswith("limit pool_budget_mb = 1 exceeded: a step of 5000 new tokens"), msg
+                assert "a" in {h.session_id for h in sc.sessions.hot_sessions()}
+                hs_a.lock.release()
+            else:
+                (rb,) = await c.step([_wide_step(b, 5000)])
+                assert rb.session_id == "b" and not hs_a.lock.locked()
+                assert "a" not in {h.session_id for h in sc.sessions.hot_sessions()}  # unloaded, checkpointed
+                text = (await http(sc).get("/metrics")).text
+                assert sample_value(text, "nexus_sessions_unloaded_total") == 1
+            assert sc.engine.pool_bytes() <= 1 << 20
             await c.close()
 
     arun(body())

@@ -198,7 +198,8 @@ class StepPath:
         k = cols.k[fresh]
         ks = dict(zip(handles, k.tolist(), strict=True))
         # Widening the arena is the allocation a step can cause: admitted first.
-        await self.make_room(lambda: self.admission.step_fits(ks), f"a step of {int(k.max())} new tokens")
+        await self.make_room(lambda: self.admission.step_fits(ks), f"a step of {int(k.max())} new tokens",
+                             mine=sessions)
         job = Job(dict(zip(handles, inputs, strict=True)), tenant, deadline)
         try:
             outs = await self.batcher.submit(job)

@@ -10,11 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from nexus_sidecar.server.session_table import HotSession
 
 log = logging.getLogger("nexus_sidecar.sessions")
+
+# How long make_room waits for other RPCs' in-flight sessions to become unloadable before it
+# refuses, and how often it looks again: a step takes milliseconds to a few tens of them.
+ROOM_WAIT_S = 0.5
+ROOM_POLL_S = 0.005
 
 
 class Unloading:
@@ -40,32 +45,45 @@ class Unloading:
             log.warning("dropped session %s/%s at step %d: another replica owns it now (newer epoch)", hs.tenant,
                         hs.session_id, hs.step)
 
-    async def make_room(self, over: Callable[[], int], what: str) -> None:
+    async def make_room(self, over: Callable[[], int], what: str, mine: Collection[HotSession] = ()) -> None:
         """Unload idle sessions (checkpointed, least recently used first) until ``over()`` is 0.
 
         ``over()`` says how many bytes the pending allocation would take the pool over its budget.
-        Sessions whose lock is held (stepping now, or part of the caller's RPC) are never picked.
-        Raises the pool budget's RESOURCE_EXHAUSTED when nothing idle is left to unload.
+        Sessions whose lock is held (stepping now, or ``mine``: part of the caller's RPC) are never
+        picked. When nothing idle is left but other RPCs' sessions are stepping, it waits for them
+        (they are idle once their step ends) for at most ``ROOM_WAIT_S``: a pool that is full only
+        for the length of a step must not refuse. Then it raises the pool budget's RESOURCE_EXHAUSTED.
         """
         need = over()
         if not need:
             return
+        own = {id(hs) for hs in mine}
+        give_up_at: float | None = None
         while True:
             idle = sorted((hs for hs in self._hot.values() if not hs.lock.locked()), key=lambda h: h.last_used)
-            if not idle:
+            if idle:
+                # A quarter of the idle sessions per round (at least one): trimming copies the live rows,
+                # so unloading one session at a time would repack the pool once per session.
+                batch = idle[: max(1, len(idle) // 4)]
+                unloaded = sum(await asyncio.gather(*(self.unload_checkpointed(hs) for hs in batch)))
+                await self.on_engine(self.engine.trim)
+                self.metrics.pool_bytes.set(self.engine.pool_bytes())
+                need = over()
+                if not need:
+                    log.info("made room in the hot pool for %s: unloaded %d idle sessions", what, unloaded)
+                    return
+                if unloaded:
+                    continue
+                # None unloaded: the store refuses checkpoints, or they were taken meanwhile.
+            busy = any(hs.lock.locked() and id(hs) not in own for hs in self._hot.values())
+            now = time.monotonic()
+            give_up_at = now + ROOM_WAIT_S if give_up_at is None else give_up_at
+            if not busy or now >= give_up_at:
                 break
-            # A quarter of the idle sessions per round (at least one): trimming copies the live rows,
-            # so unloading one session at a time would repack the pool once per session.
-            batch = idle[: max(1, len(idle) // 4)]
-            unloaded = sum(await asyncio.gather(*(self.unload_checkpointed(hs) for hs in batch)))
-            await self.on_engine(self.engine.trim)
-            self.metrics.pool_bytes.set(self.engine.pool_bytes())
+            await asyncio.sleep(ROOM_POLL_S)
             need = over()
             if not need:
-                log.info("made room in the hot pool for %s: unloaded %d idle sessions", what, unloaded)
                 return
-            if not unloaded:
-                break  # the store refuses checkpoints: nothing can be unloaded safely
         raise self.admission.pool_full(need, what)
 
     async def unload_checkpointed(self, hs: HotSession) -> bool:
