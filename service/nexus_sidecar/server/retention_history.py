@@ -60,14 +60,16 @@ class RetentionHistory:
 
     def record(self, tenant: str, session_id: str, handle: int, step: int, new_tokens: int, out: HostOutput) -> None:
         """Note a committed step (event-loop thread); its weights are read on the engine thread."""
-        self.record_many([(tenant, session_id, handle, step, new_tokens, out)])
+        self.record_many([(tenant, session_id, handle, step, new_tokens)], lambda j: out)
 
-    def record_many(self, steps: list[tuple[str, str, int, int, int, HostOutput]]) -> None:
-        """:meth:`record` for a batch of committed steps, with one weight-reading job for all of them."""
+    def record_many(self, steps: list[tuple[str, str, int, int, int]], output: Callable[[int], HostOutput]) -> None:
+        """:meth:`record` for a batch of committed steps (tenant, session id, handle, step, new tokens),
+        ``output(j)`` giving step j's output (asked only for the tracked sessions), with one
+        weight-reading job for all of them."""
         if not self.enabled:
             return
-        pending = [(handle, rec) for tenant, sid, handle, step, k, out in steps
-                   if (rec := self._note(tenant, sid, step, k, out)) is not None]
+        pending = [(handle, rec) for j, (tenant, sid, handle, step, k) in enumerate(steps)
+                   if (rec := self._note(tenant, sid, step, k, lambda j=j: output(j))) is not None]
         if not pending:
             return
         with self._lock:
@@ -77,7 +79,8 @@ class RetentionHistory:
             self._queued = True
         self.submit(self._read_weights)
 
-    def _note(self, tenant: str, session_id: str, step: int, new_tokens: int, out: HostOutput) -> CallRecord | None:
+    def _note(self, tenant: str, session_id: str, step: int, new_tokens: int, output: Callable[[], HostOutput]
+              ) -> CallRecord | None:
         key = (tenant, session_id)
         calls = self._records.get(key)
         if calls is None:
@@ -89,6 +92,7 @@ class RetentionHistory:
             calls = self._records[key] = collections.deque(maxlen=self.max_calls)
             while len(self._records) > self.max_sessions:
                 self._records.popitem(last=False)
+        out = output()
         keep_all, pos_all = np.asarray(out.keep), np.asarray(out.slot_positions)  # numpy views of host outputs
         keep, pos = keep_all[0], pos_all[0]
         live = pos >= 0

@@ -25,7 +25,7 @@ from nexus_client.columnar import REQUEST_COLUMNS, TENSOR_FIELDS
 from nexus_client.v1 import sidecar_pb2 as pb
 from nexus_client.wire import CALL_KIND, POSITION_LIMIT, PRIORS, WireError, wire_array
 
-from nexus_sidecar.engine import POLICIES, StepInput
+from nexus_sidecar.engine import POLICIES, BatchInput, StepInput
 from nexus_sidecar.server.errors import InvalidArgument
 from nexus_sidecar.server.stores import validate_id
 
@@ -136,6 +136,48 @@ class LazyInputs:
         self._calls = [_CALL_NAMES[c] for c in cols.calls[idx].tolist()]
         self._built: list[StepInput] | None = None
         self.size = len(rows)
+        # What batch() needs: the columnar form applies to the batch wire form only.
+        self._cols = cols if all(col.parts is None for col in cols.columns.values()) else None
+        self._idx, self._groups, self._k, self._ints = idx, list(groups), k, ints
+
+    def batch(self, js: Sequence[int]) -> BatchInput | None:
+        """Sessions ``rows[js]`` as one columnar engine input (engine thread), or None unless they
+        came in the batch wire form with one call kind, the same k and the same slot count (the
+        steady state of a decode loop; the rest go one StepInput per session)."""
+        cols = self._cols
+        if cols is None or not js:
+            return None
+        k, calls, groups = self._k, self._calls, self._groups
+        K, call = k[js[0]], calls[js[0]]
+        if any(k[j] != K or calls[j] != call for j in js):
+            return None
+        g = np.array([groups[j] for j in js], dtype=np.int64)
+        b = self._idx[np.asarray(js, dtype=np.int64)]
+        slots = cols.columns["attn"].counts[b]
+        W = int(slots[0] // max(1, g[0]))
+        edges = cols.columns["edge_index"].counts[b]
+        F = int(edges[0] // max(1, g[0] * K))
+        if (slots != g * W).any() or (edges != g * K * F).any():
+            return None
+        whole = len(js) == len(cols) and bool((b == np.arange(len(cols))).all())
+        rows = b.tolist()
+
+        def floats(col: Column) -> torch.Tensor:
+            v = col.canonical(np.dtype(np.float32), rows)
+            return torch.from_numpy(v if isinstance(v, np.ndarray) else np.concatenate(v))  # type: ignore[arg-type]
+
+        def ints(name: str) -> np.ndarray:
+            off = cols.columns[name].offsets
+            flat = self._ints[name]
+            return flat if whole else np.concatenate([flat[off[i]: off[i + 1]] for i in rows])
+
+        R = int(g.sum())
+        return BatchInput(torch.from_numpy(ints("new_positions")).view(len(js), K),
+                          floats(cols.columns["attn"]).view(R, W), floats(cols.columns["last"]).view(R, W),
+                          torch.from_numpy(ints("edge_index")).view(R, K, F),
+                          floats(cols.columns["edge_weight"]).view(R, K, F), g.tolist(),
+                          {name: floats(cols.columns[name]).view(R, W) for name in PRIORS if name in cols.columns},
+                          call)
 
     def get(self, j: int) -> StepInput:
         """Session ``rows[j]``'s input (engine thread)."""
