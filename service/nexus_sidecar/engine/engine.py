@@ -292,6 +292,23 @@ class Engine:
         """The policy memory per retained slot and group (e.g. EMA of walk scores), on the host."""
         return self._live(handle, "memory")
 
+    def memories(self, handles: list[int]) -> dict[int, list[torch.Tensor]]:
+        """:meth:`memory` of many sessions with one gather per pool (unknown handles are left out)."""
+        by_pool: dict[int, tuple[SessionPool, list[tuple[int, _Session]]]] = {}
+        for h in handles:
+            s = self._sessions.get(h)
+            if s is not None:
+                by_pool.setdefault(id(s.pool), (s.pool, []))[1].append((h, s))
+        out: dict[int, list[torch.Tensor]] = {}
+        for pool, members in by_pool.values():
+            r = torch.tensor([row for _, s in members for row in s.rows], device=self.device)
+            x, alive = pool.slot["memory"][r].cpu().numpy(), pool.slot["alive"][r].cpu().numpy()
+            i = 0
+            for h, s in members:
+                out[h] = [torch.from_numpy(x[i + g][alive[i + g]]) for g in range(len(s.rows))]
+                i += len(s.rows)
+        return out
+
     def snapshot(self, handle: int) -> SessionState:
         """A host copy of the session's full state (serialize with ``to_bytes``).
 

@@ -9,6 +9,7 @@ retries; :func:`encode_batch` packs many into a ``StepBatchResponse`` and
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,7 +80,7 @@ class HostBatch:
         return cls(keep, pos, np.concatenate([o.retained_mass for o in outs]).astype(np.float32), age,
                    np.array([c for o in outs for c in o.retained], dtype=np.int64), groups, widths)
 
-    @property
+    @functools.cached_property
     def row_offsets(self) -> np.ndarray:
         """int64 [B + 1]: session b's rows are ``row_offsets[b]:row_offsets[b + 1]``."""
         return np.concatenate([[0], np.cumsum(self.groups)])
@@ -109,17 +110,49 @@ class HostBatch:
         return np.concatenate([a[off[b]: off[b + 1], :w].reshape(-1) for b, w in enumerate(self.widths.tolist())])
 
 
-@dataclass
 class Answer:
-    """One session's answer to one step."""
+    """One session's answer to one step.
 
-    step: int
-    count: int  # retained slots after the step, summed over groups
-    checksum: int  # positions_checksum of the retained positions after the step
-    keep: np.ndarray  # bool [G * (n + k)]: the call's slots in C order
-    evicted: np.ndarray  # int64 [e]: evicted positions, group after group
-    evicted_offsets: np.ndarray  # int64 [G + 1] into ``evicted``
-    source: tuple[AnswerBatch, int] | None = None  # the batch this answer was computed in, and its index
+    Computed in a batch (:func:`answer_batch`), it is a reference into that batch's arrays: the
+    per-session views are made only when asked for (a retry, a checkpoint, the per-session form).
+    """
+
+    __slots__ = ("_evicted", "_evicted_offsets", "_keep", "checksum", "count", "source", "step")
+
+    def __init__(self, step: int, count: int, checksum: int, keep: np.ndarray | None = None,
+                 evicted: np.ndarray | None = None, evicted_offsets: np.ndarray | None = None,
+                 source: tuple[AnswerBatch, int] | None = None) -> None:
+        self.step = step
+        self.count = count  # retained slots after the step, summed over groups
+        self.checksum = checksum  # positions_checksum of the retained positions after the step
+        self._keep, self._evicted, self._evicted_offsets = keep, evicted, evicted_offsets
+        self.source = source  # the batch this answer was computed in, and its index there
+
+    @property
+    def keep(self) -> np.ndarray:
+        """bool [G * (n + k)]: the call's slots in C order."""
+        if self._keep is None:
+            batch, b = self.source  # type: ignore[misc]
+            self._keep = batch.keep[batch.slot_offsets[b]: batch.slot_offsets[b + 1]]
+        return self._keep
+
+    @property
+    def evicted(self) -> np.ndarray:
+        """int64 [e]: evicted positions, group after group."""
+        if self._evicted is None:
+            batch, b = self.source  # type: ignore[misc]
+            e = batch.evicted_offsets[batch.row_offsets[b]: batch.row_offsets[b + 1] + 1]
+            self._evicted = batch.evicted[e[0]: e[-1]]
+        return self._evicted
+
+    @property
+    def evicted_offsets(self) -> np.ndarray:
+        """int64 [G + 1] into :attr:`evicted`."""
+        if self._evicted_offsets is None:
+            batch, b = self.source  # type: ignore[misc]
+            e = batch.evicted_offsets[batch.row_offsets[b]: batch.row_offsets[b + 1] + 1]
+            self._evicted_offsets = e - e[0]
+        return self._evicted_offsets
 
     @property
     def groups(self) -> int:
@@ -164,8 +197,11 @@ class AnswerBatch:
     counts: np.ndarray  # int64 [B]
     checksums: np.ndarray  # uint64 [B]
     keep: np.ndarray  # bool [sum of G x (n + k)]
+    keep_packed: np.ndarray  # uint8: ``keep`` as the wire packs it (little-endian bits)
     evicted: np.ndarray  # int64 [e]
     evicted_offsets: np.ndarray  # int64 [rows + 1]
+    slot_offsets: np.ndarray  # int64 [B + 1] into ``keep``
+    row_offsets: np.ndarray  # int64 [B + 1]: session b's rows (groups)
 
     def __len__(self) -> int:
         return int(self.steps.shape[0])
@@ -181,8 +217,13 @@ def answer_batch(steps: np.ndarray, out: HostBatch, new_positions: np.ndarray, t
     B = int(out.groups.shape[0])
     groups, widths = out.groups, out.widths
     keep = out.flat(out.keep)
-    # Evictions are few: find the slots not kept (one pass over the mask), then only their positions.
-    dropped = np.flatnonzero(~keep)
+    # Evictions are few: find the slots not kept from the packed mask (the wire's form, needed anyway)
+    # by its bytes that are not all ones, then only their positions.
+    packed = np.packbits(keep, bitorder="little")
+    partial = np.flatnonzero(packed != 0xFF)
+    bits = np.unpackbits(packed[partial], bitorder="little").reshape(-1, 8)
+    dropped = (partial[:, None] * 8 + np.arange(8))[bits == 0]
+    dropped = dropped[dropped < keep.shape[0]]  # the last byte's padding bits
     pos = out.flat(out.slot_positions)[dropped]
     live = pos >= 0  # padding slots of narrower groups are not evictions
     evicted, where = pos[live], dropped[live]
@@ -199,11 +240,10 @@ def answer_batch(steps: np.ndarray, out: HostBatch, new_positions: np.ndarray, t
     added = _segment_sums(mix64(new_positions), tok[:-1], tok[1:]) * groups.astype(np.uint64)
     removed = _segment_sums(mix64(evicted), sess_ev[:-1], sess_ev[1:])
     after = np.asarray(checksums_before, dtype=np.uint64) + added - removed
-    batch = AnswerBatch(np.asarray(steps, dtype=np.uint64), counts, after, keep, evicted, ev_off)
-    steps_l, counts_l, after_l = batch.steps.tolist(), counts.tolist(), after.tolist()
-    so, se, ro = slot_off.tolist(), sess_ev.tolist(), row_off.tolist()
-    return [Answer(steps_l[b], counts_l[b], after_l[b], keep[so[b]: so[b + 1]], evicted[se[b]: se[b + 1]],
-                   ev_off[ro[b]: ro[b + 1] + 1] - se[b], (batch, b)) for b in range(B)]
+    batch = AnswerBatch(np.asarray(steps, dtype=np.uint64), counts, after, keep, packed, evicted, ev_off, slot_off,
+                        row_off)
+    return [Answer(s_, c, x, source=(batch, b))
+            for b, (s_, c, x) in enumerate(zip(batch.steps.tolist(), counts.tolist(), after.tolist(), strict=True))]
 
 
 def encode_batch(answers: Sequence[Answer]) -> pb.StepBatchResponse:
@@ -214,17 +254,17 @@ def encode_batch(answers: Sequence[Answer]) -> pb.StepBatchResponse:
         # The response is exactly one computed batch, in order (the steady state): its arrays as they are.
         batch = src[0]
         steps, counts, checksums = batch.steps, batch.counts, batch.checksums
-        keep, evicted, offsets = batch.keep, batch.evicted, batch.evicted_offsets
+        packed, evicted, offsets = batch.keep_packed, batch.evicted, batch.evicted_offsets
     else:
         steps = np.array([a.step for a in answers], dtype=np.uint64)
         counts = np.array([a.count for a in answers], dtype=np.int64)
         checksums = np.array([a.checksum for a in answers], dtype=np.uint64)
-        keep = np.concatenate([a.keep for a in answers])
+        packed = np.packbits(np.concatenate([a.keep for a in answers]), bitorder="little")
         evicted = np.concatenate([a.evicted for a in answers])
         per_row = np.concatenate([np.diff(a.evicted_offsets) for a in answers])
         offsets = np.concatenate([[0], np.cumsum(per_row, dtype=np.int64)])
     return pb.StepBatchResponse(
         steps=steps.astype("<u8").tobytes(), retained_counts=counts.astype("<u4").tobytes(),
         retained_checksums=checksums.astype("<u8").tobytes(),
-        keep=np.packbits(keep, bitorder="little").tobytes(),
+        keep=packed.tobytes(),
         evicted=evicted.astype("<i8").tobytes(), evicted_offsets=offsets.astype("<i8").tobytes())

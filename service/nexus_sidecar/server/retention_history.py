@@ -60,16 +60,19 @@ class RetentionHistory:
 
     def record(self, tenant: str, session_id: str, handle: int, step: int, new_tokens: int, out: HostOutput) -> None:
         """Note a committed step (event-loop thread); its weights are read on the engine thread."""
-        self.record_many([(tenant, session_id, handle, step, new_tokens)], lambda j: out)
+        self.record_many(tenant, [session_id], [handle], [step], [new_tokens], lambda j: out)
 
-    def record_many(self, steps: list[tuple[str, str, int, int, int]], output: Callable[[int], HostOutput]) -> None:
-        """:meth:`record` for a batch of committed steps (tenant, session id, handle, step, new tokens),
-        ``output(j)`` giving step j's output (asked only for the tracked sessions), with one
-        weight-reading job for all of them."""
+    def record_many(self, tenant: str, session_ids: list[str], handles: list[int], steps: list[int],
+                    new_tokens: list[int], output: Callable[[int], HostOutput]) -> None:
+        """:meth:`record` for a batch of committed steps of one tenant, ``output(j)`` giving step j's
+        output (asked only for the tracked sessions), with one weight-reading job for all of them."""
         if not self.enabled:
             return
-        pending = [(handle, rec) for j, (tenant, sid, handle, step, k) in enumerate(steps)
-                   if (rec := self._note(tenant, sid, step, k, lambda j=j: output(j))) is not None]
+        records, full = self._records, len(self._records) >= self.max_sessions
+        # Most sessions of a batch are not tracked: one dict lookup each, nothing else.
+        pending = [(handles[j], rec) for j, sid in enumerate(session_ids)
+                   if ((tenant, sid) in records or steps[j] == 1 or not full)
+                   and (rec := self._note(tenant, sid, steps[j], new_tokens[j], output(j))) is not None]
         if not pending:
             return
         with self._lock:
@@ -79,8 +82,7 @@ class RetentionHistory:
             self._queued = True
         self.submit(self._read_weights)
 
-    def _note(self, tenant: str, session_id: str, step: int, new_tokens: int, output: Callable[[], HostOutput]
-              ) -> CallRecord | None:
+    def _note(self, tenant: str, session_id: str, step: int, new_tokens: int, out: HostOutput) -> CallRecord | None:
         key = (tenant, session_id)
         calls = self._records.get(key)
         if calls is None:
@@ -92,12 +94,12 @@ class RetentionHistory:
             calls = self._records[key] = collections.deque(maxlen=self.max_calls)
             while len(self._records) > self.max_sessions:
                 self._records.popitem(last=False)
-        out = output()
         keep_all, pos_all = np.asarray(out.keep), np.asarray(out.slot_positions)  # numpy views of host outputs
         keep, pos = keep_all[0], pos_all[0]
         live = pos >= 0
-        rec = CallRecord(step, new_tokens, pos[keep & live].astype(np.int64), pos[~keep & live].astype(np.int64),
-                         int((~keep_all & (pos_all >= 0)).sum()))
+        evicted = pos[~keep & live].astype(np.int64, copy=False)
+        rec = CallRecord(step, new_tokens, pos[keep & live].astype(np.int64, copy=False), evicted,
+                         evicted.shape[0] if keep_all.shape[0] == 1 else int((~keep_all & (pos_all >= 0)).sum()))
         calls.append(rec)
         return rec
 
@@ -105,11 +107,13 @@ class RetentionHistory:
         """Engine thread: the policy memory of every pending record's session, as of its step."""
         with self._lock:
             pending, self._pending, self._queued = self._pending, [], False
+        # One gather for every pending session; one closed or unloaded meanwhile keeps no weights.
+        memories = self.engine.memories(list(dict.fromkeys(h for h, _ in pending)))
         for handle, rec in pending:
-            try:
-                mem = self.engine.memory(handle)[0].numpy().astype(np.float32)
-            except Exception:  # closed or unloaded meanwhile: the record keeps no weights
+            groups = memories.get(handle)
+            if groups is None:
                 continue
+            mem = groups[0].numpy().astype(np.float32)
             if mem.shape == rec.positions.shape:
                 rec.weights = mem
 

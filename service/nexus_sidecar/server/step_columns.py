@@ -163,8 +163,12 @@ class LazyInputs:
         rows = b.tolist()
 
         def floats(col: Column) -> torch.Tensor:
-            v = col.canonical(np.dtype(np.float32), rows)
-            return torch.from_numpy(v if isinstance(v, np.ndarray) else np.concatenate(v))  # type: ignore[arg-type]
+            # torch converts float16 with the CPU's vector instructions (~4x numpy's astype here).
+            assert col.wire is not None
+            off = col.offsets
+            # A copy either way: the request's bytes are immutable, and torch has no read-only tensors.
+            v = col.wire.copy() if whole else np.concatenate([col.wire[off[i]: off[i + 1]] for i in rows])
+            return torch.from_numpy(v).float()
 
         def ints(name: str) -> np.ndarray:
             off = cols.columns[name].offsets

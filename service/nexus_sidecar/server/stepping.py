@@ -239,8 +239,8 @@ class StepPath:
         before = col["count"][slots].copy()
         now = batch.counts
         row_off = out.row_offsets
-        self.history.record_many([(hs.tenant, hs.session_id, hs.handle, ans.step, k)
-                                  for hs, ans, k in zip(hot, answers, ks.tolist(), strict=True)], out.output)
+        self.history.record_many(hot[0].tenant, [hs.session_id for hs in hot], col["handle"][slots].tolist(),
+                                 steps.tolist(), ks.tolist(), out.output)
         col["step"][slots] = steps
         col["count"][slots] = now
         col["checksum"][slots] = batch.checksums
