@@ -14,9 +14,9 @@ only a few sessions are tracked (``ui_history_sessions``).
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,16 +25,27 @@ from nexus_sidecar.engine import Engine
 from nexus_sidecar.server.answers import HostOutput
 
 
-@dataclass
 class CallRecord:
-    """One call of one session, group 0."""
+    """One call of one session, group 0: its keep mask and slot positions as the step answered
+    them (copies of one row), read into positions and evictions when the page asks."""
 
-    step: int
-    new_tokens: int
-    positions: np.ndarray  # int64, retained after the call, ascending
-    evicted: np.ndarray  # int64, evicted by the call (group 0)
-    evicted_all_groups: int
-    weights: np.ndarray | None = None  # float32 policy memory aligned with ``positions`` (None until read)
+    def __init__(self, step: int, new_tokens: int, keep: np.ndarray, slot_positions: np.ndarray,
+                 evicted_all_groups: int) -> None:
+        self.step, self.new_tokens = step, new_tokens
+        self._keep, self._pos = keep, slot_positions
+        self.kept = int(np.count_nonzero(keep))  # retained slots after the call (padding is never kept)
+        self.evicted_all_groups = evicted_all_groups
+        self.weights: np.ndarray | None = None  # float32 policy memory aligned with ``positions`` (None until read)
+
+    @functools.cached_property
+    def positions(self) -> np.ndarray:
+        """int64, retained after the call, ascending."""
+        return self._pos[self._keep].astype(np.int64, copy=False)
+
+    @functools.cached_property
+    def evicted(self) -> np.ndarray:
+        """int64, evicted by the call (group 0)."""
+        return self._pos[~self._keep & (self._pos >= 0)].astype(np.int64, copy=False)
 
 
 Key = tuple[str, str]  # (tenant, session id)
@@ -95,11 +106,11 @@ class RetentionHistory:
             while len(self._records) > self.max_sessions:
                 self._records.popitem(last=False)
         keep_all, pos_all = np.asarray(out.keep), np.asarray(out.slot_positions)  # numpy views of host outputs
-        keep, pos = keep_all[0], pos_all[0]
-        live = pos >= 0
-        evicted = pos[~keep & live].astype(np.int64, copy=False)
-        rec = CallRecord(step, new_tokens, pos[keep & live].astype(np.int64, copy=False), evicted,
-                         evicted.shape[0] if keep_all.shape[0] == 1 else int((~keep_all & (pos_all >= 0)).sum()))
+        if keep_all.shape[0] == 1:  # one group: no padding, every slot not kept was evicted
+            gone = keep_all.shape[1] - int(out.retained[0])
+        else:
+            gone = int((~keep_all & (pos_all >= 0)).sum())
+        rec = CallRecord(step, new_tokens, keep_all[0].copy(), pos_all[0].copy(), gone)
         calls.append(rec)
         return rec
 
@@ -114,7 +125,7 @@ class RetentionHistory:
             if groups is None:
                 continue
             mem = groups[0].numpy().astype(np.float32)
-            if mem.shape == rec.positions.shape:
+            if mem.shape[0] == rec.kept:
                 rec.weights = mem
 
     def calls(self, tenant: str, session_id: str) -> list[CallRecord]:
