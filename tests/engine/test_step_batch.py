@@ -95,3 +95,12 @@ def test_handles_must_match_the_batch() -> None:
     inp = random_input(np.random.default_rng(0), eng.positions(h), np.arange(4), F)
     with pytest.raises(InputError, match="handles"):
         eng.step_batch([h, h], _batch([inp]))
+
+
+def test_engine_bench_times_both_entries() -> None:
+    # The service benchmark's engine-alone reference: both entries timed on one steady-state engine.
+    from nexus_sidecar.bench import engine_bench
+
+    rec = engine_bench.measure("nexus", "cpu", 4, 64, 4, 2, 4, 1, priors=False, columnar=True)
+    assert rec["entry"] in ("step", "step_batch") and rec["calls_timed"] == 4
+    assert rec["ms_per_call"] == min(rec["ms_per_call_step"], rec["ms_per_call_step_batch"])
