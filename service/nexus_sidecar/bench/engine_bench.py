@@ -176,7 +176,10 @@ def contended(settings: ContendedSettings, progress: bool = True) -> dict[str, A
     s = settings
     records = []
     conditions = (("alone", None), ("python", _busy_python), ("native", _busy_native))
-    for mode in tqdm(s.kernels, desc="contended", disable=not progress):
+    # The fused kernels through both engine entries: Engine.step (one StepInput per session) and
+    # Engine.step_batch (the columnar entry the server uses).
+    runs = [(mode, entry) for mode in s.kernels for entry in (("step", "step_batch") if mode == "fused" else ("step",))]
+    for mode, entry in tqdm(runs, desc="contended", disable=not progress):
         rounds = s.rounds + s.warmup
         eng, _, inputs = _steady(s.policy, "cpu", s.B, s.N, s.F, s.R, len(conditions) * rounds, kernels=mode)
         wall: dict[str, list[float]] = {c: [] for c, _ in conditions}
@@ -189,8 +192,13 @@ def contended(settings: ContendedSettings, progress: bool = True) -> dict[str, A
                 if spinner is not None:
                     spinner.start()
                     time.sleep(0.01)  # the spinner runs (and holds the GIL, if it takes it) when the call starts
+                items = next(feed)
+                batch = _batch_input(items) if entry == "step_batch" else None  # built before the clock starts
                 t0, c0 = time.perf_counter(), time.thread_time()
-                eng.step(next(feed))
+                if batch is not None:
+                    eng.step_batch(list(items), batch)
+                else:
+                    eng.step(items)
                 dt, dc = time.perf_counter() - t0, time.thread_time() - c0
                 stop.set()
                 if spinner is not None:
@@ -199,7 +207,8 @@ def contended(settings: ContendedSettings, progress: bool = True) -> dict[str, A
                     wall[label].append(dt * 1e3)
                     cpu[label].append(dc * 1e3)
         med = {c: statistics.median(v) for c, v in wall.items()}
-        records.append({"policy": s.policy, "kernels": eng.kernels, "B": s.B, "N": s.N, "F": s.F, "R": s.R,
+        records.append({"policy": s.policy, "kernels": eng.kernels, "entry": entry, "B": s.B, "N": s.N, "F": s.F,
+                        "R": s.R,
                         "ms_alone": med["alone"], "ms_beside_python": med["python"],
                         "ms_beside_native": med["native"], "ratio": med["python"] / med["alone"],
                         "ratio_control": med["native"] / med["alone"],
@@ -212,7 +221,8 @@ def contended(settings: ContendedSettings, progress: bool = True) -> dict[str, A
 
 def contended_table(payload: dict[str, Any]) -> str:
     """Markdown table of the convoy benchmark."""
-    return markdown_table(payload["records"], ["policy", "kernels", "B", "N", "F", "R", "ms_alone", "ms_beside_python",
+    return markdown_table(payload["records"], ["policy", "kernels", "entry", "B", "N", "F", "R", "ms_alone",
+                                               "ms_beside_python",
                                                "ratio", "ms_beside_native", "ratio_control", "gil_ms",
                                                "cpu_ms_alone", "cpu_ms_beside_python", "rounds",
                                                "switch_interval_ms"])
