@@ -4,6 +4,7 @@ input in every buffer (and nothing applied), tenants and auth as for ``Step``.""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -485,3 +486,38 @@ def test_observe_many_counts_like_observe() -> None:
 
     assert samples("one") == samples("many")
     assert dict(samples("one"))["_count"] == values.size
+
+
+def test_merged_and_split_rpcs_take_the_columnar_entry_with_the_same_answers() -> None:
+    # Two workers' StepBatch RPCs of 3 sessions each, max_batch 4 and a long batching delay: engine
+    # calls take 3 + 1 sessions of two RPCs, then the other 2 (jobs split and merged). Every session
+    # has the same shape (the steady state), so those calls run Engine.step_batch's one native call;
+    # every answer must still be the in-process engine's, step by step.
+    async def body() -> None:
+        async with running_sidecar(max_batch=4, max_delay_us=20_000) as sc:
+            sizes: list[int] = []
+            real = sc.engine._step_columnar
+
+            def counted(handles, inp):  # type: ignore[no-untyped-def]
+                out = real(handles, inp)
+                if out is not None:
+                    sizes.append(len(handles))
+                return out
+
+            sc.engine._step_columnar = counted  # type: ignore[method-assign]
+            ref = Reference()
+            workers = [[SimSession(f"w{w}-s{i}", config={**SMALL, "seed": 10 * w + i}, seed=10 * w + i)
+                        for i in range(3)] for w in range(2)]
+            clients = [client(sc) for _ in workers]
+            for c, sims in zip(clients, workers, strict=True):
+                for sim in sims:
+                    await c.open_session(sim.session_id, sim.config)
+                    ref.open(sim)
+            runs = await asyncio.gather(*(drive_batch(c, sims, 8, ref)
+                                          for c, sims in zip(clients, workers, strict=True)))
+            assert all(sum(len(g.positions.data) for r in run[-1] for g in r.evicted) > 0 for run in runs)
+            assert 4 in sizes, f"no engine call merged two RPCs on the columnar entry: {sizes}"
+            for c in clients:
+                await c.close()
+
+    arun(body())

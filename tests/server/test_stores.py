@@ -444,3 +444,17 @@ def test_delete_leaves_a_tombstone_no_stale_writer_can_get_past(make_store: Stor
         assert await s.list("t1") == ["s1"]
 
     run(make_store, body)
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x{y}", "x" * 129, "tab\there"])
+def test_validate_ids_names_the_bad_id_as_validate_id_does(bad: str) -> None:
+    # The batch check passes good batches whole and, for a bad one, gives validate_id's exact error.
+    from nexus_sidecar.server.stores import validate_id, validate_ids
+
+    good = ["s-1", "tenant:s2", "x" * 128]
+    assert validate_ids("session_id", good) == good
+    with pytest.raises(InvalidId) as want:
+        validate_id("session_id", bad)
+    with pytest.raises(InvalidId) as got:
+        validate_ids("session_id", [*good, bad, "s-9"])
+    assert (got.value.field, got.value.reason) == (want.value.field, want.value.reason)

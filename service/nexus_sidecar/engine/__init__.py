@@ -10,10 +10,11 @@ from nexus_sidecar.engine.engine import Engine, default_device
 from nexus_sidecar.engine.errors import ConfigError, EngineError, InputError, StateError, UnknownPolicyError
 from nexus_sidecar.engine.policies import POLICIES, Policy
 from nexus_sidecar.engine.state import GroupState, SessionState
-from nexus_sidecar.engine.step_io import StepInput, StepOutput
+from nexus_sidecar.engine.step_io import BatchInput, BatchOutput, StepInput, StepOutput
 
 __all__ = [
-    "CALL_KINDS", "POLICIES", "ConfigError", "Engine", "EngineError", "GroupState", "InputError", "Policy",
+    "CALL_KINDS", "POLICIES", "BatchInput", "BatchOutput", "ConfigError", "Engine", "EngineError", "GroupState",
+    "InputError", "Policy",
     "PolicyConfig", "SessionState", "StateError", "StepInput", "StepOutput", "UnknownPolicyError",
     "default_device",
 ]

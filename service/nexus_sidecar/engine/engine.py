@@ -15,12 +15,12 @@ from nexus_sidecar.engine.hashing import uniforms
 from nexus_sidecar.engine.kernels import for_device as kernels_for
 from nexus_sidecar.engine.kernels import resolve as resolve_kernels
 from nexus_sidecar.engine.policies import Policy, make_policy
-from nexus_sidecar.engine.pool import PoolShape, SessionPool, slot_bytes
+from nexus_sidecar.engine.pool import PoolShape, Rows, SessionPool, slot_bytes
 from nexus_sidecar.engine.selection import gumbel
 from nexus_sidecar.engine.state import RowCapture, SessionState, capture_rows
 from nexus_sidecar.engine.step import ROW_ERRORS, RowInput, RowResult, hole_allowance, run_step, validate_rows
 from nexus_sidecar.engine.step_fused import nexus_call, one_entry
-from nexus_sidecar.engine.step_io import StepInput, StepOutput
+from nexus_sidecar.engine.step_io import BatchInput, BatchOutput, StepInput, StepOutput
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -292,6 +292,23 @@ class Engine:
         """The policy memory per retained slot and group (e.g. EMA of walk scores), on the host."""
         return self._live(handle, "memory")
 
+    def memories(self, handles: list[int]) -> dict[int, list[torch.Tensor]]:
+        """:meth:`memory` of many sessions with one gather per pool (unknown handles are left out)."""
+        by_pool: dict[int, tuple[SessionPool, list[tuple[int, _Session]]]] = {}
+        for h in handles:
+            s = self._sessions.get(h)
+            if s is not None:
+                by_pool.setdefault(id(s.pool), (s.pool, []))[1].append((h, s))
+        out: dict[int, list[torch.Tensor]] = {}
+        for pool, members in by_pool.values():
+            r = torch.tensor([row for _, s in members for row in s.rows], device=self.device)
+            x, alive = pool.slot["memory"][r].cpu().numpy(), pool.slot["alive"][r].cpu().numpy()
+            i = 0
+            for h, s in members:
+                out[h] = [torch.from_numpy(x[i + g][alive[i + g]]) for g in range(len(s.rows))]
+                i += len(s.rows)
+        return out
+
     def snapshot(self, handle: int) -> SessionState:
         """A host copy of the session's full state (serialize with ``to_bytes``).
 
@@ -352,6 +369,74 @@ class Engine:
             out.update(self._run_batch(group))
         return out
 
+    def step_batch(self, handles: list[int], inp: BatchInput) -> BatchOutput:
+        """Advance the sessions ``handles`` (distinct) by one call each, their inputs in columnar form.
+
+        Same results and errors as :meth:`step` on ``inp.sessions()`` (``raise_errors=False``; a
+        session's error is in ``errors`` by its index). When the sessions share one batch of the
+        one-entry Nexus path (:func:`~nexus_sidecar.engine.step_fused.one_entry`, fused kernels),
+        the call runs without a per-session tensor in or out; otherwise it runs as :meth:`step`.
+        """
+        if len(handles) != len(inp):
+            raise InputError("handles", f"{len(handles)} handles for a batch of {len(inp)} sessions")
+        try:
+            out = self._step_columnar(handles, inp)
+        finally:
+            self._publish()
+        if out is None:  # not one batch of the one-entry path: the per-session form, same answers
+            res = self._step(dict(zip(handles, inp.sessions(), strict=True)))
+            out = _gather_outputs([res[h] for h in handles], inp.groups)
+        return out
+
+    def _step_columnar(self, handles: list[int], inp: BatchInput) -> BatchOutput | None:
+        """:meth:`step_batch` as one native call, or None when the batch does not qualify (nothing changed
+        then, except sessions moved to a wider width class, as :meth:`_step` would have)."""
+        if self._ops is None or not handles:
+            return None
+        sessions = [self._sessions.get(h) for h in handles]
+        if None in sessions:
+            return None
+        ss: list[_Session] = sessions  # type: ignore[assignment]
+        s0 = ss[0]
+        R, W = inp.attn.shape[0], inp.attn.shape[-1]
+        k = int(inp.new_positions.shape[-1])
+        F = s0.pool.fanout
+        # The shape checks of _check_shapes for the whole batch at once (any doubt: the per-session path).
+        if (not one_entry(s0.policy) or inp.call not in CALL_KINDS or k < 1 or s0.policy.requires
+                or inp.new_positions.dim() != 2 or inp.new_positions.dtype.is_floating_point
+                or inp.new_positions.dtype == torch.bool or inp.new_positions.shape[0] != len(ss)
+                or sum(inp.groups) != R or inp.attn.dim() != 2 or inp.attn.dtype not in _FLOATS
+                or any(t.dim() != 2 or t.dtype not in _FLOATS or tuple(t.shape) != (R, W)
+                       for t in (inp.last, *inp.priors.values()))
+                or tuple(inp.edge_pos.shape) != (R, k, F) or inp.edge_pos.dtype.is_floating_point
+                or tuple(inp.edge_w.shape) != (R, k, F) or inp.edge_w.dtype not in _FLOATS):
+            return None
+        key = s0.cfg.batch_key()
+        if any(s.cfg.batch_key() != key or s.pool.fanout != F or s.cfg.groups != g or max(s.counts) + k != W
+               for s, g in zip(ss, inp.groups, strict=True)):
+            return None
+        for s in ss:
+            need = max(s.used) + k
+            if need > s.pool.width:  # as _step: the arena outgrows its width class
+                self._migrate(s, need)
+        pool = s0.pool
+        if any(s.pool is not pool for s in ss):
+            return None
+        rows, used_max, width = self._rows(ss, [k] * len(ss))
+        res = nexus_call(self._ops, s0.policy, pool, rows, inp, inp.groups, [W] * len(ss), [k] * len(ss), used_max,
+                         width, max(s.calls for s in ss))
+        if isinstance(res, list):  # some rows failed validation: nothing changed; the per-session path names them
+            return None
+        result = RowResult(keep=res[0], slot_pos=res[1], evicted_age=res[2], retained_mass=res[3], count=res[4])
+        counts = result.count.tolist()
+        r0 = 0
+        for s, g in zip(ss, inp.groups, strict=True):
+            self._advance(s, counts[r0: r0 + g], k)
+            r0 += g
+        self._compact(ss)
+        return BatchOutput(result.keep, result.slot_pos, result.retained_mass, result.evicted_age, result.count,
+                           list(inp.groups), [W] * len(ss))
+
     def check(self, handle: int, inp: StepInput) -> None:
         """Check an input's shapes and dtypes against the session (host only); raises InputError."""
         self._check_shapes(self._session(handle), inp)
@@ -386,12 +471,10 @@ class Engine:
             raise InputError("edge_w", f"float tensor of shape {(G, k, F)} expected, got "
                                        f"{inp.edge_w.dtype} {tuple(inp.edge_w.shape)}")
 
-    def _run_batch(self, items: list[tuple[int, StepInput]]) -> dict[int, StepOutput | EngineError]:
-        sessions = [self._sessions[h] for h, _ in items]
-        pool, policy = sessions[0].pool, sessions[0].policy
-        G = [s.cfg.groups for s in sessions]
-        ks = [inp.new_positions.shape[0] for _, inp in items]
-        widths = [max(s.counts) + k for s, k in zip(sessions, ks, strict=True)]
+    def _rows(self, sessions: list[_Session], ks: list[int]) -> tuple[Rows, int, int]:
+        """The batch's pool rows (made contiguous when they can be), the widest arena in use and the
+        call's arena width."""
+        pool = sessions[0].pool
         row_ids = [r for s in sessions for r in s.rows]
         moved = pool.make_contiguous(row_ids)
         if moved:  # rows by batch affinity: the batch becomes a view, not a gather (see pool.py)
@@ -399,9 +482,36 @@ class Engine:
                 if other.pool is pool:
                     other.rows = [moved.get(r, r) for r in other.rows]
             row_ids = [r for s in sessions for r in s.rows]
-        rows = pool.rows_of(row_ids)
         used_max = max(max(s.used) for s in sessions)
         width = max(max(u) + k for u, k in zip((s.used for s in sessions), ks, strict=True))
+        return pool.rows_of(row_ids), used_max, width
+
+    @staticmethod
+    def _advance(s: _Session, new_counts: list[int], k: int) -> None:
+        """The host mirrors of a session after a call of ``k`` new tokens."""
+        s.tokens_evicted += sum(c + k for c in s.counts) - sum(new_counts)
+        s.used = [u + k for u in s.used]
+        s.counts = new_counts
+        s.calls += 1
+        s.tokens_seen += k
+
+    def _compact(self, sessions: list[_Session]) -> None:
+        """Compact rows whose holes exceed the allowance (host mirrors are exact after the sync)."""
+        todo = [r for s in sessions for r, u, c in zip(s.rows, s.used, s.counts, strict=True)
+                if u - c > hole_allowance(s.cfg.budget)]
+        if todo:
+            sessions[0].pool.compact(torch.tensor(todo, device=self.device))
+            done = set(todo)
+            for s in sessions:
+                s.used = [c if r in done else u for r, u, c in zip(s.rows, s.used, s.counts, strict=True)]
+
+    def _run_batch(self, items: list[tuple[int, StepInput]]) -> dict[int, StepOutput | EngineError]:
+        sessions = [self._sessions[h] for h, _ in items]
+        pool, policy = sessions[0].pool, sessions[0].policy
+        G = [s.cfg.groups for s in sessions]
+        ks = [inp.new_positions.shape[0] for _, inp in items]
+        widths = [max(s.counts) + k for s, k in zip(sessions, ks, strict=True)]
+        rows, used_max, width = self._rows(sessions, ks)
         if self._ops is not None and one_entry(policy):
             # The whole call in one native entry, the GIL released throughout (see step_fused.py).
             res = nexus_call(self._ops, policy, pool, rows, [inp for _, inp in items], G, widths, ks, used_max, width,
@@ -416,14 +526,7 @@ class Engine:
                 return self._split_bad(items, codes.cpu().tolist(), G)
             result = run_step(policy, pool, rows, inp_rows, target_col, width, self._ops)
         out = self._outputs(items, sessions, G, widths, ks, result)
-        # Compact rows whose holes exceed the allowance (host mirrors are exact after the sync).
-        todo = [r for s in sessions for r, u, c in zip(s.rows, s.used, s.counts, strict=True)
-                if u - c > hole_allowance(s.cfg.budget)]
-        if todo:
-            pool.compact(torch.tensor(todo, device=self.device))
-            done = set(todo)
-            for s in sessions:
-                s.used = [c if r in done else u for r, u, c in zip(s.rows, s.used, s.counts, strict=True)]
+        self._compact(sessions)
         return out
 
     def _row_input(self, items: list[tuple[int, StepInput]], G: list[int], widths: list[int], ks: list[int],
@@ -497,11 +600,7 @@ class Engine:
         r0 = 0
         for s, g, w, k, (h, _) in zip(sessions, G, widths, ks, items, strict=True):
             new_counts = counts[r0 : r0 + g]
-            s.tokens_evicted += sum(c + k for c in s.counts) - sum(new_counts)
-            s.used = [u + k for u in s.used]
-            s.counts = new_counts
-            s.calls += 1
-            s.tokens_seen += k
+            self._advance(s, new_counts, k)
             out[h] = StepOutput(
                 keep=res.keep[r0 : r0 + g, :w], slot_positions=res.slot_pos[r0 : r0 + g, :w],
                 retained=new_counts, retained_mass=res.retained_mass[r0 : r0 + g],
@@ -509,3 +608,29 @@ class Engine:
             )
             r0 += g
         return out
+
+
+def _gather_outputs(outs: list[StepOutput | EngineError], groups: list[int]) -> BatchOutput:
+    """Per-session outputs (and errors) as one :class:`BatchOutput` (rows padded to the widest)."""
+    widths = [o.keep.shape[1] if isinstance(o, StepOutput) else 0 for o in outs]
+    R, W = sum(groups), max(widths)
+    good = [o for o in outs if isinstance(o, StepOutput)]
+    dev = good[0].keep.device if good else torch.device("cpu")
+    keep = torch.zeros(R, W, dtype=torch.bool, device=dev)
+    pos = torch.full((R, W), -1, dtype=torch.int64, device=dev)
+    age = torch.zeros(R, W, dtype=torch.int32, device=dev)
+    mass = torch.zeros(R, dtype=torch.float32, device=dev)
+    count = torch.zeros(R, dtype=torch.int64, device=dev)
+    errors: dict[int, Exception] = {}
+    r0 = 0
+    for b, (o, g, w) in enumerate(zip(outs, groups, widths, strict=True)):
+        if isinstance(o, StepOutput):
+            keep[r0: r0 + g, :w] = o.keep
+            pos[r0: r0 + g, :w] = o.slot_positions
+            age[r0: r0 + g, :w] = o.evicted_age
+            mass[r0: r0 + g] = o.retained_mass
+            count[r0: r0 + g] = torch.tensor(o.retained, dtype=torch.int64)
+        else:
+            errors[b] = o
+        r0 += g
+    return BatchOutput(keep, pos, mass, age, count, list(groups), widths, errors)

@@ -23,7 +23,7 @@ from nexus_sidecar.engine.policies.ema import _FULL_TABLE, _saturation, denomina
 from nexus_sidecar.engine.policies.nexus import NexusSampling, NexusTopK, prior_share, reacts
 from nexus_sidecar.engine.pool import Rows, SessionPool
 from nexus_sidecar.engine.selection import select, span_pool
-from nexus_sidecar.engine.step_io import PRIOR_RANGES, StepInput
+from nexus_sidecar.engine.step_io import PRIOR_RANGES, BatchInput, StepInput
 
 if TYPE_CHECKING:
     from nexus_sidecar.engine.step import RowInput
@@ -117,7 +117,7 @@ def one_entry(policy: Policy) -> bool:
 _POOL_FIELDS = ("pos", "alive", "birth", "memory", "gumbel")
 
 
-def nexus_call(ops: ModuleType, policy: Policy, pool: SessionPool, rows: Rows, inputs: list[StepInput],
+def nexus_call(ops: ModuleType, policy: Policy, pool: SessionPool, rows: Rows, inputs: list[StepInput] | BatchInput,
                groups: list[int], widths: list[int], ks: list[int], used_max: int, width: int, max_call: int
                ) -> list[int] | tuple[torch.Tensor, ...]:
     """One engine call of a Nexus batch in one native entry that releases the GIL for its whole
@@ -126,14 +126,31 @@ def nexus_call(ops: ModuleType, policy: Policy, pool: SessionPool, rows: Rows, i
 
     ``widths``/``ks``: each session's call slots and new tokens; ``used_max``, ``width``: as
     ``Engine._run_batch`` computes them; ``max_call``: the largest call index of the rows (host
-    mirror). Returns the per-row error codes (a list; nothing changed) when some row fails
-    validation, else the fields of a :class:`step.RowResult`.
+    mirror). ``inputs`` is one :class:`StepInput` per session, or the batch in columnar form (every
+    session the same width and k): then it enters the kernel as one "session" of all the rows, with
+    no per-session tensor. Returns the per-row error codes (a list; nothing changed) when some row
+    fails validation, else the fields of a :class:`step.RowResult`.
     """
     from nexus_sidecar.engine.step import PRIOR_CODE
 
     cfg = policy.cfg
-    call_kind = inputs[0].call
-    names = list(inputs[0].priors())
+    if isinstance(inputs, BatchInput):
+        # The kernel's uniform path concatenates per-session [G, ...] blocks and expands each
+        # session's [k] positions over its groups: [R, ...] blocks and [R, k] positions are one such
+        # block, so the batch passes whole (the kernel's checks still see R rows and R k's).
+        b_in = inputs
+        names = list(b_in.priors)
+        new_pos = b_in.new_positions.repeat_interleave(torch.tensor(b_in.groups), dim=0)
+        R, K = new_pos.shape
+        fields = ([new_pos], [b_in.attn], [b_in.last], [b_in.edge_pos], [b_in.edge_w],
+                  [[b_in.priors[n]] for n in names])
+        call_kind, groups, widths, ks = b_in.call, [R], [max(widths)], [K]
+    else:
+        names = list(inputs[0].priors())
+        call_kind = inputs[0].call
+        fields = ([i.new_positions for i in inputs], [i.attn for i in inputs], [i.last for i in inputs],
+                  [i.edge_pos for i in inputs], [i.edge_w for i in inputs],
+                  [[getattr(i, n) for i in inputs] for n in names])
     reads = [name for name in policy.reads() if name in names]
     mix = prior_share(policy, call_kind)
     max_age = max_call + 1 if _saturation(cfg.gamma) > _FULL_TABLE else None
@@ -144,8 +161,7 @@ def nexus_call(ops: ModuleType, policy: Policy, pool: SessionPool, rows: Rows, i
         [*(pool.slot[n] for n in _POOL_FIELDS), pool.edge["edge_idx"], pool.edge["edge_w"], pool.used, pool.count,
          *(pool.params[n] for n in ("budget", "slack", "sinks", "recent", "seed", "group", "call"))],
         rows.index, -1 if rows.first is None else rows.first,
-        [i.new_positions for i in inputs], [i.attn for i in inputs], [i.last for i in inputs],
-        [i.edge_pos for i in inputs], [i.edge_w for i in inputs], [[getattr(i, n) for i in inputs] for n in names],
+        *fields,
         [PRIOR_CODE[n] for n in names], [PRIOR_RANGES[n][0] for n in names], [PRIOR_RANGES[n][1] for n in names],
         groups, widths, ks, used_max, width, names.index(reads[0]) if reads else -1,
         denominators(cfg.gamma, max_age, pool.device), _PRIOR_KIND[cfg.prior], mix, cfg.prior_sharpness, cfg.gamma,

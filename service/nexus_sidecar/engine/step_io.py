@@ -87,3 +87,63 @@ class StepOutput:
             return self
         return StepOutput(self.keep.cpu(), self.slot_positions.cpu(), self.retained,
                           self.retained_mass.cpu(), self.evicted_age.cpu())
+
+
+@dataclasses.dataclass
+class BatchInput:
+    """One call for B sessions at once, in the columnar form a server decodes off the wire.
+
+    Every session takes the same ``k`` new tokens and lays out the same ``n + k`` slots (the steady
+    state of a decode loop). Rows are the sessions' groups stacked in order: session 0's G_0 rows,
+    then session 1's, ... (``groups``); each row's fields are :class:`StepInput`'s for that group.
+    Floats may be float16/bfloat16/float32 (converted inside the call), positions any integer type.
+    """
+
+    new_positions: torch.Tensor  # int [B, k]
+    attn: torch.Tensor  # float [R, n + k]
+    last: torch.Tensor  # float [R, n + k]
+    edge_pos: torch.Tensor  # int [R, k, F]
+    edge_w: torch.Tensor  # float [R, k, F]
+    groups: list[int]  # G per session; R = sum(groups)
+    priors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # name -> float [R, n + k]
+    call: str = "unspecified"
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def session(self, b: int, r0: int) -> StepInput:
+        """Session ``b``'s input (views; ``r0`` = its first row)."""
+        g = self.groups[b]
+        rows = slice(r0, r0 + g)
+        return StepInput(self.new_positions[b], self.attn[rows], self.last[rows], self.edge_pos[rows],
+                         self.edge_w[rows], **{name: t[rows] for name, t in self.priors.items()}, call=self.call)
+
+    def sessions(self) -> list[StepInput]:
+        """Every session's :class:`StepInput` (views): the per-session form of the same call."""
+        out, r0 = [], 0
+        for b, g in enumerate(self.groups):
+            out.append(self.session(b, r0))
+            r0 += g
+        return out
+
+
+@dataclasses.dataclass
+class BatchOutput:
+    """Result of one :class:`BatchInput` call, rows as in the input, slots padded to the widest
+    session (``widths``). A session in ``errors`` was left unchanged; its rows hold no result."""
+
+    keep: torch.Tensor  # bool [R, W]
+    slot_positions: torch.Tensor  # int64 [R, W] (-1 on padding)
+    retained_mass: torch.Tensor  # float32 [R]
+    evicted_age: torch.Tensor  # int32 [R, W]
+    count: torch.Tensor  # int64 [R]: slots kept per row after the call
+    groups: list[int]
+    widths: list[int]  # n + k per session
+    errors: dict[int, Exception] = dataclasses.field(default_factory=dict)  # session index -> EngineError
+
+    def session(self, b: int, r0: int) -> StepOutput:
+        """Session ``b``'s output (views; ``r0`` = its first row)."""
+        g, w = self.groups[b], self.widths[b]
+        rows = slice(r0, r0 + g)
+        return StepOutput(self.keep[rows, :w], self.slot_positions[rows, :w], self.count[rows].tolist(),
+                          self.retained_mass[rows], self.evicted_age[rows, :w])

@@ -14,9 +14,9 @@ only a few sessions are tracked (``ui_history_sessions``).
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,16 +25,27 @@ from nexus_sidecar.engine import Engine
 from nexus_sidecar.server.answers import HostOutput
 
 
-@dataclass
 class CallRecord:
-    """One call of one session, group 0."""
+    """One call of one session, group 0: its keep mask and slot positions as the step answered
+    them (copies of one row), read into positions and evictions when the page asks."""
 
-    step: int
-    new_tokens: int
-    positions: np.ndarray  # int64, retained after the call, ascending
-    evicted: np.ndarray  # int64, evicted by the call (group 0)
-    evicted_all_groups: int
-    weights: np.ndarray | None = None  # float32 policy memory aligned with ``positions`` (None until read)
+    def __init__(self, step: int, new_tokens: int, keep: np.ndarray, slot_positions: np.ndarray,
+                 evicted_all_groups: int) -> None:
+        self.step, self.new_tokens = step, new_tokens
+        self._keep, self._pos = keep, slot_positions
+        self.kept = int(np.count_nonzero(keep))  # retained slots after the call (padding is never kept)
+        self.evicted_all_groups = evicted_all_groups
+        self.weights: np.ndarray | None = None  # float32 policy memory aligned with ``positions`` (None until read)
+
+    @functools.cached_property
+    def positions(self) -> np.ndarray:
+        """int64, retained after the call, ascending."""
+        return self._pos[self._keep].astype(np.int64, copy=False)
+
+    @functools.cached_property
+    def evicted(self) -> np.ndarray:
+        """int64, evicted by the call (group 0)."""
+        return self._pos[~self._keep & (self._pos >= 0)].astype(np.int64, copy=False)
 
 
 Key = tuple[str, str]  # (tenant, session id)
@@ -60,14 +71,19 @@ class RetentionHistory:
 
     def record(self, tenant: str, session_id: str, handle: int, step: int, new_tokens: int, out: HostOutput) -> None:
         """Note a committed step (event-loop thread); its weights are read on the engine thread."""
-        self.record_many([(tenant, session_id, handle, step, new_tokens, out)])
+        self.record_many(tenant, [session_id], [handle], [step], [new_tokens], lambda j: out)
 
-    def record_many(self, steps: list[tuple[str, str, int, int, int, HostOutput]]) -> None:
-        """:meth:`record` for a batch of committed steps, with one weight-reading job for all of them."""
+    def record_many(self, tenant: str, session_ids: list[str], handles: list[int], steps: list[int],
+                    new_tokens: list[int], output: Callable[[int], HostOutput]) -> None:
+        """:meth:`record` for a batch of committed steps of one tenant, ``output(j)`` giving step j's
+        output (asked only for the tracked sessions), with one weight-reading job for all of them."""
         if not self.enabled:
             return
-        pending = [(handle, rec) for tenant, sid, handle, step, k, out in steps
-                   if (rec := self._note(tenant, sid, step, k, out)) is not None]
+        records, full = self._records, len(self._records) >= self.max_sessions
+        # Most sessions of a batch are not tracked: one dict lookup each, nothing else.
+        pending = [(handles[j], rec) for j, sid in enumerate(session_ids)
+                   if ((tenant, sid) in records or steps[j] == 1 or not full)
+                   and (rec := self._note(tenant, sid, steps[j], new_tokens[j], output(j))) is not None]
         if not pending:
             return
         with self._lock:
@@ -90,10 +106,11 @@ class RetentionHistory:
             while len(self._records) > self.max_sessions:
                 self._records.popitem(last=False)
         keep_all, pos_all = np.asarray(out.keep), np.asarray(out.slot_positions)  # numpy views of host outputs
-        keep, pos = keep_all[0], pos_all[0]
-        live = pos >= 0
-        rec = CallRecord(step, new_tokens, pos[keep & live].astype(np.int64), pos[~keep & live].astype(np.int64),
-                         int((~keep_all & (pos_all >= 0)).sum()))
+        if keep_all.shape[0] == 1:  # one group: no padding, every slot not kept was evicted
+            gone = keep_all.shape[1] - int(out.retained[0])
+        else:
+            gone = int((~keep_all & (pos_all >= 0)).sum())
+        rec = CallRecord(step, new_tokens, keep_all[0].copy(), pos_all[0].copy(), gone)
         calls.append(rec)
         return rec
 
@@ -101,12 +118,14 @@ class RetentionHistory:
         """Engine thread: the policy memory of every pending record's session, as of its step."""
         with self._lock:
             pending, self._pending, self._queued = self._pending, [], False
+        # One gather for every pending session; one closed or unloaded meanwhile keeps no weights.
+        memories = self.engine.memories(list(dict.fromkeys(h for h, _ in pending)))
         for handle, rec in pending:
-            try:
-                mem = self.engine.memory(handle)[0].numpy().astype(np.float32)
-            except Exception:  # closed or unloaded meanwhile: the record keeps no weights
+            groups = memories.get(handle)
+            if groups is None:
                 continue
-            if mem.shape == rec.positions.shape:
+            mem = groups[0].numpy().astype(np.float32)
+            if mem.shape[0] == rec.kept:
                 rec.weights = mem
 
     def calls(self, tenant: str, session_id: str) -> list[CallRecord]:

@@ -25,9 +25,9 @@ from nexus_client.columnar import REQUEST_COLUMNS, TENSOR_FIELDS
 from nexus_client.v1 import sidecar_pb2 as pb
 from nexus_client.wire import CALL_KIND, POSITION_LIMIT, PRIORS, WireError, wire_array
 
-from nexus_sidecar.engine import POLICIES, StepInput
+from nexus_sidecar.engine import POLICIES, BatchInput, StepInput
 from nexus_sidecar.server.errors import InvalidArgument
-from nexus_sidecar.server.stores import validate_id
+from nexus_sidecar.server.stores import validate_id, validate_ids
 
 _FLOAT_WIRE = (pb.D_TYPE_FLOAT16, pb.D_TYPE_FLOAT32)
 _INT_WIRE = (pb.D_TYPE_INT32, pb.D_TYPE_INT64)
@@ -113,44 +113,88 @@ class LazyInputs:
 
     def __init__(self, cols: StepColumns, rows: Sequence[int], groups: Sequence[int], ints: dict[str, np.ndarray]
                  ) -> None:
-        idx = np.asarray(rows, dtype=np.int64)
+        # Only what both forms need is read here (the event loop); the per-session structures of
+        # get() are built on the engine thread when a batch does not go columnar.
+        self._all, self._rows, self._ints = cols, list(rows), ints
+        self._idx = np.asarray(rows, dtype=np.int64)
+        self._groups, self._k = list(groups), cols.k[self._idx].tolist()
+        self._calls = [_CALL_NAMES[c] for c in cols.calls[self._idx].tolist()]
+        self._built: list[StepInput] | None = None
+        self.size = len(rows)
+        # What batch() needs: the columnar form applies to the batch wire form only.
+        self._cols = cols if all(col.parts is None for col in cols.columns.values()) else None
+
+    def _per_session(self) -> list[StepInput]:
+        """Every session's StepInput (torch views of the columns, floats converted to float32)."""
+        cols, rows, idx, groups, k, ints = self._all, self._rows, self._idx, self._groups, self._k, self._ints
         every = len(rows) == len(cols)
-        k = cols.k[idx].tolist()
         edges = cols.columns["edge_index"].counts[idx].tolist()
-        self._shapes = {"slots": [(g, -1) for g in groups],
-                        "edges": [(g, kk, e // max(1, g * kk)) for g, kk, e in zip(groups, k, edges, strict=True)],
-                        "tokens": [(kk,) for kk in k]}
-        self._rows = list(rows)
-        # The float columns are converted to float32 in get() (the engine thread; numpy releases the
-        # GIL for the bulk conversion), not here on the event loop.
-        self._values: dict[str, tuple[np.ndarray | list[np.ndarray | None] | Column, list[int], str]] = {}
+        shapes = {"slots": [(g, -1) for g in groups],
+                  "edges": [(g, kk, e // max(1, g * kk)) for g, kk, e in zip(groups, k, edges, strict=True)],
+                  "tokens": [(kk,) for kk in k]}
+        f32 = np.dtype(np.float32)
+        t = {}
         for name, col in cols.columns.items():
             kind = "tokens" if name == "new_positions" else "edges" if name in _EDGE_FIELDS else "slots"
             if name in _INTS:
                 off = col.offsets
-                vals: np.ndarray | list[np.ndarray | None] | Column = ints[name] if every else \
-                    [ints[name][off[b]: off[b + 1]] for b in rows]
+                vals = ints[name] if every else [ints[name][off[b]: off[b + 1]] for b in rows]
             else:
-                vals = col
-            self._values[name] = (vals, col.counts[idx].tolist(), kind)
-        self._calls = [_CALL_NAMES[c] for c in cols.calls[idx].tolist()]
-        self._built: list[StepInput] | None = None
-        self.size = len(rows)
+                vals = col.canonical(f32, rows)
+            t[name] = _tensors(vals, col.counts[idx].tolist(), shapes[kind])
+        priors = [name for name in PRIORS if name in t]
+        return [StepInput(t["new_positions"][i], t["attn"][i], t["last"][i],  # type: ignore[arg-type]
+                          t["edge_index"][i], t["edge_weight"][i],  # type: ignore[arg-type]
+                          **{name: t[name][i] for name in priors if t[name][i] is not None}, call=self._calls[i])
+                for i in range(self.size)]
+
+    def batch(self, js: Sequence[int]) -> BatchInput | None:
+        """Sessions ``rows[js]`` as one columnar engine input (engine thread), or None unless they
+        came in the batch wire form with one call kind, the same k and the same slot count (the
+        steady state of a decode loop; the rest go one StepInput per session)."""
+        cols = self._cols
+        if cols is None or not js:
+            return None
+        k, calls, groups = self._k, self._calls, self._groups
+        K, call = k[js[0]], calls[js[0]]
+        if any(k[j] != K or calls[j] != call for j in js):
+            return None
+        g = np.array([groups[j] for j in js], dtype=np.int64)
+        b = self._idx[np.asarray(js, dtype=np.int64)]
+        slots = cols.columns["attn"].counts[b]
+        W = int(slots[0] // max(1, g[0]))
+        edges = cols.columns["edge_index"].counts[b]
+        F = int(edges[0] // max(1, g[0] * K))
+        if (slots != g * W).any() or (edges != g * K * F).any():
+            return None
+        whole = len(js) == len(cols) and bool((b == np.arange(len(cols))).all())
+        rows = b.tolist()
+
+        def floats(col: Column) -> torch.Tensor:
+            # torch converts float16 with the CPU's vector instructions (~4x numpy's astype here).
+            assert col.wire is not None
+            off = col.offsets
+            # A copy either way: the request's bytes are immutable, and torch has no read-only tensors.
+            v = col.wire.copy() if whole else np.concatenate([col.wire[off[i]: off[i + 1]] for i in rows])
+            return torch.from_numpy(v).float()
+
+        def ints(name: str) -> np.ndarray:
+            off = cols.columns[name].offsets
+            flat = self._ints[name]
+            return flat if whole else np.concatenate([flat[off[i]: off[i + 1]] for i in rows])
+
+        R = int(g.sum())
+        return BatchInput(torch.from_numpy(ints("new_positions")).view(len(js), K),
+                          floats(cols.columns["attn"]).view(R, W), floats(cols.columns["last"]).view(R, W),
+                          torch.from_numpy(ints("edge_index")).view(R, K, F),
+                          floats(cols.columns["edge_weight"]).view(R, K, F), g.tolist(),
+                          {name: floats(cols.columns[name]).view(R, W) for name in PRIORS if name in cols.columns},
+                          call)
 
     def get(self, j: int) -> StepInput:
         """Session ``rows[j]``'s input (engine thread)."""
         if self._built is None:
-            f32 = np.dtype(np.float32)
-            t = {name: _tensors(vals.canonical(f32, self._rows) if isinstance(vals, Column) else vals, counts,
-                                self._shapes[kind])
-                 for name, (vals, counts, kind) in self._values.items()}
-            priors = [name for name in PRIORS if name in t]
-            self._built = [StepInput(t["new_positions"][i], t["attn"][i], t["last"][i],  # type: ignore[arg-type]
-                                     t["edge_index"][i], t["edge_weight"][i],  # type: ignore[arg-type]
-                                     **{name: t[name][i] for name in priors if t[name][i] is not None},
-                                     call=self._calls[i])
-                           for i in range(self.size)]
-            self._values.clear()
+            self._built = self._per_session()
         return self._built[j]
 
 
@@ -293,6 +337,8 @@ class StepColumns:
             self._fail(int(idx[j]), "attn", f"laid out for {int(self.n[idx[j]])} retained slots per group, the "
                                             f"session retains {int(n[j])} (expected shape "
                                             f"{(int(G[j]), int(width[j]))})")
+        if not any(POLICIES[p].requires for p in set(policies)):
+            return
         for j, b in enumerate(idx.tolist()):
             for name in POLICIES[policies[j]].requires:  # empty for all but the prior-scored baselines
                 col = self.columns.get(name)
@@ -414,7 +460,7 @@ def from_batch(req: pb.StepBatchRequest) -> StepColumns:
     B = len(ids)
     if not B:
         raise InvalidArgument("session_ids", "is empty")
-    ids = [validate_id("session_id", sid) for sid in ids]
+    ids = validate_ids("session_id", ids)
     offsets = {name: _raw(req, name, B + 1) for name in ("token_offsets", "slot_offsets", "edge_offsets")}
     columns: dict[str, Column] = {}
     for name, off_name in TENSOR_FIELDS.items():

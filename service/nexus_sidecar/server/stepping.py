@@ -15,29 +15,38 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 from nexus_client.v1 import sidecar_pb2 as pb
 
-from nexus_sidecar.engine import EngineError, StepInput, StepOutput
+from nexus_sidecar.engine import BatchInput, EngineError, StepInput, StepOutput
 from nexus_sidecar.engine.errors import FieldError
 from nexus_sidecar.server import step_columns
-from nexus_sidecar.server.answers import Answer, HostOutput, answer_batch, encode_batch
+from nexus_sidecar.server.answers import Answer, HostBatch, HostOutput, answer_batch, encode_batch
 from nexus_sidecar.server.batcher import Job
 from nexus_sidecar.server.errors import InvalidArgument, SessionFenced, StateMismatch, StepOutOfOrder, step_field
 from nexus_sidecar.server.metrics import observe_many
 from nexus_sidecar.server.session_table import HotSession
-from nexus_sidecar.server.step_columns import LazyInput, StepColumns, StepDigest
+from nexus_sidecar.server.step_columns import LazyInput, LazyInputs, StepColumns, StepDigest
 
 
 class StepPath:
     """The stepping room of :class:`~nexus_sidecar.server.sessions.SessionManager`, whose state
     (engine, table, hot sessions, store, settings, metrics) and other rooms its methods use."""
 
-    async def _run_batch(self, items: dict[int, StepInput | LazyInput]) -> dict[int, HostOutput | EngineError]:
-        def run() -> tuple[dict[int, HostOutput | EngineError], float, float]:
+    async def _run_batch(self, items: dict[int, StepInput | LazyInput]
+                         ) -> dict[int, HostOutput | tuple[HostBatch, int] | EngineError]:
+        def run() -> tuple[dict[int, HostOutput | tuple[HostBatch, int] | EngineError], float, float]:
             # Inputs become tensors and outputs become numpy views here, on the engine thread: torch
             # calls on the event loop would queue for the GIL behind this thread's ops.
-            inputs = {h: x.build() if isinstance(x, LazyInput) else x for h, x in items.items()}
+            batch = _columnar(items)
             t0, c0 = time.perf_counter(), time.thread_time()
+            if batch is not None:  # the columnar entry: no per-session object in or out
+                handles = list(items)
+                res = self.engine.step_batch(handles, batch)
+                seconds, cpu = time.perf_counter() - t0, time.thread_time() - c0
+                host = HostBatch.of(res)
+                return {h: res.errors.get(b, (host, b)) for b, h in enumerate(handles)}, seconds, cpu
+            inputs = {h: x.build() if isinstance(x, LazyInput) else x for h, x in items.items()}
             outs = self.engine.step(inputs, raise_errors=False)
             seconds, cpu = time.perf_counter() - t0, time.thread_time() - c0
             return {h: (HostOutput.of(o) if isinstance(o, StepOutput) else o) for h, o in outs.items()}, seconds, cpu
@@ -205,35 +214,37 @@ class StepPath:
             outs = await self.batcher.submit(job)
         except BaseException as exc:  # queue full, deadline, draining: nothing was applied
             return exc
-        good = [j for j, h in enumerate(handles) if isinstance(outs[h], HostOutput)]
+        good = [j for j, h in enumerate(handles) if not isinstance(outs[h], BaseException)]
         first_error = next((_named(outs[handles[j]], hot[j].session_id)  # type: ignore[arg-type]
-                            for j in range(len(hot)) if j not in set(good)), None)
+                            for j in range(len(hot)) if isinstance(outs[handles[j]], BaseException)), None)
         if good:
             tok = cols.columns["new_positions"].offsets
+            every = len(good) == len(cols)  # every step of the RPC is fresh and went through
+            new_pos = ints["new_positions"] if every else \
+                np.concatenate([ints["new_positions"][tok[b]: tok[b + 1]] for b in fresh[good].tolist()])
             done = self._commit([hot[j] for j in good], fs[good], cols.steps[fresh[good]],
-                                [outs[handles[j]] for j in good],  # type: ignore[misc]
-                                k[good], np.concatenate([ints["new_positions"][tok[b]: tok[b + 1]]
-                                                         for b in fresh[good].tolist()]),
-                                [digests[j] for j in good])
+                                HostBatch.gather([outs[handles[j]] for j in good]),  # type: ignore[misc]
+                                k[good], new_pos, [digests[j] for j in good])
             for j, ans in zip(good, done, strict=True):
                 answers[rows[j]] = ans
         return first_error
 
-    def _commit(self, hot: list[HotSession], slots: np.ndarray, steps: np.ndarray, outs: list[HostOutput],
+    def _commit(self, hot: list[HotSession], slots: np.ndarray, steps: np.ndarray, out: HostBatch,
                 ks: np.ndarray, new_pos: np.ndarray, digests: list[StepDigest]) -> list[Answer]:
         """Commit engine outputs into the table: answers, checksums and metrics computed for the whole
         batch (numpy only: see LazyInputs for why no torch call runs here). Returns the answers."""
         col, obj = self.table.col, self.table.obj
-        answers = answer_batch(steps.tolist(), outs, new_pos, np.concatenate([[0], np.cumsum(ks)]),
-                               col["checksum"][slots].tolist())
+        answers = answer_batch(steps, out, new_pos, np.concatenate([[0], np.cumsum(ks)]), col["checksum"][slots])
+        batch = answers[0].source[0]  # type: ignore[index]  # every fresh answer has its batch
         before = col["count"][slots].copy()
-        now = np.array([a.count for a in answers], dtype=np.int64)
-        self.history.record_many([(hs.tenant, hs.session_id, hs.handle, ans.step, k, out)
-                                  for hs, ans, k, out in zip(hot, answers, ks.tolist(), outs, strict=True)])
+        now = batch.counts
+        row_off = out.row_offsets
+        self.history.record_many(hot[0].tenant, [hs.session_id for hs in hot], col["handle"][slots].tolist(),
+                                 steps.tolist(), ks.tolist(), out.output)
         col["step"][slots] = steps
         col["count"][slots] = now
-        col["checksum"][slots] = np.array([a.checksum for a in answers], dtype=np.uint64)
-        col["widest"][slots] = [max(o.retained) for o in outs]
+        col["checksum"][slots] = batch.checksums
+        col["widest"][slots] = np.maximum.reduceat(out.count, row_off[:-1])
         obj["digest"][slots] = _objects(digests)
         obj["last_result"][slots] = _objects(answers)
         every = self.settings.checkpoint_cadence
@@ -249,6 +260,7 @@ class StepPath:
         for j, hs in enumerate(hot):
             by_policy.setdefault(hs.cfg.policy, []).append(j)
         G = col["groups"][slots]
+        row_session = np.repeat(np.arange(len(hot)), out.groups)
         for js_l in by_policy.values():
             m = self._series(hot[js_l[0]])
             js = np.asarray(js_l)
@@ -258,9 +270,10 @@ class StepPath:
             m.evicted.inc(evicted)
             m.retained.inc(int((after - was).sum()))
             observe_many(m.ratio, after / np.maximum(1, was + g * k))
-            observe_many(m.mass, np.concatenate([outs[j].retained_mass for j in js_l]))
+            rows = slice(None) if len(by_policy) == 1 else np.isin(row_session, js)
+            observe_many(m.mass, out.retained_mass[rows])
             if evicted:
-                ages = np.concatenate([outs[j].evicted_age.reshape(-1) for j in js_l])
+                ages = out.evicted_age[rows].reshape(-1)
                 observe_many(m.age, ages[ages > 0])
         return answers
 
@@ -270,6 +283,33 @@ def _objects(items: list[Any]) -> np.ndarray:
     out = np.empty(len(items), dtype=object)
     out[:] = items
     return out
+
+
+def _columnar(items: dict[int, StepInput | LazyInput]) -> BatchInput | None:
+    """The inputs of one engine call in columnar form, when they all came in the batch wire form
+    with one shape (see :meth:`LazyInputs.batch`); several RPCs' parts are concatenated. Else None."""
+    parts: list[tuple[LazyInputs, list[int]]] = []
+    for x in items.values():
+        if not isinstance(x, LazyInput):
+            return None
+        if parts and parts[-1][0] is x.parent:
+            parts[-1][1].append(x.j)
+        else:
+            parts.append((x.parent, [x.j]))
+    batches = [p.batch(js) for p, js in parts]
+    if any(b is None for b in batches):
+        return None
+    if len(batches) == 1:
+        return batches[0]
+    bs: list[BatchInput] = batches  # type: ignore[assignment]
+    b0 = bs[0]
+    if any(b.call != b0.call or b.attn.shape[1] != b0.attn.shape[1] or b.edge_pos.shape[1:] != b0.edge_pos.shape[1:]
+           or b.priors.keys() != b0.priors.keys() for b in bs):
+        return None
+    return BatchInput(torch.cat([b.new_positions for b in bs]), torch.cat([b.attn for b in bs]),
+                      torch.cat([b.last for b in bs]), torch.cat([b.edge_pos for b in bs]),
+                      torch.cat([b.edge_w for b in bs]), [g for b in bs for g in b.groups],
+                      {name: torch.cat([b.priors[name] for b in bs]) for name in b0.priors}, b0.call)
 
 
 def _named(exc: BaseException, session_id: str) -> BaseException:

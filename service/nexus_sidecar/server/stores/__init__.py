@@ -12,6 +12,7 @@ from nexus_sidecar.server.stores.base import (
     StoreUnavailable,
     bounded,
     validate_id,
+    validate_ids,
 )
 from nexus_sidecar.server.stores.memory import MemoryStore
 from nexus_sidecar.server.stores.redis_store import RedisStore
@@ -30,4 +31,5 @@ __all__ = [
     "StoredState",
     "bounded",
     "validate_id",
+    "validate_ids",
 ]
