@@ -285,9 +285,6 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--policies {','.join(bad)}: kvpress presses run on --engine transformers only")
             if "multiturn" in args.modes:
                 raise ValueError("--modes multiturn: the multi-turn setting runs on --engine transformers only")
-            if args.pipeline:
-                raise ValueError("--pipeline: the llama.cpp worker's policy calls block (pipelined calls run on "
-                                 "--engine transformers only)")
     except ValueError as exc:
         raise SystemExit(f"eval: {exc}") from None
 

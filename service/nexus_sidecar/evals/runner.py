@@ -340,7 +340,7 @@ def run_one(
     if llamacpp:
         res = drive_llamacpp(model, tokenizer, ctx, qs, sample.max_new_tokens, setting=setting, backend=backend,
                              policy_config=cfg, window=settings.window, chunk_size=settings.chunk_size,
-                             stop_ids=stop_ids)  # fmt: skip
+                             stop_ids=stop_ids, pipeline=settings.pipeline)  # fmt: skip
     elif is_replay(run.policy.name):  # its own prefill and cache: the shared prefix is not used
         res = drive_kvzip(model, tokenizer, ctx, qs, sample.max_new_tokens, press, setting=setting,
                           chat=settings.chat, stop_ids=stop_ids)  # fmt: skip
