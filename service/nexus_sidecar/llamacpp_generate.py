@@ -29,7 +29,7 @@ def run_llamacpp(args: argparse.Namespace, prompt: str) -> int:
     if args.chunk_size < 1 or args.every < 1 or args.max_new_tokens < 1:
         raise SystemExit("generate: --chunk-size, --every and --max-new-tokens must be >= 1")
     try:
-        path = resolve_gguf(args.model)
+        path = resolve_gguf(args.model, args.weights)
     except (FileNotFoundError, RuntimeError) as exc:
         raise SystemExit(f"generate: {exc}") from None
     cfg = dict(policy=args.policy, budget=args.budget, slack=args.slack, sinks=args.sinks, recent=args.recent,
