@@ -20,6 +20,11 @@ thread unchanged, so a remote backend's deadlines, retries, resync and local fal
 blocking mode; an error surfaces when the answer is collected (the next call, :meth:`drain` or
 :meth:`close`).
 
+Several runs (sequences decoded together) make one call with :func:`call_many`: one backend call
+(``step_many``: one ``StepBatch`` RPC) for all of them, blocking or pipelined (the runs then share
+one call thread, the ``pool`` each was given), each run's steps exactly those of
+:meth:`PolicyRun.call`.
+
 Bounds: the sidecar keeps at most ``budget + slack`` slots of a call, so right after an answer is
 applied (every call) the cache holds at most ``budget + slack + k`` slots (k: the tokens added
 since the answered call was sent). In blocking mode that is also the peak; pipelined, the k tokens
