@@ -174,8 +174,6 @@ def backend_factory(args: argparse.Namespace) -> Any:
 def _weights(args: argparse.Namespace) -> str | None:
     """The GGUF encoding a llama.cpp run uses (part of its run keys); None on transformers."""
     if args.engine != "llamacpp":
-        if args.weights is not None:
-            raise SystemExit("eval: --weights applies to --engine llamacpp only")
         return None
     from nexus_client.hf.models import MODEL_ALIASES
     from nexus_client.llamacpp.weights import DEFAULT_WEIGHTS
@@ -294,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
         policies = with_seeds([PolicySpec.parse(p) for p in args.policies], args.seeds)
         args.policies = [p.label for p in policies]  # what --jobs children run
         runs = expand_runs(policies, args.eviction, args.modes)
+        if args.weights is not None and args.engine != "llamacpp":
+            raise ValueError("--weights applies to --engine llamacpp only")
         if args.engine == "llamacpp":
             from nexus_sidecar.evals.kvpress_baselines import is_kvpress
 
