@@ -4,7 +4,7 @@
 # Portable x86-64 (GGML_NATIVE=OFF: AVX2/FMA/F16C), plus AVX-512 (F/CD/VL/DQ/BW, and VNNI, BF16,
 # VBMI where the CPU has them) when /proc/cpuinfo lists it: llama.cpp's float16 and 8-bit matrix
 # products prefill 1.4-1.8x faster per CPU second with them (docs/llamacpp.md). Never -march=native:
-# on a Sapphire Rapids guest it compiles AMX tile code that the kernel does not let run (SIGILL).
+# on a Sapphire Rapids guest it compiles llama.cpp 0.3.36's AMX tile kernels, which died here with SIGILL.
 # The built wheel is kept in a folder keyed by the version and these flags (pip's own cache is keyed
 # by the version only, so it would hand back a wheel built with other flags); a second install
 # takes seconds. Override the folder with LLAMACPP_WHEELS.
