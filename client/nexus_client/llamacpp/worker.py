@@ -10,9 +10,11 @@ mirrored keys with the one summary function every integration uses
 (:func:`nexus_client.summary.summarize`). When calls are due (after
 every prompt chunk; while writing, every ``every_k`` tokens or as soon as a cache exceeds ``budget +
 slack``), the due sequences' summaries go to the backend in **one** call
-(``backend.step_many``: one engine step in-process, one ``StepBatch`` RPC for a sidecar); each
-answer is checked and cut out of the mirror, and out of llama.cpp's KV cache with
-``llama_memory_seq_rm`` per run of evicted positions.
+(``backend.step_many``: one engine step in-process, one ``StepBatch`` RPC for a sidecar, through
+:func:`~nexus_client.hf.policy_run.call_many`); each answer is checked and cut out of the mirror,
+and out of llama.cpp's KV cache with ``llama_memory_seq_rm`` per run of evicted positions.
+Pipelined (``pipeline=True``), the call goes out on a background thread and its answers are applied
+right before the sequences' next call: the transformers path's pipelining, the same code.
 
 Groups: llama.cpp's memory API removes a position from every layer of a sequence at once (cell
 metadata is shared by all layers), so only one shared eviction group is possible; per-layer groups
