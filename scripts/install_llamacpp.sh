@@ -32,7 +32,11 @@ if ! compgen -G "$dir/llama_cpp_python-*.whl" > /dev/null; then
   rm -rf "$dir.part" && mkdir -p "$dir.part"
   CMAKE_ARGS="$flags" $PIP wheel -q --no-deps --no-cache-dir -w "$dir.part" "llama-cpp-python==$VERSION"
   rm -rf "$dir"
-  mv "$dir.part" "$dir"
+  if compgen -G "$dir.part/llama_cpp_python-*.whl" > /dev/null; then
+    mv "$dir.part" "$dir"
+  else  # nothing built (a PIP that only echoes, as the install's own test uses): keep no empty folder
+    rm -rf "$dir.part"
+  fi
 fi
 # --force-reinstall: an existing install built with other flags is replaced by this one.
 $PIP install -q --no-deps --force-reinstall "$dir"/llama_cpp_python-*.whl
