@@ -288,12 +288,11 @@ class LlamaWorker:
                 over = not self.pipeline and s.slots[0].numel() > int(cfg.get("budget", 256)) + int(cfg.get("slack", 0))
                 if phase == "prefill" or s.run.pending >= self.every_k or over:
                     due.append((s, self.prefill_kind if phase == "prefill" else "decode"))
-        if due:
-            self._call(due)
-        for s, start, n, _ in spans:
             last = start + n - 1
             if last in out.logits:
                 self._next_token(s, out.logits[last], max_new_tokens, stop_at_eos)
+        if due:
+            self._call(due)
         return len(tokens)
 
     def _next_token(self, s: _Seq, logits: torch.Tensor, max_new_tokens: int, stop_at_eos: bool) -> None:
