@@ -2,15 +2,18 @@
 
 One command::
 
-    python benchmarks/llamacpp_speed.py [--samples 1] [--tasks passkey] [--length 2048] [--threads 1]
+    python benchmarks/llamacpp_speed.py [--samples 1] [--tasks passkey] [--length 2048] [--threads 1] \
+        [--weights f16] [--pipeline]
 
 Runs the evaluation's ``streaming`` Nexus run (compression 0.8, 64-token chunks) and its ``dense``
 run of the same test samples on transformers (:func:`nexus_sidecar.evals.driver.drive`, the model's
 sdpa with query recording) and on llama.cpp (:func:`nexus_sidecar.evals.llamacpp_driver.drive_llamacpp`),
 interleaved, one thread each, and reports per run the wall seconds and the process CPU seconds
 (``time.process_time``). On a shared machine the wall time depends on the neighbours; the CPU time
-of a single-threaded run is the fairer comparison, so both are written. Writes
-``llamacpp_speed.json`` and ``.md``.
+of a single-threaded run is the fairer comparison, so both are written. ``--weights``: the GGUF
+llama.cpp runs (``resolve_gguf``); ``--pipeline``: both engines' streaming calls pipelined. The
+JSON records llama.cpp's own build line (``llama_print_system_info``: which SIMD paths it has).
+Writes ``llamacpp_speed.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="passkey")
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--weights", default=None, help="f16, bf16, q8_0 or shipped (default: resolve_gguf's)")
+    ap.add_argument("--pipeline", action="store_true", help="pipelined policy calls on both engines")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
     import torch
@@ -52,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
     samples = [generate_sample(t, args.length, "test", i, count) for i in range(args.samples)
                for t in args.tasks.split(",")]  # fmt: skip
-    lm = LlamaModel(resolve_gguf("smollm2"), n_ctx=args.length + 512, n_seq=2, n_batch=args.length + 512,
+    gguf = resolve_gguf("smollm2", args.weights)
+    from nexus_client.llamacpp.library import llama
+
+    system = llama().llama_print_system_info().decode().strip()
+    lm = LlamaModel(gguf, n_ctx=args.length + 512, n_seq=2, n_batch=args.length + 512,
                     threads=args.threads)  # fmt: skip
     rows = []
     for s in samples:
@@ -67,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
                 c0, w0 = time.process_time(), time.perf_counter()
                 if engine == "transformers":
                     res = drive(hf.model, tok, ctx, qs, s.max_new_tokens, setting=setting, backend=backend,
-                                policy_config=None if backend is None else cfg, chunk_size=64, stop_ids=stops)
+                                policy_config=None if backend is None else cfg, chunk_size=64, stop_ids=stops,
+                                pipeline=args.pipeline)  # fmt: skip
                 else:
                     res = drive_llamacpp(lm, tok, ctx, qs, s.max_new_tokens, setting=setting, backend=backend,
                                          policy_config=None if backend is None else cfg, chunk_size=64,
-                                         stop_ids=stops)  # fmt: skip
+                                         stop_ids=stops, pipeline=args.pipeline)  # fmt: skip
                 rows.append({"sample": s.sample_id, "engine": engine, "setting": setting, "context": len(ctx),
                              "wall_s": round(time.perf_counter() - w0, 2), "cpu_s": round(time.process_time() - c0, 2),
                              "answers": [a.text for a in res.answers], "peak_cache": res.peak_cache})
@@ -85,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         summary[setting] = {**med, "cpu_speedup": med["transformers"]["cpu_s"] / med["llamacpp"]["cpu_s"],
                             "wall_speedup": med["transformers"]["wall_s"] / med["llamacpp"]["wall_s"]}
     out = {"machine": f"{platform.machine()} shared 2-core box, {args.threads} thread(s) per engine",
+           "gguf": gguf.name, "llama_cpp_system": system, "pipeline": args.pipeline,
+           "load_at_end": os.getloadavg(),
            "samples": [s.sample_id for s in samples], "rows": rows, "summary": summary}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "llamacpp_speed.json").write_text(json.dumps(out, indent=1) + "\n")
@@ -94,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         md.append(f"| {setting} | {v['transformers']['wall_s']:.1f} | {v['llamacpp']['wall_s']:.1f} | "
                   f"{v['transformers']['cpu_s']:.1f} | {v['llamacpp']['cpu_s']:.1f} | {v['cpu_speedup']:.2f}x | "
                   f"{v['wall_speedup']:.2f}x |")
-    (args.out / "llamacpp_speed.md").write_text(f"{out['machine']}; samples {', '.join(out['samples'])}\n\n"
+    (args.out / "llamacpp_speed.md").write_text(f"{out['machine']}; samples {', '.join(out['samples'])}; "
+                                                f"GGUF {gguf.name}; pipelined {args.pipeline}\n"
+                                                f"llama.cpp: {system}\n\n"
                                                 + "\n".join(md) + "\n")
     print("\n".join(md))
     return 0

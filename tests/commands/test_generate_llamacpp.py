@@ -33,3 +33,22 @@ def test_generate_prints_answer_and_engine_cache(tmp_path: Path) -> None:
 def test_generate_refuses_per_layer_groups_on_llamacpp(tmp_path: Path) -> None:
     proc = cli("generate", "--engine", "llamacpp", "--groups", "layer", "--prompt", "hi")
     one_line_error(proc, "--groups layer", "llama_memory_seq_rm")
+
+
+def test_generate_pipelined_holds_the_pipelined_bound(tmp_path: Path) -> None:
+    """``--pipeline``: each answer applied right before the next call; the cache read from llama.cpp
+    peaks within budget + slack + 2 x chunk (the next chunk arrives before the answer lands)."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(passkey_prompt(62851, FILLER[0], 30))
+    proc = cli("generate", "--engine", "llamacpp", "--model", "smollm2", "--policy", "nexus", "--budget", "96",
+               "--prompt-file", str(prompt), "--max-new-tokens", "8", "--chunk-size", "64", "--every", "4",
+               "--threads", "1", "--pipeline", timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.splitlines()[0].lstrip().startswith("62851"), out
+    m = re.search(r"policy calls (\d+), tokens evicted (\d+); engine KV cache largest (\d+) cells \(read from "
+                  r"llama\.cpp; bound budget 96 \+ slack 0 \+ 2 x chunk 64, pipelined\)", out)
+    assert m, out
+    calls, evicted, largest = map(int, m.groups())
+    assert calls > 4 and evicted > 0 and 96 + 64 < largest <= 96 + 2 * 64
+    assert "pipelined, waited" in out

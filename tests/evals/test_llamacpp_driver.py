@@ -66,6 +66,26 @@ def test_settings_answer_within_llamacpps_cache(tok, lm: LlamaModel, setting: st
         assert res.policy_calls >= 2  # one per question (decode: one per generated token too)
 
 
+@pytest.mark.parametrize("setting", ["streaming", "decode"])
+def test_pipelined_settings(tok, lm: LlamaModel, setting: str) -> None:
+    """``eval --engine llamacpp --pipeline``: each answer applied right before the next call; the
+    last context call's before the questions branch off (the context they see holds the budget)."""
+    text = passkey_prompt(30517, FILLER[1], 40).rsplit("What is", 1)[0]
+    ctx = tok(text).input_ids
+    questions = [tok(" What is the secret pass key? The pass key is", add_special_tokens=False).input_ids]
+    cfg = dict(policy="nexus", budget=BUDGET, slack=0, sinks=4, recent=16, groups=1)
+    res = drive_llamacpp(lm, tok, ctx, questions, 6, setting=setting, backend=LocalBackend(), policy_config=cfg,
+                         window=16, chunk_size=CHUNK, stop_ids=[tok.eos_token_id], pipeline=True)
+    assert "30517" in res.answers[0].text, res.answers[0].text
+    assert res.evicted > 0 and "wait_s" in res.timings
+    if setting == "streaming":
+        assert res.policy_calls == -(-len(ctx) // CHUNK)
+        assert res.kept_context <= BUDGET  # the last answer was applied before the question
+        assert BUDGET + CHUNK < res.peak_cache <= BUDGET + 2 * CHUNK + len(questions[0]) + 6
+    else:
+        assert res.policy_calls >= 2
+
+
 def test_refusals(tok, lm: LlamaModel) -> None:
     with pytest.raises(ValueError, match="dense takes no backend"):
         drive_llamacpp(lm, tok, [1, 2, 3], [[4]], 2, setting="dense", backend=LocalBackend(), policy_config={})

@@ -292,3 +292,10 @@ def test_pipelined_streaming_and_decode_hold_their_bounds_and_keep_blocking_keys
     assert dec.kept_context == aware_budget and dec.answers and dec.policy_calls > len(qs)
     assert EvalSettings(model="m").fingerprint() != EvalSettings(model="m", pipeline=True).fingerprint()
     assert EvalSettings(model="m").fingerprint() == EvalSettings(model="m", pipeline=False).fingerprint()
+
+
+def test_llamacpp_weights_are_part_of_run_keys() -> None:
+    """The GGUF encoding llama.cpp ran changes a run's key; transformers keys are untouched by it."""
+    lc = [EvalSettings(model="m", engine="llamacpp", weights=w).fingerprint() for w in ("f16", "shipped", "f16")]
+    assert lc[0] != lc[1] and lc[0] == lc[2]
+    assert EvalSettings(model="m").fingerprint() == EvalSettings(model="m", weights=None).fingerprint()

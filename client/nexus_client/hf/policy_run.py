@@ -20,6 +20,11 @@ thread unchanged, so a remote backend's deadlines, retries, resync and local fal
 blocking mode; an error surfaces when the answer is collected (the next call, :meth:`drain` or
 :meth:`close`).
 
+Several runs (sequences decoded together) make one call with :func:`call_many`: one backend call
+(``step_many``: one ``StepBatch`` RPC) for all of them, blocking or pipelined (the runs then share
+one call thread, the ``pool`` each was given), each run's steps exactly those of
+:meth:`PolicyRun.call`.
+
 Bounds: the sidecar keeps at most ``budget + slack`` slots of a call, so right after an answer is
 applied (every call) the cache holds at most ``budget + slack + k`` slots (k: the tokens added
 since the answered call was sent). In blocking mode that is also the peak; pipelined, the k tokens
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,11 +65,28 @@ def reads_priors(config: Mapping[str, Any]) -> bool:
 
 @dataclass
 class _InFlight:
-    """A call sent and not yet applied: its answer, and the slots it covered (per group)."""
+    """A call sent and not yet applied: its answer (entry ``index`` of what the future returns: one
+    backend call may carry several runs' summaries), and the slots it covered (per group)."""
 
-    future: concurrent.futures.Future[StepDecision]
+    future: concurrent.futures.Future[list[StepDecision]]
+    index: int
     slots: list[torch.Tensor]
     sent: float
+
+
+@dataclass
+class _Outgoing:
+    """A pipelined call built on the decode thread; its summary is computed on the call thread."""
+
+    run: PolicyRun
+    queries: ForwardQueries
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    slots: list[torch.Tensor]
+    kind: str
+    retain: list[torch.Tensor] | None
+    norms: list[tuple[torch.Tensor, torch.Tensor]] | None
+    call_slots: list[torch.Tensor]  # the slots the call covers (after the applied answer's cut)
 
 
 class PolicyRun:
@@ -79,7 +101,8 @@ class PolicyRun:
     """
 
     def __init__(self, backend: PolicyBackend, config: Mapping[str, Any], window: int | None = None,
-                 priors: bool | None = None, *, pipeline: bool = False, head_reduce: HeadReduce = "mean") -> None:
+                 priors: bool | None = None, *, pipeline: bool = False, head_reduce: HeadReduce = "mean",
+                 pool: concurrent.futures.ThreadPoolExecutor | None = None) -> None:  # fmt: skip
         self.backend = backend
         self.config = dict(config)
         self.groups = int(self.config.get("groups", 1))
@@ -96,7 +119,12 @@ class PolicyRun:
         # Per layer (|k|, |v|) of the slots the cache held at the end of the last call: constants of
         # a slot, so a call computes them only for its new slots (the priors' main cost otherwise).
         self._norms: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nexus-policy") if pipeline else None
+        if pool is not None and not pipeline:
+            raise ValueError("pool: only a pipelined run sends its calls on a thread")
+        # Runs sent together (call_many) share the caller's one-thread pool: their calls go out in order.
+        self._own_pool = pipeline and pool is None
+        self._pool = pool if pool is not None else (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nexus-policy") if pipeline else None)
         self.calls = 0
         self.evicted = 0
         self.seconds = 0.0  # in the backend (blocking) or waiting for it (pipelined)
@@ -104,6 +132,7 @@ class PolicyRun:
         self.surgery_seconds = 0.0
         self.wait_seconds = 0.0  # pipelined: time the worker stalled for an answer not yet there
         self.held_at_call: list[int] = []  # cache size (max over layers) at every call, answers applied
+        self.summaries: list[StepTensors] | None = None  # set to [] to keep every summary sent, in order
 
     def __enter__(self) -> PolicyRun:
         return self
@@ -168,6 +197,8 @@ class PolicyRun:
                          fanout=self.fanout, window=self.window, head_reduce=self.head_reduce, priors=self.priors,
                          retain=retain, call=kind, norms=norms)  # fmt: skip
         self.summary_seconds += time.perf_counter() - t0
+        if self.summaries is not None:
+            self.summaries.append(step)
         return step
 
     def _checked(self, decision: StepDecision, call_slots: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
@@ -217,7 +248,7 @@ class PolicyRun:
         flight, self._inflight = self._inflight, None
         t0 = time.perf_counter()
         done = flight.future.done()
-        decision = flight.future.result()  # re-raises the backend's error here
+        decision = flight.future.result()[flight.index]  # re-raises the backend's error here
         waited = time.perf_counter() - t0
         if not done:
             self.wait_seconds += waited
@@ -243,9 +274,17 @@ class PolicyRun:
             decision = self.backend.step(self.session, tensors)
             self.seconds += time.perf_counter() - t0
             return self.settle(decision, cache, slots)
+        evicted, out = self._begin(cache, slots, kind)
+        self._send([out], batched=False)
+        return evicted
+
+    def _begin(self, cache: Any, slots: list[torch.Tensor], kind: str) -> tuple[list[list[int]], _Outgoing]:
+        """The decode thread's half of a pipelined call: apply the answer in flight (waiting if
+        needed), then gather what this call's summary needs."""
         queries = self._take_queries()
         # The cache's tensors are never written in place (transformers appends and cuts by making new
-        # tensors), so these references keep the keys the pending queries saw, whatever happens next.
+        # tensors; the llama.cpp worker's mirror too), so these references keep the keys the pending
+        # queries saw, whatever happens next.
         keys, values = cache_kv(cache)
         norms = self._slot_norms(keys, values, queries.tokens)
         evicted: list[list[int]] = [[] for _ in range(self.groups)]
@@ -257,12 +296,18 @@ class PolicyRun:
             self._apply(cache, slots, retain, evicted)
         self.calls += 1
         self.held_at_call.append(max(cache_lengths(cache)))
-        # The summary (over the keys before the cut, minus the cut slots) and the backend call run on
-        # the background thread: the decode goes on at once.
-        future = self._pool.submit(self._step_on_thread, queries, keys, values, summary_slots, kind, retain, norms,
-                                   torch.is_inference_mode_enabled())
-        self._inflight = _InFlight(future, [s.clone() for s in slots], time.perf_counter())
-        return evicted
+        return evicted, _Outgoing(self, queries, keys, values, summary_slots, kind, retain, norms,
+                                  [s.clone() for s in slots])
+
+    def _send(self, outgoing: list[_Outgoing], batched: bool) -> None:
+        """Summarise and send ``outgoing`` (this run's first) in one backend call on the background
+        thread (``batched``: ``step_many``, one call for several runs); the decode goes on at once."""
+        assert self._pool is not None
+        future = self._pool.submit(_step_on_thread, self.backend, outgoing, batched,
+                                   torch.is_inference_mode_enabled())  # fmt: skip
+        sent = time.perf_counter()
+        for i, out in enumerate(outgoing):
+            out.run._inflight = _InFlight(future, i, out.call_slots, sent)
 
     def prepare(self, cache: Any, slots: list[torch.Tensor], kind: str = "unspecified") -> StepTensors:
         """The first half of a blocking call, for a worker that sends several sequences' summaries in
@@ -286,15 +331,6 @@ class PolicyRun:
         self.held_at_call.append(max(cache_lengths(cache)))
         return evicted
 
-    def _step_on_thread(self, queries: ForwardQueries, keys: list[torch.Tensor], values: list[torch.Tensor],
-                        slots: list[torch.Tensor], kind: str, retain: list[torch.Tensor] | None,
-                        norms: list[tuple[torch.Tensor, torch.Tensor]] | None, inference: bool) -> StepDecision:
-        # Inference mode is thread-local: an in-process engine whose state was made under it must
-        # keep running under it (in-place updates of inference tensors are refused outside it).
-        with torch.inference_mode(inference):
-            tensors = self._summary(queries, keys, values, slots, kind, retain, norms)
-            return self.backend.step(self.session, tensors)
-
     def drain(self, cache: Any, slots: list[torch.Tensor]) -> list[list[int]]:
         """Apply the answer in flight now (waiting for it); returns what it evicted (nothing when
         none is in flight). Only with no tokens pending: their summary would otherwise lose the
@@ -315,7 +351,54 @@ class PolicyRun:
                 flight, self._inflight = self._inflight, None
                 flight.future.result()
         finally:
-            if self._pool is not None:
+            if self._pool is not None and self._own_pool:
                 self._pool.shutdown(wait=True)
-                self._pool = None
+            self._pool = None
             self.backend.close(self.session)
+
+
+def _step_on_thread(backend: PolicyBackend, outgoing: list[_Outgoing], batched: bool,
+                    inference: bool) -> list[StepDecision]:  # fmt: skip
+    # Inference mode is thread-local: an in-process engine whose state was made under it must
+    # keep running under it (in-place updates of inference tensors are refused outside it).
+    with torch.inference_mode(inference):
+        tensors = [o.run._summary(o.queries, o.keys, o.values, o.slots, o.kind, o.retain, o.norms) for o in outgoing]
+        if not batched:
+            return [backend.step(outgoing[0].run.session, tensors[0])]
+        return backend.step_many([o.run.session for o in outgoing], tensors)  # type: ignore[attr-defined]
+
+
+def call_many(runs: Sequence[PolicyRun], caches: Sequence[Any], slots: Sequence[list[torch.Tensor]],
+              kinds: Sequence[str]) -> list[list[list[int]]]:  # fmt: skip
+    """One policy call for several runs (sequences decoded together) in **one** backend call
+    (``backend.step_many``: one engine step in-process, one ``StepBatch`` RPC for a sidecar).
+
+    The runs share one backend; blocking or pipelined alike (pipelined runs share one pool, the
+    ``pool`` given to each). Per run, the same steps as :meth:`PolicyRun.call`: blocking, each
+    summary is built, the batch is sent and each answer is checked and cut from its cache and
+    slots; pipelined, each run's answer in flight is applied, then the summaries are built and sent
+    on the pool's thread together. Returns per run the positions evicted from its cache (per group).
+    """
+    if not runs or not len(runs) == len(caches) == len(slots) == len(kinds):
+        raise ValueError(f"call_many: {len(runs)} runs, {len(caches)} caches, {len(slots)} slot lists, "
+                         f"{len(kinds)} kinds; need one of each per run")
+    first = runs[0]
+    if any(r.backend is not first.backend for r in runs):
+        raise ValueError("call_many: every run must use the same backend (one call carries them all)")
+    if any((r._pool is None) != (first._pool is None) or r._pool is not first._pool for r in runs):
+        raise ValueError("call_many: the runs must be all blocking, or all pipelined on one shared pool")
+    if not hasattr(first.backend, "step_many"):
+        raise TypeError(f"{type(first.backend).__name__} has no step_many (one call for several sequences)")
+    if first._pool is None:
+        tensors = [r.prepare(c, s, k) for r, c, s, k in zip(runs, caches, slots, kinds, strict=True)]
+        t0 = time.perf_counter()
+        decisions = first.backend.step_many([r.session for r in runs], tensors)  # type: ignore[attr-defined]
+        spent = time.perf_counter() - t0
+        out = []
+        for r, d, c, s in zip(runs, decisions, caches, slots, strict=True):
+            r.seconds += spent / len(runs)
+            out.append(r.settle(d, c, s))
+        return out
+    begun = [r._begin(c, s, k) for r, c, s, k in zip(runs, caches, slots, kinds, strict=True)]
+    first._send([o for _, o in begun], batched=True)
+    return [e for e, _ in begun]

@@ -67,12 +67,13 @@ class MirrorLayer:
 
 
 def _write(buf: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Replace the contents of ``buf`` by ``x`` ``[1, Hkv, m, D]`` (what cache surgery assigns)."""
+    """A new buffer (the capacity of ``buf``) holding ``x`` ``[1, Hkv, m, D]`` (what cache surgery
+    assigns). Never written over ``buf``: a pipelined call still reads the keys it saw through views
+    of the old buffer while the cut is applied (appends only write past every view's end)."""
     m = int(x.shape[-2])
-    if m > buf.shape[1]:
-        buf = torch.empty(buf.shape[0], m, buf.shape[2], dtype=buf.dtype)
-    buf[:, :m] = x[0]
-    return buf, m
+    out = torch.empty(buf.shape[0], max(m, buf.shape[1]), buf.shape[2], dtype=buf.dtype)
+    out[:, :m] = x[0]
+    return out, m
 
 
 def _append(buf: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:

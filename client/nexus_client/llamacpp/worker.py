@@ -10,9 +10,11 @@ mirrored keys with the one summary function every integration uses
 (:func:`nexus_client.summary.summarize`). When calls are due (after
 every prompt chunk; while writing, every ``every_k`` tokens or as soon as a cache exceeds ``budget +
 slack``), the due sequences' summaries go to the backend in **one** call
-(``backend.step_many``: one engine step in-process, one ``StepBatch`` RPC for a sidecar); each
-answer is checked and cut out of the mirror, and out of llama.cpp's KV cache with
-``llama_memory_seq_rm`` per run of evicted positions.
+(``backend.step_many``: one engine step in-process, one ``StepBatch`` RPC for a sidecar, through
+:func:`~nexus_client.hf.policy_run.call_many`); each answer is checked and cut out of the mirror,
+and out of llama.cpp's KV cache with ``llama_memory_seq_rm`` per run of evicted positions.
+Pipelined (``pipeline=True``), the call goes out on a background thread and its answers are applied
+right before the sequences' next call: the transformers path's pipelining, the same code.
 
 Groups: llama.cpp's memory API removes a position from every layer of a sequence at once (cell
 metadata is shared by all layers), so only one shared eviction group is possible; per-layer groups
@@ -25,6 +27,7 @@ policy retained: the cache sizes it reports come from llama.cpp, not from the wo
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,21 +39,23 @@ import torch
 from nexus_client.hf.backends import PolicyBackend
 from nexus_client.hf.capture import ForwardQueries
 from nexus_client.hf.generate import Eviction
-from nexus_client.hf.policy_run import PolicyRun
+from nexus_client.hf.policy_run import PolicyRun, call_many
 from nexus_client.llamacpp.mirror import KVMirror
 from nexus_client.llamacpp.model import Decoded, LlamaModel
 from nexus_client.summary import HeadReduce
 
 
 def context_cells(n_seq: int, prompt_tokens: int, max_new_tokens: int, budget: int | None = None, slack: int = 0,
-                  chunk_size: int = 256, every_k: int = 1) -> int:
+                  chunk_size: int = 256, every_k: int = 1, pipeline: bool = False) -> int:
     """KV cells a context needs for ``n_seq`` sequences: each holds at most ``budget + slack`` after a
-    call plus what arrives before the next one (a prompt chunk, or ``every_k`` tokens); dense
-    (``budget`` None) holds the whole prompt and answer."""
+    call plus what arrives before the next one (a prompt chunk, or ``every_k`` tokens; pipelined,
+    twice that: the next call's tokens arrive before the answer lands); dense (``budget`` None)
+    holds the whole prompt and answer."""
     if budget is None:
         per = prompt_tokens + max_new_tokens
     else:
-        per = min(budget + slack + max(chunk_size, every_k) + 1, prompt_tokens + max_new_tokens)
+        per = min(budget + slack + (2 if pipeline else 1) * max(chunk_size, every_k) + 1,
+                  prompt_tokens + max_new_tokens)
     return n_seq * per
 
 
@@ -82,10 +87,12 @@ class WorkerStats:
     decodes: int = 0  # llama_decode calls
     tokens: int = 0  # tokens decoded (prompt + generated, all sequences)
     policy_calls: int = 0  # backend calls (each covers every sequence with a call due)
-    decode_s: float = 0.0
-    summary_s: float = 0.0
-    policy_s: float = 0.0
-    surgery_s: float = 0.0
+    decode_s: float = 0.0  # in llama_decode (the graph capture's callback and copies included)
+    capture_s: float = 0.0  # new keys/values into the mirrors, new queries to the sessions
+    summary_s: float = 0.0  # building summaries (pipelined: on the call thread, overlapping decode)
+    policy_s: float = 0.0  # in the backend (pipelined: waiting for answers not yet there)
+    wait_s: float = 0.0  # pipelined: the decode thread stalled for an answer
+    surgery_s: float = 0.0  # cuts of mirrors and llama.cpp's cache (seq_rm), cache checks
     wall_s: float = 0.0
     mirror_bytes_max: int = 0
     sequences_per_call: list[int] = field(default_factory=list)
@@ -119,14 +126,20 @@ class LlamaWorker:
     attention (``None``: every query since the last call). ``prefill_kind``: what a prompt chunk's
     call tells the policy its queries are ("context", or "question" for a prompt that ends with the
     question); ``policy_on_decode``: keep calling the policy while the answer is written (off: the
-    budget holds over the prompt only, as the evaluation's one-shot settings).
+    budget holds over the prompt only, as the evaluation's one-shot settings). ``pipeline``: send
+    each call on a background thread and keep decoding; its answers are applied right before the
+    sequences' next call (:class:`~nexus_client.hf.policy_run.PolicyRun`'s pipelining, the one the
+    transformers path uses), so a cache holds at most ``budget + slack + k`` cells right after each
+    call and ``budget + slack + 2k`` between calls (k: the tokens between two calls, a chunk or
+    ``every_k``). A prefill-only run (``max_new_tokens = 0``) applies its last answer before it
+    returns.
     """
 
     def __init__(self, model: LlamaModel, backend: PolicyBackend | None = None,
                  policy_config: Mapping[str, Any] | None = None, *, every_k: int = 1, chunk_size: int = 256,
                  head_reduce: HeadReduce = "mean", window: int | None = None, check_cache: bool = True,
                  keep_summaries: bool = False, prefill_kind: str = "context",
-                 policy_on_decode: bool = True) -> None:  # fmt: skip
+                 policy_on_decode: bool = True, pipeline: bool = False) -> None:  # fmt: skip
         if (backend is None) != (policy_config is None):
             raise ValueError("give both backend and policy_config (or neither, for dense decoding)")
         if every_k < 1 or chunk_size < 1:
@@ -157,6 +170,7 @@ class LlamaWorker:
         self.keep_summaries = keep_summaries
         self.prefill_kind = prefill_kind
         self.policy_on_decode = policy_on_decode
+        self.pipeline = pipeline and backend is not None
         self._scaling = model.shape.head_dim**-0.5  # Llama's softmax scale (llama.cpp's kq_scale)
         self.stats = WorkerStats()
 
@@ -181,10 +195,15 @@ class LlamaWorker:
         m.clear()
         seqs = [_Seq(seq=i, prompt=list(map(int, p)), result=SequenceResult([], "", len(p)))
                 for i, p in enumerate(prompts)]  # fmt: skip
+        # Pipelined: one thread sends every call (all sequences' runs share it, so calls go out in order).
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nexus-llamacpp") if self.pipeline else None
         try:
             for s in seqs:
                 if self.backend is not None:
-                    s.run = PolicyRun(self.backend, self.config, self.window, head_reduce=self.head_reduce)
+                    s.run = PolicyRun(self.backend, self.config, self.window, head_reduce=self.head_reduce,
+                                      pipeline=self.pipeline, pool=pool)  # fmt: skip
+                    if self.keep_summaries:
+                        s.run.summaries = []
                     s.mirror = KVMirror(m.shape.n_layer, m.shape.n_head_kv, m.shape.head_dim, values=True)
             bar = None
             if progress:
@@ -198,10 +217,18 @@ class LlamaWorker:
                     bar.update(fed)
             if bar is not None:
                 bar.close()
+            self._drain([s for s in seqs if s.run is not None and s.run.in_flight and not s.run.pending])
         finally:
             for s in seqs:
                 if s.run is not None:
                     s.run.close()
+            if pool is not None:
+                pool.shutdown(wait=True)
+        for s in seqs:
+            if s.run is not None:
+                st.summary_s += s.run.summary_seconds
+                st.policy_s += s.run.seconds
+                st.wait_s += s.run.wait_seconds
         out = []
         for s in seqs:
             r = s.result
@@ -210,6 +237,7 @@ class LlamaWorker:
             r.text = m.detokenize([t for t in s.generated if not m.is_eog(t)])
             if s.run is not None:
                 r.policy_calls, r.evicted = s.run.calls, s.run.evicted
+                r.summaries = list(s.run.summaries or [])
             out.append(r)
         st.wall_s = time.perf_counter() - t_start
         return out
@@ -254,9 +282,10 @@ class LlamaWorker:
             if s.run is not None and (phase == "prefill" or self.policy_on_decode):
                 t1 = time.perf_counter()
                 self._add(s, out, start, n, pos)
-                st.summary_s += time.perf_counter() - t1
+                st.capture_s += time.perf_counter() - t1
                 cfg = self.config
-                over = s.slots[0].numel() > int(cfg.get("budget", 256)) + int(cfg.get("slack", 0))
+                # Pipelined, an answer in flight is about to cut the cache: a call only every k tokens.
+                over = not self.pipeline and s.slots[0].numel() > int(cfg.get("budget", 256)) + int(cfg.get("slack", 0))
                 if phase == "prefill" or s.run.pending >= self.every_k or over:
                     due.append((s, self.prefill_kind if phase == "prefill" else "decode"))
             last = start + n - 1
@@ -282,39 +311,41 @@ class LlamaWorker:
         self.stats.mirror_bytes_max = max(self.stats.mirror_bytes_max, s.mirror.nbytes())
 
     def _call(self, due: list[tuple[_Seq, str]]) -> None:
-        """One backend call for every due sequence; evictions applied to mirrors and llama.cpp."""
+        """One backend call for every due sequence (blocking: its answers; pipelined: the answers of
+        their calls in flight) applied to the mirrors and to llama.cpp's cache."""
         m, st = self.model, self.stats
-        t0 = time.perf_counter()
         if self.check_cache:
             for s, _ in due:
                 assert s.result is not None
                 s.result.engine_cells_max = max(s.result.engine_cells_max, m.cell_count(s.seq))
-        tensors = []
-        for s, kind in due:
-            assert s.run is not None
-            tensors.append(s.run.prepare(s.mirror, s.slots, kind))
-        t_sent = time.perf_counter()
-        st.summary_s += t_sent - t0
-        decisions = self.backend.step_many([s.run.session for s, _ in due], tensors)  # type: ignore[union-attr]
-        t1 = time.perf_counter()
-        st.policy_s += t1 - t_sent
+        runs = [s.run for s, _ in due]
+        evicted = call_many(runs, [s.mirror for s, _ in due], [s.slots for s, _ in due],  # type: ignore[arg-type]
+                            [kind for _, kind in due])  # fmt: skip
         st.policy_calls += 1
         st.sequences_per_call.append(len(due))
-        for (s, kind), decision, sent in zip(due, decisions, tensors, strict=True):
-            assert s.run is not None and s.result is not None
-            evicted = s.run.settle(decision, s.mirror, s.slots)
-            m.remove(s.seq, evicted[0])
-            if evicted[0]:
-                step = len(s.generated) if kind == "decode" else s.fed
-                s.result.evictions.append(Eviction(step=step, phase="decode" if kind == "decode" else "prefill",
-                                                   positions=evicted))  # fmt: skip
-            if self.keep_summaries:
-                s.result.summaries.append(sent)
-            if self.check_cache:
-                cells = np.sort(m.cells(s.seq))
-                if not np.array_equal(cells, s.slots[0].numpy()):
-                    raise RuntimeError(f"seq {s.seq}: llama.cpp holds {cells.size} cells, the policy retained "
-                                       f"{s.slots[0].numel()} positions; they differ")
-                s.result.engine_cells_after_call.append(int(cells.size))
-        st.surgery_s += time.perf_counter() - t1
+        for (s, kind), gone in zip(due, evicted, strict=True):
+            self._cut(s, gone, "decode" if kind == "decode" else "prefill")
 
+    def _drain(self, seqs: list[_Seq]) -> None:
+        """Pipelined: apply the answers in flight of ``seqs`` now (waiting for them)."""
+        for s in seqs:
+            assert s.run is not None
+            gone = s.run.drain(s.mirror, s.slots)
+            self._cut(s, gone, "decode" if s.generated else "prefill")
+
+    def _cut(self, s: _Seq, evicted: list[list[int]], phase: str) -> None:
+        """Remove an applied answer's evicted positions from llama.cpp's cache; check the cells."""
+        m = self.model
+        assert s.result is not None
+        t0 = time.perf_counter()
+        m.remove(s.seq, evicted[0])
+        if evicted[0]:
+            step = len(s.generated) if phase == "decode" else s.fed
+            s.result.evictions.append(Eviction(step=step, phase=phase, positions=evicted))
+        if self.check_cache:
+            cells = np.sort(m.cells(s.seq))
+            if not np.array_equal(cells, s.slots[0].numpy()):
+                raise RuntimeError(f"seq {s.seq}: llama.cpp holds {cells.size} cells, the policy retained "
+                                   f"{s.slots[0].numel()} positions; they differ")
+            s.result.engine_cells_after_call.append(int(cells.size))
+        self.stats.surgery_s += time.perf_counter() - t0

@@ -66,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="inference engine: transformers, or llamacpp (llama.cpp's own engine and KV cache on the "
                         "model's GGUF, same token ids; engine policies and dense only, settings "
                         "streaming/agnostic/aware/decode; records carry an 'engine' field; docs/llamacpp.md)")
+    p.add_argument("--weights", choices=["f16", "bf16", "q8_0", "shipped"], default=None,
+                   help="--engine llamacpp: the GGUF encoding llama.cpp runs (default f16 for smollm2, made once "
+                        "from the shipped Q4_1 and cached: the faster prefill; a .gguf path runs as shipped)")
     p.add_argument("--tasks", type=_names, default=None, help=f"comma list (default: {DEFAULT_TASKS})")
     p.add_argument("--lengths", type=_ints, default=None,
                    help="context lengths in tokens, comma list (default 2048; 512 with --quick)")  # fmt: skip
@@ -168,6 +171,16 @@ def backend_factory(args: argparse.Namespace) -> Any:
     return lambda: LocalBackend(engine=engine)
 
 
+def _weights(args: argparse.Namespace) -> str | None:
+    """The GGUF encoding a llama.cpp run uses (part of its run keys); None on transformers."""
+    if args.engine != "llamacpp":
+        return None
+    from nexus_client.hf.models import MODEL_ALIASES
+    from nexus_client.llamacpp.weights import DEFAULT_WEIGHTS
+
+    return args.weights or (DEFAULT_WEIGHTS if args.model in MODEL_ALIASES else "shipped")
+
+
 def _llamacpp_model(args: argparse.Namespace, samples: list[Any], count: Any) -> Any:
     """A llama.cpp context for the evaluation: 2 sequences (the context and a question branch), cells
     and batch for the longest sample's prompt + answer."""
@@ -179,7 +192,8 @@ def _llamacpp_model(args: argparse.Namespace, samples: list[Any], count: Any) ->
                   for s in samples)  # fmt: skip
     size = -(-(longest + 64) // 256) * 256
     try:
-        return LlamaModel(resolve_gguf(args.model), n_ctx=size, n_seq=2, n_batch=size, threads=args.threads)
+        return LlamaModel(resolve_gguf(args.model, args.weights), n_ctx=size, n_seq=2, n_batch=size,
+                          threads=args.threads)  # fmt: skip
     except (LlamaCppMissing, FileNotFoundError) as exc:
         raise SystemExit(f"eval: {exc}") from None
 
@@ -191,6 +205,7 @@ def _shard_argv(args: argparse.Namespace, log: Path, k: int, n: int) -> list[str
             "--eviction", ",".join(f"{e:g}" for e in args.eviction), "--modes", ",".join(args.modes),
             "--samples", str(args.samples), "--start", str(args.start), "--chunk-size", str(args.chunk_size),
             "--window", str(args.window), "--prompt", args.prompt, "--engine", args.engine,
+            *(["--weights", args.weights] if args.weights else []),
             "--sinks", str(args.sinks), "--recent", str(args.recent), "--device", args.device,
             "--threads", str(args.threads), "--max-new-tokens", str(args.max_new_tokens),
             "--json", str(args.json), "--runs", str(log), "--shard", f"{k}/{n}", "--no-progress"]  # fmt: skip
@@ -277,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
         policies = with_seeds([PolicySpec.parse(p) for p in args.policies], args.seeds)
         args.policies = [p.label for p in policies]  # what --jobs children run
         runs = expand_runs(policies, args.eviction, args.modes)
+        if args.weights is not None and args.engine != "llamacpp":
+            raise ValueError("--weights applies to --engine llamacpp only")
         if args.engine == "llamacpp":
             from nexus_sidecar.evals.kvpress_baselines import is_kvpress
 
@@ -285,9 +302,6 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--policies {','.join(bad)}: kvpress presses run on --engine transformers only")
             if "multiturn" in args.modes:
                 raise ValueError("--modes multiturn: the multi-turn setting runs on --engine transformers only")
-            if args.pipeline:
-                raise ValueError("--pipeline: the llama.cpp worker's policy calls block (pipelined calls run on "
-                                 "--engine transformers only)")
     except ValueError as exc:
         raise SystemExit(f"eval: {exc}") from None
 
@@ -343,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"eval: {exc}") from None
     settings = EvalSettings(model=args.model, chunk_size=args.chunk_size, chat=args.prompt == "chat",
                             window=args.window, base_knobs=base, pipeline=args.pipeline,
-                            engine=args.engine)  # fmt: skip
+                            engine=args.engine, weights=_weights(args))  # fmt: skip
     model = loaded.model
     if args.engine == "llamacpp":
         model = _llamacpp_model(args, samples, count)

@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk size (budget enforced per chunk)")
     p.add_argument("--seed", type=int, default=0, help="policy seed (reservoir draws)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--weights", choices=["f16", "bf16", "q8_0", "shipped"], default=None,
+                   help="--engine llamacpp: the GGUF encoding llama.cpp runs (default f16 for smollm2, made once "
+                        "from the shipped Q4_1 and cached; a .gguf path runs as shipped)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1 on the CPU: on a busy 2-core box a decode step took 4.6 s "
                         "with torch's default threads and 171 ms with one; default on CUDA: torch's choice)")
@@ -89,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     prompt = _read_prompt(args)
+    if args.weights is not None and args.engine != "llamacpp":
+        raise SystemExit("generate: --weights applies to --engine llamacpp only")
     if args.engine == "llamacpp":
         from nexus_sidecar.llamacpp_generate import run_llamacpp
 

@@ -128,6 +128,7 @@ class EvalSettings:
     base_knobs: dict[str, Any] = field(default_factory=lambda: {"sinks": 4, "recent": 16})
     pipeline: bool = False  # streaming/decode: apply each answer right before the next call
     engine: str = "transformers"  # or "llamacpp" (model: a nexus_client.llamacpp.LlamaModel)
+    weights: str | None = None  # llamacpp: the GGUF encoding run (f16, q8_0, shipped, ...)
 
     def fingerprint(self) -> str:
         """Short hash of the settings and the task generator's version (part of every run key)."""
@@ -138,6 +139,8 @@ class EvalSettings:
             del fields["pipeline"]
         if fields["engine"] == "transformers":  # absent before engines existed: keep those run keys
             del fields["engine"]
+        if fields["weights"] is None:  # transformers: no GGUF encoding; keeps its run keys
+            del fields["weights"]
         blob = json.dumps({**fields, "generator": GENERATOR_VERSION}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -340,7 +343,7 @@ def run_one(
     if llamacpp:
         res = drive_llamacpp(model, tokenizer, ctx, qs, sample.max_new_tokens, setting=setting, backend=backend,
                              policy_config=cfg, window=settings.window, chunk_size=settings.chunk_size,
-                             stop_ids=stop_ids)  # fmt: skip
+                             stop_ids=stop_ids, pipeline=settings.pipeline)  # fmt: skip
     elif is_replay(run.policy.name):  # its own prefill and cache: the shared prefix is not used
         res = drive_kvzip(model, tokenizer, ctx, qs, sample.max_new_tokens, press, setting=setting,
                           chat=settings.chat, stop_ids=stop_ids)  # fmt: skip
@@ -358,6 +361,8 @@ def run_one(
                   total=total, budget=budget, per_token=per_token, peak_kv_bytes=res.peak_cache * per_token,
                   answer_tokens=None if evidence[0] is None else sum(len(e or []) for e in evidence))  # fmt: skip
     rec["pipeline"] = settings.pipeline
+    if settings.weights is not None:
+        rec["weights"] = settings.weights
     return rec
 
 
