@@ -10,35 +10,19 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.client.conftest import require_smollm2
-from tests.client.test_llamacpp_worker import BUDGET, CFG, CHUNK, EVERY, FILLER, SLACK, passkey_prompt
+from tests.client.conftest import BUDGET, CFG, CHUNK, EVERY, SLACK, require_smollm2
 
 require_smollm2()
 
 from nexus_client.hf import LocalBackend  # noqa: E402
 from nexus_client.hf.remote import RemoteBackend  # noqa: E402
-from nexus_client.llamacpp import LlamaModel, LlamaWorker, context_cells, resolve_gguf  # noqa: E402
+from nexus_client.llamacpp import LlamaModel, LlamaWorker, context_cells  # noqa: E402
 from nexus_sidecar.bench.delay_proxy import DelayProxy  # noqa: E402
 from nexus_sidecar.bench.procs import sidecar_process  # noqa: E402
 
 K = max(CHUNK, EVERY)  # the most tokens one sequence adds between two calls
-
-
-@pytest.fixture(scope="module")
-def lm():
-    model = LlamaModel(resolve_gguf("smollm2"), n_ctx=1024, n_seq=4, n_batch=4 * CHUNK, threads=1)
-    yield model
-    model.close()
-
-
-@pytest.fixture(scope="module")
-def prompts(lm: LlamaModel) -> list[list[int]]:
-    keys = [8411, 27, 5093, 612]
-    return [lm.tokenize(passkey_prompt(k, f, 10 + 4 * i)) for i, (k, f) in enumerate(zip(keys, FILLER, strict=True))]
 
 
 def test_pipelined_batch_bounds_and_one_call_for_all(lm: LlamaModel, prompts: list[list[int]]) -> None:

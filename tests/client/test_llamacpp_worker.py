@@ -14,7 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.client.conftest import require_smollm2
+from tests.client.conftest import BUDGET, CFG, CHUNK, EVERY, FILLER, SLACK, passkey_prompt, require_smollm2
 
 require_smollm2()
 
@@ -22,33 +22,6 @@ from nexus_client.hf import LocalBackend  # noqa: E402
 from nexus_client.hf.remote import RemoteBackend  # noqa: E402
 from nexus_client.llamacpp import LlamaModel, LlamaWorker, resolve_gguf  # noqa: E402
 from nexus_sidecar.bench.procs import sidecar_process  # noqa: E402
-
-FILLER = ["The grass is green. The sky is blue. The sun is yellow. ", "Here we go. There and back again. ",
-          "Rivers run to the sea and the sea is never full. ", "A stitch in time saves nine. "]
-
-
-def passkey_prompt(key: int, filler: str, repeats: int, depth: float = 0.3) -> str:
-    """A pass key hidden at ``depth`` of ``repeats`` filler sentences, asked for at the end."""
-    before = int(repeats * depth)
-    return (filler * before + f"The secret pass key is {key}. Remember it. {key} is the pass key. "
-            + filler * (repeats - before) + "What is the secret pass key? The pass key is")
-
-
-BUDGET, SLACK, CHUNK, EVERY = 64, 3, 32, 4
-CFG = dict(policy="nexus", budget=BUDGET, slack=SLACK, sinks=4, recent=8, groups=1, seed=3)
-
-
-@pytest.fixture(scope="module")
-def lm():
-    model = LlamaModel(resolve_gguf("smollm2"), n_ctx=1024, n_seq=4, n_batch=4 * CHUNK, threads=1)
-    yield model
-    model.close()
-
-
-@pytest.fixture(scope="module")
-def prompts(lm: LlamaModel) -> list[list[int]]:
-    keys = [8411, 27, 5093, 612]
-    return [lm.tokenize(passkey_prompt(k, f, 10 + 4 * i)) for i, (k, f) in enumerate(zip(keys, FILLER, strict=True))]
 
 
 def _check_bounds(results, chunk: int) -> None:

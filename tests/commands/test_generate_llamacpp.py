@@ -6,8 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.client.conftest import require_smollm2
-from tests.client.test_llamacpp_worker import FILLER, passkey_prompt
+from tests.client.conftest import FILLER, passkey_prompt, require_smollm2
 from tests.commands.test_cli_errors import cli, one_line_error
 
 require_smollm2()

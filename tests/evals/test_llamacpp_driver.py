@@ -13,8 +13,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.client.conftest import require_smollm2
-from tests.client.test_llamacpp_worker import FILLER, passkey_prompt
+from tests.client.conftest import FILLER, passkey_prompt, require_smollm2
 
 require_smollm2()
 
