@@ -14,6 +14,7 @@ from nexus_sidecar.evals.runner import (
     PolicySpec,
     expand_runs,
     iter_eval,
+    key_label,
     load_done,
     prompt_segments,
     run_key,
@@ -165,6 +166,29 @@ def test_settings_change_the_key(tiny: Any) -> None:
     other = EvalSettings(model="tiny", chunk_size=32, chat=False, base_knobs={"sinks": 2, "recent": 4})
     assert run_key(SETTINGS, s, RUNS[1]) != run_key(other, s, RUNS[1])
     assert run_key(SETTINGS, s, RUNS[1]) != run_key(SETTINGS, s, RUNS[2])
+
+
+def test_a_moved_default_never_reuses_runs_of_the_old_one(tiny: Any, tmp_path: Path) -> None:
+    """``nexus`` and ``nexus:gamma=0`` are one run under today's default (gamma 0), keyed as the
+    latter; ``nexus:gamma=0.95`` is keyed as runs logged as ``nexus`` before the default moved."""
+    spellings = {t: key_label(PolicySpec.parse(t)) for t in
+                 ("nexus", "nexus:gamma=0", "nexus:gamma=0.0", "nexus:gamma=0.95", "nexus_topk:seed=1", "tova")}
+    assert spellings == {"nexus": "nexus:gamma=0", "nexus:gamma=0": "nexus:gamma=0", "nexus:gamma=0.0": "nexus:gamma=0",
+                         "nexus:gamma=0.95": "nexus", "nexus_topk:seed=1": "nexus_topk:gamma=0:seed=1", "tova": "tova"}
+    model, tok = tiny
+    path, samples = tmp_path / "out.jsonl", _samples()[:1]
+    explicit = expand_runs([PolicySpec.parse("nexus:gamma=0")], [0.8], ["streaming"])
+    first = list(iter_eval(model, tok, samples, explicit, SETTINGS, CountingFactory(), path, progress=False))
+    default = expand_runs([PolicySpec.parse("nexus")], [0.8], ["streaming"])
+    again = list(iter_eval(model, tok, samples, default, SETTINGS, CountingFactory(fail=True), path, progress=False))
+    assert again == [{**first[0], "policy": "nexus", "knobs": {}}]  # reused, relabelled as asked
+    # A run logged before the default moved (key spelling ``nexus``, gamma 0.95) is reused by
+    # ``nexus:gamma=0.95`` and never by today's ``nexus``.
+    old = list(iter_eval(model, tok, samples, expand_runs([PolicySpec.parse("nexus:gamma=0.95")], [0.8], ["streaming"]),
+                         SETTINGS, CountingFactory(), path, progress=False))
+    assert "|nexus|" in old[0]["key"] and old[0]["key"] != first[0]["key"]
+    redo = CountingFactory(fail=True)
+    assert list(iter_eval(model, tok, samples, default, SETTINGS, redo, path, progress=False)) == again
 
 
 def test_budget_below_protected_window_is_a_precise_error(tiny: Any, tmp_path: Path) -> None:

@@ -179,9 +179,40 @@ def expand_runs(policies: Sequence[PolicySpec], evictions: Sequence[float], mode
     return runs
 
 
+# Knobs whose engine default moved after runs were logged under it: knob -> (the policies that read
+# it, the default those runs' keys assume). A run key spells such a knob whenever its effective value
+# differs from that, so a changed default never reuses runs made under the old one, and runs made
+# with the new value spelled out (``nexus:gamma=0``) are the new default's runs.
+KEYED_DEFAULTS: dict[str, tuple[frozenset[str], float]] = {
+    "gamma": (frozenset({"nexus", "nexus_topk"}), 0.95),  # 0.95 -> 0 (dev, multi-turn stream)
+}
+
+
+def key_label(spec: PolicySpec) -> str:
+    """The policy's spelling inside run keys: :attr:`PolicySpec.label` with every knob of
+    :data:`KEYED_DEFAULTS` made explicit when its effective value is not the logged default, and
+    dropped when it is (``nexus`` and ``nexus:gamma=0`` share runs; ``nexus:gamma=0.95`` reuses the
+    runs logged as ``nexus`` before the default moved)."""
+    from dataclasses import fields
+
+    from nexus_sidecar.engine.config import PolicyConfig
+
+    knobs = dict(spec.knobs)
+    for knob, (names, logged) in KEYED_DEFAULTS.items():
+        if spec.name not in names:
+            continue
+        default = next(f.default for f in fields(PolicyConfig) if f.name == knob)
+        value = knobs.get(knob, default)
+        if value == logged:
+            knobs.pop(knob, None)
+        else:
+            knobs[knob] = knob_value(f"{value:g}")  # 0.0 and 0 spell alike: gamma=0
+    return PolicySpec(spec.name, tuple(sorted(knobs.items()))).label
+
+
 def run_key(settings: EvalSettings, sample: Sample, run: RunSpec) -> str:
-    """Identity of one finished run in the results file."""
-    return f"{settings.fingerprint()}|{sample.sample_id}|{run.policy.label}|{run.eviction:g}|{run.mode}"
+    """Identity of one finished run in the results file (the policy spelled by :func:`key_label`)."""
+    return f"{settings.fingerprint()}|{sample.sample_id}|{key_label(run.policy)}|{run.eviction:g}|{run.mode}"
 
 
 def _prompt_text(tokenizer: Any, sample: Sample, chat: bool, question: Question | None = None) -> tuple[str, int]:
@@ -515,6 +546,8 @@ def iter_eval(
                     rec = run_one(model, tokenizer, sample, run, settings, backend_factory, segments, prefix, evidence)
                     _append(results_path, rec)
                     done[key] = rec
+                elif rec["policy"] != run.policy.label:  # logged under another spelling of the same run
+                    rec = {**rec, "policy": run.policy.label, "knobs": dict(run.policy.knobs)}
                 if bar is not None:
                     bar.set_postfix_str(f"{sample.task} {run.policy.label} {run.eviction:g} {run.mode}", refresh=False)
                     bar.update(1)
