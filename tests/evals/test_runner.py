@@ -169,15 +169,21 @@ def test_settings_change_the_key(tiny: Any) -> None:
 
 
 def test_a_moved_default_never_reuses_runs_of_the_old_one(tiny: Any, tmp_path: Path) -> None:
-    """``nexus`` and ``nexus:gamma=0`` are one run under today's default (gamma 0), keyed as the
-    latter; ``nexus:gamma=0.95`` is keyed as runs logged as ``nexus`` before the default moved."""
+    """``nexus`` and ``nexus:gamma=<today's default>`` are one run, keyed as the latter;
+    ``nexus:gamma=0.95`` is keyed as the runs logged as ``nexus`` before the default moved."""
+    from nexus_sidecar.engine.config import PolicyConfig
+
+    g = f"gamma={PolicyConfig(budget=8).gamma:g}"
+    assert g != "gamma=0.95"
     spellings = {t: key_label(PolicySpec.parse(t)) for t in
-                 ("nexus", "nexus:gamma=0", "nexus:gamma=0.0", "nexus:gamma=0.95", "nexus_topk:seed=1", "tova")}
-    assert spellings == {"nexus": "nexus:gamma=0", "nexus:gamma=0": "nexus:gamma=0", "nexus:gamma=0.0": "nexus:gamma=0",
-                         "nexus:gamma=0.95": "nexus", "nexus_topk:seed=1": "nexus_topk:gamma=0:seed=1", "tova": "tova"}
+                 ("nexus", f"nexus:{g}", "nexus:gamma=0", "nexus:gamma=0.0", "nexus:gamma=0.95", "nexus_topk:seed=1",
+                  "tova")}
+    assert spellings == {"nexus": f"nexus:{g}", f"nexus:{g}": f"nexus:{g}", "nexus:gamma=0": "nexus:gamma=0",
+                         "nexus:gamma=0.0": "nexus:gamma=0", "nexus:gamma=0.95": "nexus",
+                         "nexus_topk:seed=1": f"nexus_topk:{g}:seed=1", "tova": "tova"}
     model, tok = tiny
     path, samples = tmp_path / "out.jsonl", _samples()[:1]
-    explicit = expand_runs([PolicySpec.parse("nexus:gamma=0")], [0.8], ["streaming"])
+    explicit = expand_runs([PolicySpec.parse(f"nexus:{g}")], [0.8], ["streaming"])
     first = list(iter_eval(model, tok, samples, explicit, SETTINGS, CountingFactory(), path, progress=False))
     default = expand_runs([PolicySpec.parse("nexus")], [0.8], ["streaming"])
     again = list(iter_eval(model, tok, samples, default, SETTINGS, CountingFactory(fail=True), path, progress=False))

@@ -49,7 +49,7 @@ class PolicyConfig:
     beta: float = 0.7  # walk damping: weight of second-hand (bridge) mass
     iterations: int = 2  # walk iterations R
     fanout: int = 8  # edges kept per token F
-    gamma: float = 0.0  # EMA factor of the memory signal (0: each call's walk alone; dev, multi-turn)
+    gamma: float = 0.5  # EMA factor of the memory signal (~2-call horizon; dev + survival, docs/evaluation.md)
     tau: float = 16.0  # reservoir sharpness: 0 = uniform, -> inf = top-K
     randomness: Randomness = "per_call"  # u redrawn per call, or fixed per token by hash(seed, position)
     seed: int = 0  # seed of the counter-based uniforms of the reservoir keys (no RNG state)

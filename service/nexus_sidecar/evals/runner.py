@@ -182,16 +182,16 @@ def expand_runs(policies: Sequence[PolicySpec], evictions: Sequence[float], mode
 # Knobs whose engine default moved after runs were logged under it: knob -> (the policies that read
 # it, the default those runs' keys assume). A run key spells such a knob whenever its effective value
 # differs from that, so a changed default never reuses runs made under the old one, and runs made
-# with the new value spelled out (``nexus:gamma=0``) are the new default's runs.
+# with the new value spelled out (``nexus:gamma=0.5``) are the new default's runs.
 KEYED_DEFAULTS: dict[str, tuple[frozenset[str], float]] = {
-    "gamma": (frozenset({"nexus", "nexus_topk"}), 0.95),  # 0.95 -> 0 (dev, multi-turn stream)
+    "gamma": (frozenset({"nexus", "nexus_topk"}), 0.95),  # 0.95 -> 0.5 (dev, multi-turn stream)
 }
 
 
 def key_label(spec: PolicySpec) -> str:
     """The policy's spelling inside run keys: :attr:`PolicySpec.label` with every knob of
     :data:`KEYED_DEFAULTS` made explicit when its effective value is not the logged default, and
-    dropped when it is (``nexus`` and ``nexus:gamma=0`` share runs; ``nexus:gamma=0.95`` reuses the
+    dropped when it is (``nexus`` and ``nexus:gamma=0.5`` share runs; ``nexus:gamma=0.95`` reuses the
     runs logged as ``nexus`` before the default moved)."""
     from dataclasses import fields
 
