@@ -116,7 +116,7 @@ def test_batch_key_separates_structural_fields_only() -> None:
     for per_session in ({"budget": 999}, {"slack": 3}, {"sinks": 1}, {"recent": 2}, {"seed": 9}, {"groups": 4}):
         assert cfg.with_(**per_session).batch_key() == cfg.batch_key(), per_session
     other_randomness = "fixed" if cfg.randomness == "per_call" else "per_call"
-    for structural in ({"policy": "h2o"}, {"beta": 0.1}, {"iterations": 3}, {"gamma": 0.5}, {"tau": 1.0},
+    for structural in ({"policy": "h2o"}, {"beta": 0.1}, {"iterations": 3}, {"gamma": 0.9}, {"tau": 1.0},
                        {"randomness": other_randomness}, {"pool": 3}, {"granularity": "block"}, {"block_size": 32},
                        {"attn_reduce": "mean"}, {"pool_reduce": "mean"}, {"prior": "value_norm"},
                        {"prior_mix": 0.25}, {"prior_sharpness": 3.0}):
@@ -127,3 +127,12 @@ def test_engine_open_validates() -> None:
     with pytest.raises(ConfigError) as err:
         Engine("cpu").open(PolicyConfig(budget=3, sinks=2, recent=2))
     assert err.value.field == "budget"
+
+
+def test_a_checkpointed_session_keeps_the_memory_it_was_written_with() -> None:
+    """Defaults move (gamma 0.95 -> 0.5 on 2026-12-06); a state blob's config spells every field,
+    so a session restored from it keeps its own value instead of today's default."""
+    written = PolicyConfig(budget=64, gamma=0.95)
+    assert PolicyConfig(budget=64).gamma != 0.95
+    restored = PolicyConfig.from_stored(json.loads(written.to_json()))
+    assert restored == written and restored.gamma == 0.95
