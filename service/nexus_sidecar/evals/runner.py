@@ -193,16 +193,13 @@ def key_label(spec: PolicySpec) -> str:
     :data:`KEYED_DEFAULTS` made explicit when its effective value is not the logged default, and
     dropped when it is (``nexus`` and ``nexus:gamma=0.5`` share runs; ``nexus:gamma=0.95`` reuses the
     runs logged as ``nexus`` before the default moved)."""
-    from dataclasses import fields
-
     from nexus_sidecar.engine.config import PolicyConfig
 
     knobs = dict(spec.knobs)
     for knob, (names, logged) in KEYED_DEFAULTS.items():
         if spec.name not in names:
             continue
-        default = next(f.default for f in fields(PolicyConfig) if f.name == knob)
-        value = knobs.get(knob, default)
+        value = knobs.get(knob, getattr(PolicyConfig, knob))  # a dataclass field's default is its class attribute
         if value == logged:
             knobs.pop(knob, None)
         else:
