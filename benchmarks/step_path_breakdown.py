@@ -59,6 +59,9 @@ PARTS = [
     ("nexus_sidecar.server.stepping", "observe_many", "  commit: histograms"),
     ("nexus_sidecar.server.stepping", "encode_batch", "encode the response"),
     ("nexus_sidecar.server.admission", "Admission.step_fits", "pool budget check"),
+    ("nexus_sidecar.server.stepping", "_columnar", "engine thread: columnar inputs"),
+    ("nexus_sidecar.server.answers", "HostBatch.of", "engine thread: outputs to numpy"),
+    ("nexus_sidecar.server.retention_history", "RetentionHistory._read_weights", "engine thread: retention weights"),
 ]
 
 

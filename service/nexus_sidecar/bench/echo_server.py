@@ -1,7 +1,7 @@
 """A bare ``grpc.aio`` echo server: the transport floor the service benchmark compares against.
 
-It returns the request bytes unchanged (no parsing), with the same channel limits as the
-sidecar and a grpc.health.v1 service so the benchmark waits for it the same way.
+It returns the request bytes unchanged (no parsing), with the sidecar's channel options (its
+default settings: message sizes, stream window) and a grpc.health.v1 service so the benchmark waits for it the same way.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from nexus_sidecar.server.settings import ServerSettings
+
 METHOD = "/nexus.bench.Echo/Echo"
-_SIZE = 64 * 1024 * 1024
 
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -22,8 +23,7 @@ async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
 
 async def serve(port: int) -> None:
     """Serve until killed."""
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", _SIZE),
-                                      ("grpc.max_receive_message_length", _SIZE)])
+    server = grpc.aio.server(options=ServerSettings().grpc_options())
     handler = grpc.method_handlers_generic_handler(
         "nexus.bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)})
     server.add_generic_rpc_handlers((handler,))

@@ -75,24 +75,11 @@ class Sidecar:
         self._ready_task: asyncio.Task[None] | None = None
         self._serving: bool | None = None
 
-    def grpc_options(self) -> list[tuple[str, Any]]:
-        """Channel options: explicit message sizes, keepalive, max connection age."""
-        s = self.settings
-        size = s.max_message_mb * 1024 * 1024
-        return [
-            ("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size),
-            ("grpc.keepalive_time_ms", int(s.keepalive_s * 1000)), ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-            ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(max(s.shutdown_grace_s, 1) * 1000)),
-        ]
-
     async def start(self) -> None:
         """Bind both ports, then turn health SERVING once the store and the device answer."""
         s = self.settings
         self.sessions.start()
-        server = grpc.aio.server(options=self.grpc_options(), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
+        server = grpc.aio.server(options=s.grpc_options(), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
         add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
