@@ -1,10 +1,15 @@
 """The service benchmark's bookkeeping: the overhead columns from throughput and from two /metrics
-scrapes (no timings asserted: speed lives in the benchmark)."""
+scrapes, and the CPU clocks it reads (no speed asserted: speed lives in the benchmark)."""
 
 from __future__ import annotations
 
-from nexus_sidecar.bench.service_bench import overhead, server_side
+import os
+import threading
+import time
+
+from nexus_sidecar.bench.service_bench import overhead, process_cpu_seconds, server_side, thread_cpu_seconds
 from nexus_sidecar.server.metrics import Metrics
+from nexus_sidecar.server.sessions import _os_thread_name
 from prometheus_client import generate_latest
 
 
@@ -40,3 +45,33 @@ def test_server_side_overhead_excludes_queue_wait_and_the_engine_call() -> None:
     cols = server_side(before, generate_latest(m2.registry).decode())
     assert abs(cols["server_overhead_us_server_side"] - 10_000 / 8) < 1e-6
     assert server_side(before, before) == {}
+
+
+def test_thread_clocks_read_a_threads_cpu_to_the_millisecond() -> None:
+    # A named thread burns ~60 ms of CPU and stays alive (an ended thread leaves /proc); the /proc clock
+    # of its name must agree with the thread's own clock (time.thread_time) far closer than stat's 10 ms
+    # ticks could.
+    burned: list[float] = []
+    done, release = threading.Event(), threading.Event()
+
+    def burn() -> None:
+        _os_thread_name("clock-probe")
+        c0 = time.thread_time()
+        x = 0
+        while time.thread_time() - c0 < 0.06:
+            x += 1
+        burned.append(time.thread_time() - c0)
+        done.set()
+        release.wait(10)
+
+    before = thread_cpu_seconds(os.getpid()).get("clock-probe", 0.0)
+    t = threading.Thread(target=burn, name="clock-probe")
+    t.start()
+    try:
+        assert done.wait(10)
+        after = thread_cpu_seconds(os.getpid())["clock-probe"]
+    finally:
+        release.set()
+        t.join()
+    assert abs((after - before) - burned[0]) < 0.002 + 0.05 * burned[0]
+    assert process_cpu_seconds(os.getpid()) >= after

@@ -302,10 +302,11 @@ class Engine:
         out: dict[int, list[torch.Tensor]] = {}
         for pool, members in by_pool.values():
             r = torch.tensor([row for _, s in members for row in s.rows], device=self.device)
-            x, alive = pool.slot["memory"][r].cpu().numpy(), pool.slot["alive"][r].cpu().numpy()
+            w = max(u for _, s in members for u in s.used)  # columns past every row's use hold nothing
+            x, alive = pool.slot["memory"][r, :w].cpu().numpy(), pool.slot["alive"][r, :w].cpu().numpy()
             i = 0
             for h, s in members:
-                out[h] = [torch.from_numpy(x[i + g][alive[i + g]]) for g in range(len(s.rows))]
+                out[h] = [torch.from_numpy(x[i + g, :u][alive[i + g, :u]]) for g, u in enumerate(s.used)]
                 i += len(s.rows)
         return out
 

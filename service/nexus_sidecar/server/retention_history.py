@@ -124,7 +124,7 @@ class RetentionHistory:
             groups = memories.get(handle)
             if groups is None:
                 continue
-            mem = groups[0].numpy().astype(np.float32)
+            mem = groups[0].numpy().astype(np.float32, copy=False)  # a fresh array already
             if mem.shape[0] == rec.kept:
                 rec.weights = mem
 
