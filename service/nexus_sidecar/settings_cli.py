@@ -29,7 +29,7 @@ ENV_PREFIX = "NEXUS_"
 # Help group of each field (help order follows this table, then the model's order).
 GROUPS: dict[str, tuple[str, ...]] = {
     "network": ("grpc_host", "grpc_port", "uds", "http_host", "http_port", "max_message_mb", "keepalive_s",
-                "max_connection_age_s", "stream_window_mb", "shutdown_grace_s"),
+                "max_connection_age_s", "shutdown_grace_s"),
     "engine": ("device", "torch_threads", "default_policy"),
     "state store": ("store", "store_ttl_s", "store_timeout_s", "checkpoint_every", "checkpoint_full_every",
                     "idle_session_s"),

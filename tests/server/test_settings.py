@@ -113,10 +113,3 @@ def test_keys_file_parsing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="tenant"):
         KeyRing.from_file(path)
 
-
-def test_the_stream_window_setting_fixes_grpcs_window_or_leaves_it_adaptive() -> None:
-    fixed = dict(ServerSettings(stream_window_mb=8).grpc_options())
-    assert fixed["grpc.http2.lookahead_bytes"] == 8 * 1024 * 1024 and fixed["grpc.http2.bdp_probe"] == 0
-    adaptive = dict(ServerSettings(stream_window_mb=0).grpc_options())
-    assert "grpc.http2.lookahead_bytes" not in adaptive and "grpc.http2.bdp_probe" not in adaptive
-    assert adaptive["grpc.max_receive_message_length"] == ServerSettings().max_message_mb * 1024 * 1024

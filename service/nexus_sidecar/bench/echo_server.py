@@ -1,7 +1,8 @@
 """A bare ``grpc.aio`` echo server: the transport floor the service benchmark compares against.
 
 It returns the request bytes unchanged (no parsing), with the sidecar's channel options (its
-default settings: message sizes, stream window) and a grpc.health.v1 service so the benchmark waits for it the same way.
+default settings: message sizes, keepalive) and a grpc.health.v1 service so the benchmark waits
+for it the same way.
 """
 
 from __future__ import annotations

@@ -52,11 +52,6 @@ class ServerSettings(BaseSettings):
     max_message_mb: int = Field(64, ge=1, le=2047)
     keepalive_s: float = Field(30.0, gt=0)
     max_connection_age_s: float = Field(600.0, gt=0)
-    stream_window_mb: int = Field(
-        8, ge=0, le=1024, description="HTTP/2 receive window of each RPC, MiB, fixed (gRPC's bandwidth-delay probe "
-                                      "off); 0 = gRPC's adaptive window. A fixed window that holds a whole StepBatch "
-                                      "took 35-40 % less server CPU per 1 MiB request than the adaptive one "
-                                      "(docs/benchmarks-service.md)")
     shutdown_grace_s: float = Field(10.0, ge=0)
     default_policy: str = "nexus"
     # Admission limits (server/admission.py): every resource a client can make the server allocate
@@ -124,9 +119,10 @@ class ServerSettings(BaseSettings):
         return 0 if self.store == "memory" else 16
 
     def grpc_options(self) -> list[tuple[str, Any]]:
-        """The gRPC server's channel options: message sizes, keepalive, connection age, stream window."""
+        """The gRPC server's channel options: message sizes, keepalive, connection age. (A fixed HTTP/2
+        stream window instead of gRPC's adaptive one saved no server CPU: benchmarks/grpc_window.py.)"""
         size = self.max_message_mb * 1024 * 1024
-        options: list[tuple[str, Any]] = [
+        return [
             ("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size),
             ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)), ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
@@ -134,13 +130,6 @@ class ServerSettings(BaseSettings):
             ("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", int(max(self.shutdown_grace_s, 1) * 1000)),
         ]
-        if self.stream_window_mb:
-            # The adaptive window starts at 64 KiB and grows by probing: a 1 MiB request then costs the
-            # server many WINDOW_UPDATE frames and poller wake-ups. Memory is bounded as before: a
-            # stream never holds more than one message of at most max_message_mb.
-            options += [("grpc.http2.lookahead_bytes", self.stream_window_mb * 1024 * 1024),
-                        ("grpc.http2.bdp_probe", 0)]
-        return options
 
     def redacted(self) -> dict[str, Any]:
         """Settings as a dict with passwords in URLs hidden (for the start-up log)."""
