@@ -112,4 +112,3 @@ def test_keys_file_parsing(tmp_path: Path) -> None:
     path.write_text("a:b 0123456789abcdef\n")
     with pytest.raises(ValueError, match="tenant"):
         KeyRing.from_file(path)
-
