@@ -22,12 +22,12 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import time
 from typing import Any
 
 import grpc
+from nexus_sidecar.bench.procs import free_port
 from nexus_sidecar.bench.service_bench import process_cpu_seconds
 
 METHOD = "/bench.Window/Echo"
@@ -74,19 +74,13 @@ async def _drive(port: int, pid: int, rpcs: int, size: int) -> tuple[float, floa
         return (process_cpu_seconds(pid) - c0) / n * 1e3, (time.perf_counter() - t0) / n * 1e3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def measure(rounds: int, rpcs: int, size: int) -> dict[str, Any]:
     """Alternate every variant ``rounds`` times; per variant the CPU and wall ms per RPC of each round."""
     ctx = mp.get_context("spawn")  # no fork after grpc has started threads
     out: dict[str, dict[str, list[float]]] = {name: {"cpu_ms": [], "wall_ms": []} for name in VARIANTS}
     for _ in range(rounds):
         for name, options in VARIANTS.items():
-            port, ready = _free_port(), ctx.Event()
+            port, ready = free_port(), ctx.Event()
             proc = ctx.Process(target=_serve, args=(port, options, ready), daemon=True)
             proc.start()
             try:

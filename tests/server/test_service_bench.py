@@ -9,7 +9,7 @@ import time
 
 from nexus_sidecar.bench.service_bench import overhead, process_cpu_seconds, server_side, thread_cpu_seconds
 from nexus_sidecar.server.metrics import Metrics
-from nexus_sidecar.server.sessions import _os_thread_name
+from nexus_sidecar.server.sessions import os_thread_name
 from prometheus_client import generate_latest
 
 
@@ -55,7 +55,7 @@ def test_thread_clocks_read_a_threads_cpu_to_the_millisecond() -> None:
     done, release = threading.Event(), threading.Event()
 
     def burn() -> None:
-        _os_thread_name("clock-probe")
+        os_thread_name("clock-probe")
         c0 = time.thread_time()
         x = 0
         while time.thread_time() - c0 < 0.06:

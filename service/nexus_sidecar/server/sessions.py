@@ -58,7 +58,7 @@ log = logging.getLogger("nexus_sidecar.sessions")
 T = TypeVar("T")
 
 
-def _os_thread_name(name: str) -> None:
+def os_thread_name(name: str) -> None:
     """Name the calling thread for the OS too (``top -H``, ``/proc/<pid>/task/*/comm``, the service
     benchmark's CPU by thread); Python < 3.12 leaves every thread named after the process."""
     try:
@@ -92,10 +92,10 @@ class SessionManager(StepPath, Checkpointing, Unloading):
         self.admission = Admission(settings, engine)
         self.ownership = Ownership(store, metrics, fence_timeout_s=settings.fence_timeout_s)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-engine",
-                                            initializer=_os_thread_name, initargs=("nexus-engine",))
+                                            initializer=os_thread_name, initargs=("nexus-engine",))
         # Encoding checkpoints: off the engine thread (numpy releases the GIL on the bulk copies).
         self._ckpt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-checkpoint",
-                                                 initializer=_os_thread_name, initargs=("nexus-ckpt",))
+                                                 initializer=os_thread_name, initargs=("nexus-ckpt",))
         self.table = SessionTable()  # the hot sessions' step state in columns (server/session_table.py)
         self._hot: dict[tuple[str, str], HotSession] = {}
         self._loading: dict[tuple[str, str], asyncio.Future[HotSession]] = {}
